@@ -1,0 +1,90 @@
+"""Text files into fixed-length token windows for calibration and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from converter.errors import UserError
+from converter.recipe import LoadedRecipe, TextData
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Token windows cut from a corpus.
+
+    Attributes:
+        input_ids: (N, T) int64, non-overlapping windows in corpus order (or seeded sample order).
+        sha256: digest of the corpus bytes and of the settings that cut it.
+        total_windows: how many windows the corpus held before `num_samples` was applied.
+    """
+
+    input_ids: torch.Tensor
+    sha256: str
+    total_windows: int
+
+    def batches(self, batch_size: int):
+        """Yield (input_ids, attention_mask) batches; every window is full, so the mask is ones."""
+        for start in range(0, len(self.input_ids), batch_size):
+            ids = self.input_ids[start : start + batch_size]
+            yield ids, torch.ones_like(ids)
+
+
+def read_corpus(files: list[Path], jsonl_field: str) -> str:
+    """Concatenate text files; `.jsonl` files contribute `jsonl_field` of each line's object.
+
+    Raises:
+        UserError: a missing file, a JSONL line that is not an object with the field.
+    """
+    parts = []
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"data file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix != ".jsonl":
+            parts.append(text)
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(jsonl_field), str):
+                raise UserError(f"{path}:{lineno}: expected an object with a string {jsonl_field!r}")
+            parts.append(record[jsonl_field])
+    return "\n\n".join(parts)
+
+
+def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool) -> Windows:
+    """Tokenize the data files and cut non-overlapping windows of `data.seq_len` tokens.
+
+    Args:
+        shuffle: pick `num_samples` windows at random with `data.seed` (calibration) instead of
+            the first `num_samples` in order (evaluation).
+
+    Raises:
+        UserError: the corpus is shorter than one window.
+    """
+    files = [recipe.path(f) for f in data.files]
+    corpus = read_corpus(files, data.jsonl_field)
+    ids = tokenizer(corpus, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    total = len(ids) // data.seq_len
+    if total == 0:
+        raise UserError(
+            f"data {', '.join(data.files)}: {len(ids)} tokens, fewer than one window of "
+            f"seq_len {data.seq_len}"
+        )
+    windows = torch.tensor(ids[: total * data.seq_len], dtype=torch.int64).view(total, data.seq_len)
+    if shuffle:
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(data.seed))
+        windows = windows[order]
+    windows = windows[: data.num_samples]
+    digest = hashlib.sha256(corpus.encode("utf-8"))
+    digest.update(json.dumps(data.model_dump(exclude={"files"}), sort_keys=True).encode())
+    return Windows(input_ids=windows.contiguous(), sha256=digest.hexdigest(), total_windows=total)

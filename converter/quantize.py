@@ -1,0 +1,134 @@
+"""Stage *quantize*: static W8A8 scales, and the PyTorch fake-quant model with the same arithmetic.
+
+Weights: int8, symmetric, one scale per output channel (scale = max|W_row| / 127).
+Activations: int8, symmetric, one STATIC scale per tensor (scale = calibrated abs-max / 127).
+The functions below are the single definition of that arithmetic: the ONNX exporter writes the
+int8 weights they produce, and the fake-quant reference computes with them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from converter.calibrate import ActStats
+from converter.recipe import Quantization
+
+INT8_MIN, INT8_MAX = -128, 127
+WEIGHT_QMAX = 127  # symmetric weights use [-127, 127] so the range is the same on both sides
+
+
+def weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """(out,) float32 per-output-channel scales; an all-zero row gets scale 1 (any positive works)."""
+    amax = weight.detach().abs().amax(dim=1).float()
+    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(out, in) int8 = round_half_even(W / scale_row), clamped to [-127, 127]."""
+    q = torch.round(weight.detach().float() / scales.view(-1, 1))
+    return q.clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+
+
+def activation_scale(amax: float) -> torch.Tensor:
+    """Scalar float32 scale for a per-tensor static range (1.0 if the input was always zero)."""
+    return torch.tensor(amax / INT8_MAX if amax > 0 else 1.0, dtype=torch.float32)
+
+
+def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear with zero point 0, as ONNX defines them."""
+    return torch.clamp(torch.round(x / scale), INT8_MIN, INT8_MAX) * scale
+
+
+@dataclass(frozen=True)
+class LinearQuant:
+    """Static quantization parameters of one linear."""
+
+    name: str
+    in_features: int
+    out_features: int
+    act_amax: float
+    act_scale: torch.Tensor  # () float32
+    weight_scale: torch.Tensor  # (out,) float32
+    weight_rel_error: float  # ||W - dequant(quant(W))|| / ||W||
+
+    def summary(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "act_amax": self.act_amax,
+            "act_scale": float(self.act_scale),
+            "weight_scale_min": float(self.weight_scale.min()),
+            "weight_scale_max": float(self.weight_scale.max()),
+            "weight_rel_error": self.weight_rel_error,
+        }
+
+
+@dataclass
+class QuantPlan:
+    linears: dict[str, LinearQuant]  # in model order
+    excluded: list[str]  # quantizable linears kept in float
+
+
+def split_by_exclusions(names: list[str], exclude: list[str]) -> tuple[list[str], list[str]]:
+    """(quantized, excluded): a name is excluded if it equals or fnmatches any pattern."""
+    excluded = [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return [n for n in names if n not in excluded], excluded
+
+
+@torch.no_grad()
+def plan_quantization(
+    model: torch.nn.Module, names: list[str], stats: ActStats, cfg: Quantization
+) -> QuantPlan:
+    """Compute the static scales of every quantized linear.
+
+    Args:
+        names: quantizable linears (model order); `cfg.exclude` removes some of them.
+        stats: per-channel input abs-max measured on the model as it will be exported (smoothed).
+    """
+    quantized, excluded = split_by_exclusions(names, cfg.exclude)
+    linears = {}
+    for name in quantized:
+        lin = model.get_submodule(name)
+        w_scale = weight_scales(lin.weight)
+        w_deq = quantize_weight(lin.weight, w_scale).float() * w_scale.view(-1, 1)
+        rel_err = float((lin.weight - w_deq).norm() / lin.weight.norm().clamp(min=1e-12))
+        amax = stats.per_tensor(name)
+        linears[name] = LinearQuant(
+            name=name,
+            in_features=lin.in_features,
+            out_features=lin.out_features,
+            act_amax=amax,
+            act_scale=activation_scale(amax),
+            weight_scale=w_scale,
+            weight_rel_error=rel_err,
+        )
+    return QuantPlan(linears=linears, excluded=excluded)
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A linear that computes exactly what the QDQ graph computes, in float."""
+
+    def __init__(self, linear: torch.nn.Linear, quant: LinearQuant):
+        super().__init__()
+        w_int8 = quantize_weight(linear.weight, quant.weight_scale)
+        self.weight = torch.nn.Parameter(w_int8.float() * quant.weight_scale.view(-1, 1), requires_grad=False)
+        self.bias = linear.bias
+        self.register_buffer("act_scale", quant.act_scale.clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quantize_activation(x, self.act_scale), self.weight, self.bias)
+
+
+@torch.no_grad()
+def apply_fake_quant(model: torch.nn.Module, plan: QuantPlan) -> torch.nn.Module:
+    """Swap every planned linear for a `FakeQuantLinear`, in place; returns the model."""
+    for name, quant in plan.linears.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, FakeQuantLinear(getattr(parent, attr), quant))
+    return model

