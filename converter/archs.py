@@ -96,12 +96,20 @@ def arch_spec(model: torch.nn.Module) -> ArchSpec:
     Raises:
         UserError: the class is not in the table (the message lists the supported classes).
     """
-    name = type(model).__name__
-    if name not in ARCHITECTURES:
+    return spec_for(type(model).__name__)
+
+
+def spec_for(class_name: str) -> ArchSpec:
+    """The table entry for an HF class name (as in config.json `architectures`).
+
+    Raises:
+        UserError: the class is not in the table (the message lists the supported classes).
+    """
+    if class_name not in ARCHITECTURES:
         raise UserError(
-            f"architecture {name} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"architecture {class_name} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
-    return ARCHITECTURES[name]
+    return ARCHITECTURES[class_name]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from converter.archs import spec_for
 from converter.errors import UserError
-from converter.recipe import LoadedRecipe
+from converter.recipe import LoadedRecipe, Source
 
 # Files whose bytes define the checkpoint (weights, config, tokenizer); hashed into the manifest.
 _CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja")
@@ -64,6 +65,13 @@ def _check_folder(folder: Path, allow_pickle: bool) -> None:
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     if not has_safetensors and not has_pickle:
         raise UserError(f"checkpoint folder {folder} has no *.safetensors weights")
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except json.JSONDecodeError as exc:
+        raise UserError(f"checkpoint folder {folder}: config.json is not valid JSON ({exc.msg})") from None
+    if len(architectures) != 1:
+        raise UserError(f"checkpoint folder {folder}: config.json names architectures {architectures}, expected one")
+    spec_for(architectures[0])
     if not has_safetensors and not allow_pickle:
         raise UserError(
             f"checkpoint folder {folder} holds only pickle weights (*.bin), which can run arbitrary "
@@ -81,7 +89,7 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
         UserError: missing folder, no config, pickle-only weights without `allow_pickle`, unknown
             architecture (raised by the architecture table when the stages look the class up).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     src = recipe.recipe.source
     folder = recipe.path(src.path)
@@ -91,13 +99,7 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
         materialize(src.packaged, folder)
     _check_folder(folder, src.allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=torch.float32,
-            attn_implementation="eager",
-            trust_remote_code=src.trust_remote_code,
-            use_safetensors=None if src.allow_pickle else True,
-        )
+        model = load_reference(folder, src)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=src.trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -112,3 +114,17 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
         checkpoint_sha256=_combined_digest(files),
         files=files,
     )
+
+
+def load_reference(folder: Path, src: Source) -> torch.nn.Module:
+    """The checkpoint as the float reference: fp32, eager attention, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        trust_remote_code=src.trust_remote_code,
+        use_safetensors=None if src.allow_pickle else True,
+    )
+    return model.eval()

@@ -101,10 +101,10 @@ class Thresholds(_Section):
     """Parity gates; a threshold set to null is reported but not enforced."""
 
     max_ppl_ratio: float | None = Field(default=1.10, gt=0)
-    min_mean_cosine: float | None = Field(default=0.98, ge=-1, le=1)
-    min_min_cosine: float | None = Field(default=0.80, ge=-1, le=1)
-    min_top1_agreement: float | None = Field(default=0.85, ge=0, le=1)
-    max_kl: float | None = Field(default=0.10, ge=0)
+    min_mean_cosine: float | None = Field(default=0.95, ge=-1, le=1)
+    min_min_cosine: float | None = Field(default=0.30, ge=-1, le=1)
+    min_top1_agreement: float | None = Field(default=0.80, ge=0, le=1)
+    max_kl: float | None = Field(default=0.15, ge=0)
 
 
 class PolygraphyCheck(_Section):
@@ -112,7 +112,7 @@ class PolygraphyCheck(_Section):
 
     samples: int = Field(default=2, ge=1)
     export_atol: float = Field(default=1e-3, gt=0, description="Max |PyTorch - FP32 ONNX| logit.")
-    int8_atol: float = Field(default=0.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
+    int8_atol: float = Field(default=1.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
 
 
 class Parity(_Section):

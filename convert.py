@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Entry point: `python convert.py RECIPE [--set k=v ...]`; see converter/cli.py."""
+
+import sys
+
+from converter.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Command line: `convert.py RECIPE ...`, `convert.py inspect DIR`, `convert.py verify DIR`.
+
+Exit codes: 0 success, 1 user error (one line, no traceback), 2 parity failure, 3 internal error
+(with traceback). Progress and tables go to stderr; `--json` prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from converter.errors import ParityFailure, UserError
+
+EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
+SUBCOMMANDS = ("inspect", "verify")
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert.py", description="Convert an HF checkpoint to INT8 artifacts.",
+                                epilog=f"Other commands: {', '.join(SUBCOMMANDS)} (convert.py inspect -h).")
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe field, e.g. --set smoothing.alpha=0.8 (repeatable)")
+    p.add_argument("--output-dir", type=Path, default=Path("artifacts"), help="default: ./artifacts")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact version")
+    p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _artifact_parser(command: str, help_text: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"convert.py {command}", description=help_text)
+    p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _summary(manifest: dict, artifact: Path | None, status: str) -> dict:
+    return {
+        "status": status,
+        "artifact": str(artifact) if artifact else None,
+        "name": manifest.get("name"),
+        "version": manifest.get("version"),
+        "source_sha256": manifest.get("source", {}).get("sha256"),
+        "quantized_linears": manifest.get("model", {}).get("quantized_linears"),
+        "targets": {
+            t: {"fused_linears": v["build"]["fused_linears"], "parity": v["parity"]}
+            for t, v in manifest.get("targets", {}).items()
+        },
+        "stages": manifest.get("stages", []),
+        "peak_rss_mb": manifest.get("peak_rss_mb"),
+    }
+
+
+def _print_table(manifest: dict, artifact: Path | None) -> None:
+    from rich.table import Table
+
+    from converter.progress import console
+
+    table = Table(title=f"{manifest['name']} {manifest['version']}", show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("artifact", str(artifact) if artifact else "(not published)")
+    table.add_row("architecture", manifest["source"]["architecture"])
+    model = manifest["model"]
+    table.add_row("quantized linears", f"{model['quantized_linears']} (float: {', '.join(model['float_linears']) or 'none'})")
+    for target, v in manifest["targets"].items():
+        m = v["parity"]["metrics"]
+        table.add_row(f"[bold]{target}[/bold]", "PASSED" if v["parity"]["passed"] else "[red]FAILED[/red]")
+        table.add_row("  int8 kernels", ", ".join(f"{k} x{n}" for k, n in v["build"]["int8_kernels"].items()))
+        table.add_row("  perplexity FP32 -> INT8", f"{m['reference_ppl']:.3f} -> {m['candidate_ppl']:.3f} (x{m['ppl_ratio']:.4f})")
+        table.add_row("  logits cosine mean / min", f"{m['mean_cosine']:.5f} / {m['min_cosine']:.5f}")
+        table.add_row("  top-1 agreement", f"{m['top1_agreement']:.4f}")
+        table.add_row("  KL mean", f"{m['kl_mean']:.5f}")
+        for c in v["parity"]["comparator"]:
+            value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
+            table.add_row(f"  polygraphy {c['name']}", f"{c['error_stat']} {value:.3g} ({'ok' if c['passed'] else 'FAIL'})")
+    stages = manifest.get("stages", [])
+    if stages:
+        table.add_row("stages (s)", ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in stages))
+    table.add_row("peak memory", f"{manifest.get('peak_rss_mb', 0):.0f} MB")
+    console.print(table)
+
+
+def _cmd_convert(argv: list[str]) -> int:
+    args = _convert_parser().parse_args(argv)
+    from converter import progress
+
+    progress.set_enabled(not args.quiet)
+    from converter.pipeline import convert
+    from converter.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        result = convert(recipe, args.output_dir, force=args.force)
+    except ParityFailure as failure:
+        manifest_path = Path(failure.report_dir) / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            _print_table(manifest, None)
+            if args.json:
+                print(json.dumps({**_summary(manifest, None, "parity_failed"), "report_dir": failure.report_dir}, indent=2))
+        raise
+    _print_table(result.manifest, result.artifact_dir)
+    if args.json:
+        print(json.dumps(_summary(result.manifest, result.artifact_dir, "ok"), indent=2))
+    return EXIT_OK
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not an artifact (no manifest.json)")
+    return json.loads(path.read_text())
+
+
+def _cmd_inspect(argv: list[str]) -> int:
+    args = _artifact_parser("inspect", "Show what an artifact holds and its metrics.").parse_args(argv)
+    manifest = _read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps({**_summary(manifest, args.artifact, "ok"), "files": manifest["files"]}, indent=2))
+        return EXIT_OK
+    _print_table(manifest, args.artifact)
+    from converter.progress import console
+
+    for name, digest in manifest["files"].items():
+        size = (args.artifact / name).stat().st_size if (args.artifact / name).exists() else 0
+        console.print(f"  {name:<32} {size / 1e6:10.2f} MB  sha256 {digest[:16]}")
+    return EXIT_OK
+
+
+def _cmd_verify(argv: list[str]) -> int:
+    args = _artifact_parser("verify", "Re-hash an artifact's files against its manifest.").parse_args(argv)
+    from converter.package import verify
+
+    problems = verify(args.artifact)
+    if args.json:
+        print(json.dumps({"artifact": str(args.artifact), "ok": not problems, "problems": problems}, indent=2))
+    if problems:
+        raise UserError(f"{args.artifact}: {len(problems)} file(s) do not match the manifest: {'; '.join(problems)}")
+    print(f"{args.artifact}: all files match the manifest", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return _cmd_convert(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except ParityFailure as exc:
+        print(f"parity failure: {exc}", file=sys.stderr)
+        return EXIT_PARITY
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: show everything
+        traceback.print_exc()
+        return EXIT_INTERNAL

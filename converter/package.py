@@ -1,0 +1,141 @@
+"""Stage *package*: versioned artifact folders that appear complete or not at all.
+
+Everything is written into a hidden staging folder beside the destination and renamed into place
+only when complete, so a consumer polling `artifacts/<name>/<version>/` never sees a half-written
+artifact. An existing version is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from converter.errors import UserError
+from converter.load import sha256_file
+
+MANIFEST = "manifest.json"
+REJECTED = "_rejected"  # reports of runs that failed parity: readable, never picked up as versions
+_LIBRARIES = ("torch", "transformers", "onnx", "onnx-ir", "onnxruntime", "polygraphy", "safetensors", "pydantic", "numpy")
+
+
+def tool_versions() -> dict[str, str]:
+    from converter import __version__
+
+    versions = {"converter": __version__, "python": platform.python_version()}
+    for lib in _LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = "not installed"
+    return versions
+
+
+def artifact_dir(output_dir: Path, name: str, version: str) -> Path:
+    return output_dir / name / version
+
+
+def check_publishable(final_dir: Path, force: bool) -> None:
+    """Fail early, before any work, if publishing would overwrite a version without `force`."""
+    if final_dir.exists() and not force:
+        raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
+
+
+def staging_dir(final_dir: Path) -> Path:
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".staging-{final_dir.name}-", dir=final_dir.parent))
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` except the manifest itself (relative POSIX paths)."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    manifest = {**manifest, "files": file_hashes(folder)}
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def publish(staging: Path, final_dir: Path, force: bool) -> Path:
+    """Rename the complete staging folder into place (replacing an old version only with force)."""
+    if final_dir.exists():
+        if not force:
+            raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
+        retired = final_dir.with_name(f".retired-{final_dir.name}-{os.getpid()}")
+        final_dir.rename(retired)
+        staging.rename(final_dir)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(final_dir)
+    return final_dir
+
+
+def reject(staging: Path, final_dir: Path, keep: tuple[str, ...]) -> Path:
+    """Move only the reports of a failed run to `<name>/_rejected/<version>/`; drop the model."""
+    target = final_dir.parent / REJECTED / final_dir.name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in keep:
+        if (staging / name).exists():
+            shutil.move(str(staging / name), target / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def verify(folder: Path) -> list[str]:
+    """Re-hash an artifact; returns one line per missing, extra or changed file."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{folder} is not an artifact (no {MANIFEST})")
+    recorded = json.loads(manifest_path.read_text())["files"]
+    actual = file_hashes(folder)
+    problems = [f"missing: {n}" for n in recorded if n not in actual]
+    problems += [f"unexpected: {n}" for n in actual if n not in recorded]
+    problems += [f"changed: {n}" for n in recorded if n in actual and actual[n] != recorded[n]]
+    return problems
+
+
+def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
+    """Human-readable parity report."""
+    m = report["metrics"]
+    t = report["thresholds"]
+    status = "PASSED" if report["passed"] else "FAILED"
+    rows = [
+        ("perplexity, FP32 PyTorch", f"{m['reference_ppl']:.3f}", ""),
+        ("perplexity, INT8 artifact", f"{m['candidate_ppl']:.3f}", ""),
+        ("perplexity ratio", f"{m['ppl_ratio']:.4f}", f"<= {t['max_ppl_ratio']}"),
+        ("mean logits cosine", f"{m['mean_cosine']:.5f}", f">= {t['min_mean_cosine']}"),
+        ("min logits cosine", f"{m['min_cosine']:.5f}", f">= {t['min_min_cosine']}"),
+        ("top-1 agreement", f"{m['top1_agreement']:.4f}", f">= {t['min_top1_agreement']}"),
+        ("KL(FP32 || INT8), mean per token", f"{m['kl_mean']:.5f}", f"<= {t['max_kl']}"),
+    ]
+    for c in report["comparator"]:
+        value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
+        rows.append((f"Polygraphy {c['name']} ({c['error_stat']} abs diff)", f"{value:.4g}", f"<= {c['atol']}"))
+    lines = [
+        f"# Parity report: {name} {version}",
+        "",
+        f"**{status}** on {m['windows']} held-out windows ({m['tokens']} tokens); "
+        f"{build.get('fused_linears', 0)} linears run as int8 kernels.",
+        "",
+        "| metric | value | threshold |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+    ]
+    if report["failures"]:
+        lines += ["", "## Failures", "", *[f"- {f}" for f in report["failures"]]]
+    return "\n".join(lines) + "\n"

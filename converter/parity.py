@@ -1,0 +1,184 @@
+"""Stage *parity*: is the INT8 artifact faithful to the FP32 original?
+
+Metrics stream window by window (a 256-token window of a 49k-vocabulary model is 50 MB of logits), so
+memory does not grow with the evaluation set. Quantized models are judged with quantization-level
+metrics (perplexity, cosine, top-1, KL), not elementwise tolerances: one int8 rounding flip on a real
+model moves logits by ~0.1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from converter.data import Windows
+from converter.progress import track
+from converter.recipe import PolygraphyCheck, Thresholds
+
+
+@dataclass
+class ParityMetrics:
+    windows: int
+    tokens: int
+    reference_ppl: float
+    candidate_ppl: float
+    ppl_ratio: float
+    mean_cosine: float
+    min_cosine: float
+    top1_agreement: float
+    kl_mean: float
+
+
+@dataclass
+class ComparatorCheck:
+    """One Polygraphy `Comparator.compare_accuracy` run between two runners."""
+
+    name: str
+    runners: tuple[str, str]
+    error_stat: str
+    atol: float
+    passed: bool
+    max_absdiff: float
+    mean_absdiff: float
+
+
+@dataclass
+class ParityReport:
+    metrics: ParityMetrics
+    comparator: list[ComparatorCheck]
+    thresholds: dict
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "failures": self.failures,
+            "metrics": asdict(self.metrics),
+            "thresholds": self.thresholds,
+            "comparator": [asdict(c) for c in self.comparator],
+        }
+
+
+class _Accumulator:
+    def __init__(self):
+        self.nll_ref = self.nll_cand = 0.0
+        self.predicted = 0  # tokens with a next-token label
+        self.positions = 0
+        self.cos_sum = 0.0
+        self.cos_min = math.inf
+        self.top1 = 0
+        self.kl_sum = 0.0
+
+    def add(self, ids: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor) -> None:
+        ref, cand = ref.double(), cand.double()  # (B, T, V)
+        lp_ref, lp_cand = F.log_softmax(ref, dim=-1), F.log_softmax(cand, dim=-1)
+        labels = ids[:, 1:].unsqueeze(-1)
+        self.nll_ref -= float(lp_ref[:, :-1].gather(-1, labels).sum())
+        self.nll_cand -= float(lp_cand[:, :-1].gather(-1, labels).sum())
+        self.predicted += labels.numel()
+        cos = F.cosine_similarity(ref, cand, dim=-1)  # (B, T)
+        self.cos_sum += float(cos.sum())
+        self.cos_min = min(self.cos_min, float(cos.min()))
+        self.positions += cos.numel()
+        self.top1 += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        self.kl_sum += float((lp_ref.exp() * (lp_ref - lp_cand)).sum())
+
+    def metrics(self, windows: int) -> ParityMetrics:
+        ref_ppl = math.exp(self.nll_ref / self.predicted)
+        cand_ppl = math.exp(self.nll_cand / self.predicted)
+        return ParityMetrics(
+            windows=windows,
+            tokens=self.positions,
+            reference_ppl=ref_ppl,
+            candidate_ppl=cand_ppl,
+            ppl_ratio=cand_ppl / ref_ppl,
+            mean_cosine=self.cos_sum / self.positions,
+            min_cosine=self.cos_min,
+            top1_agreement=self.top1 / self.positions,
+            kl_mean=self.kl_sum / self.positions,
+        )
+
+
+def evaluate(reference, candidate, windows: Windows, batch_size: int) -> ParityMetrics:
+    """Run both runners on every evaluation window and accumulate the parity metrics.
+
+    Args:
+        reference, candidate: Polygraphy-style runners returning {"logits": (B, T, V)}.
+    """
+    acc = _Accumulator()
+    total = math.ceil(len(windows.input_ids) / batch_size)
+    with reference, candidate:
+        for ids, mask in track(windows.batches(batch_size), "evaluate", total=total):
+            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            ref = torch.from_numpy(np.asarray(reference.infer(feed)["logits"]))
+            cand = torch.from_numpy(np.asarray(candidate.infer(feed)["logits"]))
+            acc.add(ids, ref, cand)
+    return acc.metrics(len(windows.input_ids))
+
+
+def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, cfg: PolygraphyCheck) -> list[ComparatorCheck]:
+    """Polygraphy's comparator: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX."""
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SimpleCompareFunc
+
+    feeds = [
+        {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        for ids, mask in windows.batches(1)
+    ][: cfg.samples]
+    results = Comparator.run([torch_runner, fp32_runner, int8_runner], data_loader=feeds)
+    checks = []
+    for name, pair, stat, atol in (
+        ("export_fidelity", (0, 1), "max", cfg.export_atol),
+        ("int8_vs_fp32_onnx", (1, 2), "mean", cfg.int8_atol),
+    ):
+        func = SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat=stat)
+        accuracy = Comparator.compare_accuracy(results, comparisons=[pair], compare_func=func)
+        # AccuracyResults: one AccuracyResult per compare func: {(runner, runner): [{output: result}]}
+        per_iteration = next(iter(accuracy[0].values()))
+        outs = [it["logits"] for it in per_iteration]
+        checks.append(
+            ComparatorCheck(
+                name=name,
+                runners=(results[pair[0]][0], results[pair[1]][0]),
+                error_stat=stat,
+                atol=atol,
+                passed=bool(accuracy),
+                max_absdiff=max(float(o.max_absdiff) for o in outs),
+                mean_absdiff=float(np.mean([float(o.mean_absdiff) for o in outs])),
+            )
+        )
+    return checks
+
+
+def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: Thresholds) -> list[str]:
+    """One line per missed threshold (empty when everything passes)."""
+    failures = []
+    rules = (
+        ("ppl_ratio", metrics.ppl_ratio, t.max_ppl_ratio, "<="),
+        ("mean_cosine", metrics.mean_cosine, t.min_mean_cosine, ">="),
+        ("min_cosine", metrics.min_cosine, t.min_min_cosine, ">="),
+        ("top1_agreement", metrics.top1_agreement, t.min_top1_agreement, ">="),
+        ("kl_mean", metrics.kl_mean, t.max_kl, "<="),
+    )
+    for name, value, limit, op in rules:
+        if limit is None:
+            continue
+        ok = value <= limit if op == "<=" else value >= limit
+        if not ok:
+            failures.append(f"{name} {value:.4g} (required {op} {limit:g})")
+    for check in checks:
+        if not check.passed:
+            failures.append(
+                f"polygraphy {check.name} {check.error_stat} |diff| "
+                f"{check.max_absdiff if check.error_stat == 'max' else check.mean_absdiff:.4g} "
+                f"(required <= {check.atol:g})"
+            )
+    return failures

@@ -1,0 +1,198 @@
+"""The conversion, stage by stage. The order is written down once, here:
+
+    load -> calibrate -> smooth -> quantize -> export -> build -> parity -> package
+
+*calibrate* measures the original model; *quantize* re-calibrates the smoothed model for the static
+activation scales. Parity compares against the original checkpoint reloaded from disk, so nothing
+that smoothing did in place can leak into the reference.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+from converter import package
+from converter.archs import arch_spec, block_linear_names
+from converter.calibrate import collect_input_amax
+from converter.data import token_windows
+from converter.errors import ParityFailure
+from converter.export import INPUT_NAMES, OUTPUT_NAMES, export_fp32, insert_qdq
+from converter.load import TOKENIZER_FILES, load, load_reference
+from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
+from converter.progress import console
+from converter.quantize import plan_quantization, split_by_exclusions
+from converter.recipe import LoadedRecipe
+from converter.runners import TorchRunner, onnxruntime_runner
+from converter.smooth import smooth
+from converter.targets import TARGETS
+
+STAGES = ("load", "calibrate", "smooth", "quantize", "export", "build", "parity", "package")
+MODEL_FILE = "model.onnx"
+REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float
+    ran: bool = True
+
+
+@dataclass
+class RunResult:
+    artifact_dir: Path
+    passed: bool
+    manifest: dict
+    stages: list[StageRecord] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Stages:
+    def __init__(self):
+        self.records: list[StageRecord] = []
+
+    @contextmanager
+    def run(self, name: str):
+        assert name in STAGES, name  # internal: a stage missing from the written-down order
+        console.print(f"[bold]{name}[/bold]")
+        start = time.perf_counter()
+        yield
+        self.records.append(StageRecord(name, round(time.perf_counter() - start, 3)))
+
+
+def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False) -> RunResult:
+    """Run every stage for `recipe` and publish `output_dir/<name>/<version>/`.
+
+    Raises:
+        UserError: bad recipe contents, data or checkpoint (nothing is published).
+        ParityFailure: thresholds missed; reports go to `<name>/_rejected/<version>/`.
+    """
+    r = recipe.recipe
+    final = package.artifact_dir(output_dir, r.output.name, r.output.version)
+    package.check_publishable(final, force)
+    stages = _Stages()
+    staging = package.staging_dir(final)
+    work = Path(tempfile.mkdtemp(prefix="convert-work-"))
+    try:
+        manifest = _run_stages(recipe, stages, staging, work)
+        if not manifest["parity_passed"]:
+            failures = [f"{t}: {f}" for t, v in manifest["targets"].items() for f in v["parity"]["failures"]]
+            rejected = package.reject(staging, final, REPORT_FILES)
+            raise ParityFailure(failures, str(rejected))
+        with stages.run("package"):
+            manifest["stages"] = [s.__dict__ for s in stages.records]
+            manifest = package.write_manifest(staging, manifest)
+            package.publish(staging, final, force)
+        console.print(f"published {final}")
+        return RunResult(artifact_dir=final, passed=True, manifest=manifest, stages=stages.records)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path) -> dict:
+    r = recipe.recipe
+    torch.manual_seed(0)
+    with stages.run("load"):
+        loaded = load(recipe)
+        model = loaded.model
+        spec = arch_spec(model)
+        quantized, excluded = split_by_exclusions(block_linear_names(model, spec), r.quantization.exclude)
+    with stages.run("calibrate"):
+        calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
+        stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size)
+    with stages.run("smooth"):
+        smooth_report = smooth(model, stats.amax, r.smoothing, spec)
+    with stages.run("quantize"):
+        if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
+            stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
+        plan = plan_quantization(model, quantized, stats, r.quantization)
+    with stages.run("export"):
+        fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
+        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
+    del model, loaded.model
+    gc.collect()
+    eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
+    targets = {}
+    for name in r.targets:
+        target = TARGETS[name]
+        with stages.run("build"):
+            build = target.build(name, qdq.path, work, plan)
+            if build.unfused_linears:
+                raise RuntimeError(f"{name}: {len(build.unfused_linears)} quantized linear(s) did not fuse "
+                                   f"into int8 kernels: {build.unfused_linears[:5]}")
+        with stages.run("parity"):
+            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path), fp32_path)
+        targets[name] = {"build": build.to_dict(), "parity": report.to_dict()}
+    for fname in TOKENIZER_FILES:
+        if (loaded.path / fname).is_file():
+            shutil.copy2(loaded.path / fname, staging / fname)
+    (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+    reports = {t: v["parity"] for t, v in targets.items()}
+    package.write_json(staging / "parity_report.json", reports)
+    (staging / "parity_report.md").write_text("\n".join(
+        package.parity_markdown(r.output.name, r.output.version, v["parity"], v["build"]) for v in targets.values()
+    ))
+    manifest = {
+        "schema_version": 1,
+        "name": r.output.name,
+        "version": r.output.version,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "parity_passed": all(v["parity"]["passed"] for v in targets.values()),
+        "model": {
+            "file": MODEL_FILE,
+            "format": "onnx-qdq-w8a8",
+            "opset": r.export.opset,
+            "inputs": list(INPUT_NAMES),
+            "outputs": list(OUTPUT_NAMES),
+            "external_data": qdq.external_data,
+            "quantized_linears": len(plan.linears),
+            "float_linears": plan.excluded,
+        },
+        "source": {"path": r.source.path, "architecture": loaded.architecture,
+                   "sha256": loaded.checkpoint_sha256, "files": loaded.files},
+        "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
+                        "available_windows": calib.total_windows, "tokens": stats.tokens},
+        "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
+        "smoothing": smooth_report.to_dict(),
+        "quantization": {name: q.summary() for name, q in plan.linears.items()},
+        "targets": targets,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "tools": package.tool_versions(),
+        "recipe_sha256": recipe.digest(),
+        "recipe": recipe.resolved_dict(),
+    }
+    if not manifest["parity_passed"]:
+        manifest["stages"] = [s.__dict__ for s in stages.records]
+        package.write_manifest(staging, manifest)
+    return manifest
+
+
+def _parity(recipe: LoadedRecipe, checkpoint: Path, windows, candidate, fp32_path: Path) -> ParityReport:
+    r = recipe.recipe
+    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch")
+    metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size)
+    checks = comparator_checks(
+        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch"),
+        onnxruntime_runner(fp32_path, name="fp32-onnxruntime"),
+        candidate,
+        windows,
+        r.parity.polygraphy,
+    )
+    thresholds = r.parity.thresholds
+    return ParityReport(metrics=metrics, comparator=checks, thresholds=thresholds.model_dump(),
+                        failures=check_thresholds(metrics, checks, thresholds))

@@ -1,0 +1,93 @@
+"""Target registry: named deployment targets, each with a backend, a builder and a runner.
+
+Backends import lazily, so a target whose libraries are missing only fails when it is selected.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from converter.quantize import QuantPlan
+
+# Kernels that prove a MatMul runs in int8 in ONNX Runtime's optimized graph.
+ORT_INT8_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger")
+
+
+@dataclass
+class BuildReport:
+    target: str
+    backend: str
+    int8_kernels: dict[str, int]  # kernel op type -> count
+    fused_linears: int
+    unfused_linears: list[str]
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str
+    hardware: str
+    requires: tuple[str, ...]  # Python modules the backend needs
+    build: Callable[[str, Path, Path, QuantPlan], BuildReport]
+    runner: Callable[[Path], object]
+
+    def availability(self) -> tuple[bool, str]:
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return (not missing, f"missing Python module(s): {', '.join(missing)}" if missing else "ok")
+
+
+def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: QuantPlan) -> BuildReport:
+    """Create the ORT session, save its optimized graph and check every quantized linear fused.
+
+    Returns a report whose `unfused_linears` lists linears whose int8 weight does not feed an int8
+    kernel; the pipeline treats a non-empty list as a failed build.
+    """
+    import onnx
+
+    from converter.runners import onnxruntime_session
+
+    optimized = work_dir / "ort_optimized.onnx"
+    onnxruntime_session(model_path, optimized_model_path=optimized)
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    fused = set()
+    for node in graph.node:
+        if node.op_type in ORT_INT8_KERNELS:
+            fused.update(n for n in plan.linears if f"{n}.weight_quantized" in node.input)
+    optimized.unlink()
+    for extra in work_dir.glob("ort_optimized.onnx*"):
+        extra.unlink()
+    return BuildReport(
+        target=target,
+        backend="onnxruntime",
+        int8_kernels={k: ops[k] for k in ORT_INT8_KERNELS if ops[k]},
+        fused_linears=len(fused),
+        unfused_linears=[n for n in plan.linears if n not in fused],
+        op_counts=dict(sorted(ops.items())),
+    )
+
+
+def _onnxruntime_runner(model_path: Path):
+    from converter.runners import onnxruntime_runner
+
+    return onnxruntime_runner(model_path, name="int8-onnxruntime")
+
+
+TARGETS: dict[str, Target] = {
+    "cpu-onnxruntime": Target(
+        name="cpu-onnxruntime",
+        backend="onnxruntime",
+        hardware="x86-64 / arm64 CPU (int8 kernels: VNNI, AMX, NEON dot product)",
+        requires=("onnxruntime",),
+        build=build_onnxruntime,
+        runner=_onnxruntime_runner,
+    ),
+}
