@@ -38,7 +38,7 @@ def _artifact_parser(command: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def _summary(manifest: dict, artifact: Path | None, status: str) -> dict:
+def _summary(manifest: dict, artifact: Path | None, status: str, stages: list | None = None) -> dict:
     return {
         "status": status,
         "artifact": str(artifact) if artifact else None,
@@ -50,7 +50,7 @@ def _summary(manifest: dict, artifact: Path | None, status: str) -> dict:
             t: {"fused_linears": v["build"]["fused_linears"], "parity": v["parity"]}
             for t, v in manifest.get("targets", {}).items()
         },
-        "stages": manifest.get("stages", []),
+        "stages": stages if stages is not None else manifest.get("stages", []),
         "peak_rss_mb": manifest.get("peak_rss_mb"),
     }
 
@@ -89,11 +89,13 @@ def _cmd_convert(argv: list[str]) -> int:
     args = _convert_parser().parse_args(argv)
     from converter import progress
 
-    progress.set_enabled(not args.quiet)
-    from converter.pipeline import convert
     from converter.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: recipe errors are fast
+    progress.set_enabled(not args.quiet)
+    progress.quiet_libraries()
+    from converter.pipeline import convert
+
     try:
         result = convert(recipe, args.output_dir, force=args.force)
     except ParityFailure as failure:
@@ -106,7 +108,8 @@ def _cmd_convert(argv: list[str]) -> int:
         raise
     _print_table(result.manifest, result.artifact_dir)
     if args.json:
-        print(json.dumps(_summary(result.manifest, result.artifact_dir, "ok"), indent=2))
+        stages = [s.__dict__ for s in result.stages]
+        print(json.dumps(_summary(result.manifest, result.artifact_dir, "ok", stages), indent=2))
     return EXIT_OK
 
 

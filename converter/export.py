@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from converter.progress import console
+from converter.progress import note
 from converter.quantize import QuantPlan, quantize_weight
 from converter.recipe import Export
 
@@ -165,5 +165,5 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
             value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     ir.save(onnx_model, out_path, external_data=f"{out_path.name}.data" if external else None)
     size = out_path.stat().st_size + (out_path.with_name(f"{out_path.name}.data").stat().st_size if external else 0)
-    console.print(f"  QDQ inserted on {len(found)} MatMuls -> {out_path.name} ({size / 1e6:.1f} MB)")
+    note(f"  QDQ inserted on {len(found)} MatMuls -> {out_path.name} ({size / 1e6:.1f} MB)")
     return QdqResult(path=out_path, quantized_matmuls=len(found), external_data=external, size_bytes=size)

@@ -47,7 +47,9 @@ def check_publishable(final_dir: Path, force: bool) -> None:
 
 def staging_dir(final_dir: Path) -> Path:
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".staging-{final_dir.name}-", dir=final_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final_dir.name}-", dir=final_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes 0700; a model server often runs as another user
+    return staging
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

@@ -30,7 +30,7 @@ from converter.errors import ParityFailure
 from converter.export import INPUT_NAMES, OUTPUT_NAMES, export_fp32, insert_qdq
 from converter.load import TOKENIZER_FILES, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
-from converter.progress import console
+from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.runners import TorchRunner, onnxruntime_runner
@@ -68,7 +68,7 @@ class _Stages:
     @contextmanager
     def run(self, name: str):
         assert name in STAGES, name  # internal: a stage missing from the written-down order
-        console.print(f"[bold]{name}[/bold]")
+        note(f"[bold]{name}[/bold]")
         start = time.perf_counter()
         yield
         self.records.append(StageRecord(name, round(time.perf_counter() - start, 3)))
@@ -97,7 +97,7 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False) -> RunR
             manifest["stages"] = [s.__dict__ for s in stages.records]
             manifest = package.write_manifest(staging, manifest)
             package.publish(staging, final, force)
-        console.print(f"published {final}")
+        note(f"published {final}")
         return RunResult(artifact_dir=final, passed=True, manifest=manifest, stages=stages.records)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -111,7 +111,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         loaded = load(recipe)
         model = loaded.model
         spec = arch_spec(model)
-        quantized, excluded = split_by_exclusions(block_linear_names(model, spec), r.quantization.exclude)
+        linears = block_linear_names(model, spec)
+        quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
     with stages.run("calibrate"):
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
         stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size)
@@ -120,7 +121,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     with stages.run("quantize"):
         if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
             stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
-        plan = plan_quantization(model, quantized, stats, r.quantization)
+        plan = plan_quantization(model, linears, stats, r.quantization)
     with stages.run("export"):
         fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)

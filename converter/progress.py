@@ -18,6 +18,20 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+def note(message: str) -> None:
+    """A progress line (stage headers, what a stage wrote); silent with --quiet."""
+    if _enabled:
+        console.print(message)
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and info logs: the stages report progress here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate with a progress bar (a no-op wrapper when progress is disabled)."""
     if not _enabled:

@@ -1,0 +1,180 @@
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, tiny_recipe_dict
+from converter.cli import main
+from converter.pipeline import STAGES
+
+NAME, VERSION = "tiny-w8a8", "1"
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    from converter import progress
+
+    progress.console.file = err
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        progress.console.file = sys.stderr
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_subprocess(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "convert.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoints, tmp_path_factory):
+    """One successful tiny conversion shared by the tests that read its artifact."""
+    tmp = tmp_path_factory.mktemp("cli")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["llama"])))
+    out = tmp / "artifacts"
+    code, stdout, stderr = run_cli(recipe, "--output-dir", out, "--json", "--quiet")
+    assert code == 0, stderr
+    return recipe, out, json.loads(stdout), stderr
+
+
+def test_artifact_is_complete_and_manifest_hashes_match(converted):
+    _, out, _, _ = converted
+    folder = out / NAME / VERSION
+    for name in ("model.onnx", "manifest.json", "parity_report.json", "parity_report.md", "recipe.yaml",
+                 "tokenizer.json", "config.json"):
+        assert (folder / name).is_file(), name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != "manifest.json"}
+    assert manifest["files"] == on_disk
+    assert manifest["recipe"]["output"] == {"name": NAME, "version": VERSION}
+    assert manifest["model"]["quantized_linears"] == 14 and manifest["model"]["float_linears"] == ["lm_head"]
+    assert manifest["tools"]["onnxruntime"] and manifest["tools"]["torch"].startswith("2.")
+    assert len(manifest["source"]["sha256"]) == len(manifest["calibration"]["sha256"]) == 64
+    # the manifest is written inside *package*: it records every stage before it
+    assert [s["name"] for s in manifest["stages"]] == list(STAGES[:-1])
+    assert (folder.stat().st_mode & 0o777) == 0o755
+    # nothing half-written is left beside the published version
+    assert sorted(p.name for p in (out / NAME).iterdir()) == [VERSION]
+
+
+def test_json_result_and_parity_report_agree(converted):
+    _, out, result, _ = converted
+    assert result["status"] == "ok" and result["artifact"] == str(out / NAME / VERSION)
+    assert [s["name"] for s in result["stages"]] == list(STAGES)
+    target = result["targets"]["cpu-onnxruntime"]
+    assert target["fused_linears"] == 14 and target["parity"]["passed"]
+    report = json.loads((out / NAME / VERSION / "parity_report.json").read_text())["cpu-onnxruntime"]
+    assert report["metrics"] == target["parity"]["metrics"]
+    markdown = (out / NAME / VERSION / "parity_report.md").read_text()
+    assert "PASSED" in markdown and f"{report['metrics']['ppl_ratio']:.4f}" in markdown
+    m = report["metrics"]
+    assert 0.9 < m["ppl_ratio"] < 1.1 and m["mean_cosine"] > 0.99
+    assert {c["name"] for c in report["comparator"]} == {"export_fidelity", "int8_vs_fp32_onnx"}
+
+
+def test_inspect_prints_contents_and_metrics(converted):
+    _, out, _, _ = converted
+    code, stdout, stderr = run_cli("inspect", out / NAME / VERSION)
+    assert code == 0 and "model.onnx" in stderr and "perplexity" in stderr
+    code, stdout, _ = run_cli("inspect", out / NAME / VERSION, "--json")
+    assert code == 0 and "model.onnx" in json.loads(stdout)["files"]
+
+
+def test_verify_detects_a_flipped_byte(converted, tmp_path):
+    _, out, _, _ = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out / NAME / VERSION, copy)
+    assert run_cli("verify", copy)[0] == 0
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "model.onnx").write_bytes(bytes(data))
+    code, _, stderr = run_cli("verify", copy)
+    assert code == 1 and "changed: model.onnx" in stderr
+
+
+def test_existing_version_is_not_overwritten_without_force(converted):
+    recipe, out, _, _ = converted
+    model = out / NAME / VERSION / "model.onnx"
+    before = model.stat().st_mtime_ns
+    code, _, stderr = run_cli(recipe, "--output-dir", out, "--quiet")
+    assert code == 1 and "already exists" in stderr and "--force" in stderr
+    assert model.stat().st_mtime_ns == before
+
+
+def test_force_replaces_and_set_overrides_reach_the_artifact(converted):
+    recipe, out, _, _ = converted
+    code, _, stderr = run_cli(recipe, "--output-dir", out, "--quiet", "--force", "--set", "smoothing.alpha=0.75")
+    assert code == 0, stderr
+    manifest = json.loads((out / NAME / VERSION / "manifest.json").read_text())
+    assert manifest["recipe"]["smoothing"]["alpha"] == 0.75
+    assert {g["alpha"] for g in manifest["smoothing"]["groups"]} == {0.75}
+    assert sorted(p.name for p in (out / NAME).iterdir()) == [VERSION]
+
+
+def test_parity_failure_exits_2_publishes_nothing_and_keeps_the_report(tiny_checkpoints, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["qwen2"])))
+    out = tmp_path / "artifacts"
+    code, stdout, stderr = run_cli(recipe, "--output-dir", out, "--quiet", "--json", "--set", "parity.thresholds.max_kl=0")
+    assert code == 2
+    assert not (out / NAME / VERSION).exists()
+    rejected = out / NAME / "_rejected" / VERSION
+    assert "kl_mean" in (rejected / "parity_report.md").read_text()
+    assert not (rejected / "model.onnx").exists()
+    assert json.loads(stdout)["status"] == "parity_failed"
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("parity failure:") and "kl_mean" in last and str(rejected) in last
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in (out / NAME).iterdir()) == ["_rejected"]
+
+
+def _pickle_only(tmp_path, source):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((source / "config.json").read_bytes())
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml"])
+def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
+    data = tiny_recipe_dict(tiny_checkpoints["llama"])
+    expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
+                "pickle_only": "only pickle weights", "bad_yaml": "invalid YAML"}[case]
+    if case == "unknown_key":
+        data["calibration"]["num_sample"] = 3
+    elif case == "missing_checkpoint":
+        data["source"]["path"] = str(tmp_path / "no-such-folder")
+    elif case == "pickle_only":
+        data["source"]["path"] = str(_pickle_only(tmp_path, tiny_checkpoints["llama"]))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("calibration: [unclosed" if case == "bad_yaml" else yaml.safe_dump(data))
+    out = tmp_path / "artifacts"
+    proc = run_subprocess(recipe, "--output-dir", out, "--quiet")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert not (out / NAME).exists() or not any((out / NAME).iterdir())
+
+
+def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path):
+    recipe, _, _, _ = converted
+    import converter.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(pipeline, "smooth", broken)
+    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet")
+    assert code == 3 and "Traceback" in stderr and "simulated bug" in stderr
+    assert not any(p for p in (tmp_path / "out" / NAME).iterdir())  # staging removed

@@ -1,0 +1,137 @@
+import collections
+import copy
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from converter.archs import arch_spec, block_linear_names
+from converter.calibrate import collect_input_amax
+from converter.data import Windows
+from converter.export import export_fp32, insert_qdq
+from converter.quantize import apply_fake_quant, plan_quantization, quantize_weight
+from converter.recipe import Export, Quantization, Smoothing
+from converter.runners import onnxruntime_session
+from converter.smooth import smooth
+from converter.targets import build_onnxruntime
+from tiny_models import build_tiny
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def exported(request, tmp_path_factory):
+    """(arch, smoothed model, plan, fp32 path, int8 path)."""
+    arch = request.param
+    tmp = tmp_path_factory.mktemp(arch)
+    model = build_tiny(arch)
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)
+    windows = Windows(torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(1)), "t", 8)
+    stats = collect_input_amax(model, names[:-1], windows, 4)
+    smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
+    stats = collect_input_amax(model, names[:-1], windows, 4)
+    plan = plan_quantization(model, names, stats, Quantization())
+    fp32 = export_fp32(model, tmp / "fp32.onnx", Export())
+    int8 = insert_qdq(fp32, tmp / "model.onnx", model, plan, Export())
+    return arch, model, plan, fp32, int8.path, tmp
+
+
+def _graph(path):
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return model, inits, producer
+
+
+def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
+    arch, model, plan, _, int8_path, _ = exported
+    onnx_model, inits, producer = _graph(int8_path)
+    assert onnx_model.ir_version <= 10
+    matmuls = [n for n in onnx_model.graph.node if n.op_type == "MatMul"]
+    seen_scales = set()
+    quantized = 0
+    for node in matmuls:
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if dq_w is None or dq_w.op_type != "DequantizeLinear":
+            continue
+        quantized += 1
+        name = dq_w.input[0].removesuffix(".weight_quantized")
+        q = plan.linears[name]
+        assert dq_x.op_type == "DequantizeLinear"
+        q_x = producer[dq_x.input[0]]
+        assert q_x.op_type == "QuantizeLinear"
+        # activation pair: one scale initializer shared by its Q and DQ, zero point int8 0
+        assert q_x.input[1] == dq_x.input[1] == f"{name}.input_scale"
+        assert inits[q_x.input[2]].dtype == np.int8 and inits[q_x.input[2]] == 0
+        assert inits[f"{name}.input_scale"] == np.float32(q.act_scale)
+        # weight: int8 (in, out), per-channel on axis 1 (output channels), zero points 0
+        w = inits[dq_w.input[0]]
+        assert w.dtype == np.int8 and w.shape == (q.in_features, q.out_features)
+        axis = {a.name: a.i for a in dq_w.attribute}["axis"]
+        assert axis == 1
+        assert inits[dq_w.input[1]].shape == (q.out_features,)
+        zp = inits[dq_w.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+        weight = model.get_submodule(name).weight
+        np.testing.assert_array_equal(w, quantize_weight(weight, q.weight_scale).T.numpy())
+        for scale in (q_x.input[1], dq_w.input[1]):
+            assert scale not in seen_scales, f"{scale} shared between MatMuls"
+            seen_scales.add(scale)
+    assert quantized == len(plan.linears)
+    # lm_head stays float; the float weights of quantized linears are gone from the file
+    assert len(matmuls) - quantized == 1 + 2 * 2  # lm_head + (QK^T, PV) per block
+    assert not any(n.endswith("q_proj.weight") for n in inits)
+
+
+def test_onnxruntime_runs_one_int8_kernel_per_quantized_linear(exported):
+    _, _, plan, _, int8_path, tmp = exported
+    report = build_onnxruntime("cpu-onnxruntime", int8_path, tmp, plan)
+    assert report.unfused_linears == []
+    assert report.fused_linears == len(plan.linears)
+    assert sum(report.int8_kernels.values()) == len(plan.linears)
+
+
+def test_fusion_check_reports_a_linear_without_int8_kernel(exported):
+    _, _, plan, _, int8_path, tmp = exported
+    ghost = replace(next(iter(plan.linears.values())), name="model.layers.9.mlp.ghost")
+    bigger = replace(plan, linears={**plan.linears, ghost.name: ghost})
+    report = build_onnxruntime("cpu-onnxruntime", int8_path, tmp, bigger)
+    assert report.unfused_linears == ["model.layers.9.mlp.ghost"]
+
+
+def test_onnxruntime_int8_equals_pytorch_fake_quant(exported):
+    _, model, plan, _, int8_path, _ = exported
+    fq = apply_fake_quant(copy.deepcopy(model), plan)
+    ids = torch.randint(0, 300, (2, 37), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    out = onnxruntime_session(int8_path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        ref = fq(input_ids=ids, attention_mask=mask).logits.numpy()
+        float_out = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert np.abs(out - ref).max() < 1e-5
+    assert np.abs(out - float_out).max() > 1e-3  # it is really quantized
+
+
+def test_fp32_export_matches_pytorch_with_dynamic_batch_and_sequence(exported):
+    _, model, _, fp32, _, _ = exported
+    session = onnxruntime_session(fp32)
+    for batch, seq in ((1, 5), (3, 70)):
+        ids = torch.randint(0, 300, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        mask = torch.ones_like(ids)
+        mask[0, : seq // 3] = 0  # left padding in the first row
+        out = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        assert out.shape == (batch, seq, 320)
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_checker_accepts_qdq_model(exported):
+    *_, int8_path, _ = exported
+    onnx.checker.check_model(str(int8_path), full_check=True)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(int8_path)).graph.node)
+    assert ops["QuantizeLinear"] == 14 and ops["DequantizeLinear"] == 28

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from converter.errors import UserError
+from converter.load import load
+from converter.recipe import load_recipe
+from conftest import tiny_recipe_dict
+
+
+def test_loads_tiny_checkpoint_and_hashes_files(tiny_checkpoints, write_recipe):
+    loaded = load(load_recipe(write_recipe(tiny_recipe_dict(tiny_checkpoints["qwen2"]))))
+    assert loaded.architecture == "Qwen2ForCausalLM"
+    assert not loaded.model.training
+    assert "model.safetensors" in loaded.files and len(loaded.checkpoint_sha256) == 64
+
+
+def test_missing_folder(tmp_path, write_recipe):
+    with pytest.raises(UserError, match="does not exist"):
+        load(load_recipe(write_recipe(tiny_recipe_dict(tmp_path / "nope"))))
+
+
+def _folder(tmp_path, architecture="LlamaForCausalLM", weights="pytorch_model.bin"):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "llama"}))
+    if weights.endswith(".bin"):
+        torch.save({"x": torch.zeros(1)}, folder / weights)
+    else:
+        save_file({"x": torch.zeros(1)}, folder / weights)
+    return folder
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, write_recipe):
+    folder = _folder(tmp_path)
+    with pytest.raises(UserError, match=r"only pickle weights.*allow_pickle"):
+        load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
+
+
+def test_unsupported_architecture_refused_before_loading_weights(tmp_path, write_recipe):
+    folder = _folder(tmp_path, architecture="BertModel", weights="model.safetensors")
+    with pytest.raises(UserError, match=r"architecture BertModel is not supported; supported: .*LlamaForCausalLM"):
+        load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
+
+
+def test_pickle_allowed_when_recipe_says_so(tiny_checkpoints, tmp_path, write_recipe):
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_checkpoints["llama"]
+    model = AutoModelForCausalLM.from_pretrained(source)
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    data = tiny_recipe_dict(folder)
+    with pytest.raises(UserError, match="pickle"):
+        load(load_recipe(write_recipe(data)))
+    data["source"]["allow_pickle"] = True
+    loaded = load(load_recipe(write_recipe(data)))
+    assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
+    assert "pytorch_model.bin" in loaded.files

@@ -1,0 +1,93 @@
+import copy
+
+import pytest
+import torch
+
+from converter.archs import arch_spec, block_linear_names
+from converter.calibrate import collect_input_amax
+from converter.data import Windows
+from converter.quantize import (
+    FakeQuantLinear,
+    activation_scale,
+    apply_fake_quant,
+    fake_quantize_activation,
+    plan_quantization,
+    quantize_weight,
+    split_by_exclusions,
+    weight_scales,
+)
+from converter.recipe import Quantization, Smoothing
+from converter.smooth import smooth
+from tiny_models import build_tiny
+
+
+def windows(n=8, t=48, seed=1):
+    return Windows(torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(seed)), "t", n)
+
+
+def w8a8(model, smoothing: Smoothing):
+    """Smooth (optionally), calibrate static scales, return the fake-quant model."""
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)
+    quantized, _ = split_by_exclusions(names, ["lm_head"])
+    stats = collect_input_amax(model, quantized, windows(), 4)
+    if smooth(model, stats.amax, smoothing, spec).groups:
+        stats = collect_input_amax(model, quantized, windows(), 4)
+    plan = plan_quantization(model, names, stats, Quantization())
+    return apply_fake_quant(copy.deepcopy(model), plan), plan
+
+
+def test_weight_quantization_formula_inline():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [3.0, 1.5, -0.74]])
+    scales = weight_scales(w)
+    torch.testing.assert_close(scales, torch.tensor([1.0 / 127, 1.0, 3.0 / 127]))
+    q = quantize_weight(w, scales)
+    assert q.dtype == torch.int8
+    assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -31]]  # round half to even: 63.5 -> 64
+
+
+def test_activation_fake_quant_saturates_and_rounds_half_even():
+    scale = activation_scale(12.7)  # 0.1
+    x = torch.tensor([0.05, 0.15, -0.25, 100.0, -100.0])
+    out = fake_quantize_activation(x, scale)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.2, -0.2, 12.7, -12.8]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_smoothquant_error_far_below_naive_on_planted_outliers(arch):
+    x = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(7))
+    float_model = build_tiny(arch)
+    with torch.no_grad():
+        ref = float_model(x).logits
+    naive, _ = w8a8(build_tiny(arch), Smoothing(enabled=False))
+    smoothed, _ = w8a8(build_tiny(arch), Smoothing(alpha=0.5))
+    with torch.no_grad():
+        err_naive = (naive(x).logits - ref).pow(2).mean().sqrt()
+        err_smooth = (smoothed(x).logits - ref).pow(2).mean().sqrt()
+    assert err_smooth < 0.25 * err_naive, (float(err_smooth), float(err_naive))
+
+
+def test_plan_covers_block_linears_and_excludes_lm_head():
+    model = build_tiny("llama")
+    _, plan = w8a8(model, Smoothing(alpha=0.5))
+    assert plan.excluded == ["lm_head"]
+    assert len(plan.linears) == 2 * 7
+    q = plan.linears["model.layers.0.mlp.down_proj"]
+    assert q.weight_scale.shape == (64,) and q.act_scale.dtype == torch.float32
+    assert float(q.act_scale) == pytest.approx(q.act_amax / 127, rel=1e-6)
+    assert 0 < q.weight_rel_error < 0.02
+
+
+def test_exclusion_patterns():
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj", "lm_head"]
+    quantized, excluded = split_by_exclusions(names, ["*.down_proj", "lm_head"])
+    assert quantized == ["model.layers.1.mlp.up_proj"]
+    assert excluded == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+
+
+def test_fake_quant_swaps_exactly_the_planned_linears():
+    model = build_tiny("qwen2")
+    fq, plan = w8a8(model, Smoothing(alpha=0.5))
+    swapped = {n for n, m in fq.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert swapped == set(plan.linears)
+    assert fq.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2 biases stay float

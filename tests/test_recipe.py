@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from converter.errors import UserError
+from converter.recipe import apply_overrides, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_recipes_validate(path):
+    loaded = load_recipe(path)
+    assert loaded.recipe.schema_version == 1
+    for f in loaded.recipe.calibration.files + loaded.recipe.parity.eval.files:
+        assert loaded.path(f).is_file(), f
+
+
+def test_calibration_and_evaluation_texts_do_not_overlap():
+    loaded = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml")
+    calib = {loaded.path(f).resolve() for f in loaded.recipe.calibration.files}
+    evals = {loaded.path(f).resolve() for f in loaded.recipe.parity.eval.files}
+    assert not calib & evals
+    calib_lines = {l.strip() for f in calib for l in f.read_text().splitlines() if len(l.strip()) > 40}
+    eval_lines = {l.strip() for f in evals for l in f.read_text().splitlines() if len(l.strip()) > 40}
+    assert not calib_lines & eval_lines
+
+
+def test_unknown_key_is_named(write_recipe):
+    data = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-cpu.yaml").read_text())
+    data["smoothing"]["alhpa"] = 0.7
+    with pytest.raises(UserError, match=r"smoothing\.alhpa: unknown key"):
+        load_recipe(write_recipe(data))
+
+
+def test_set_override_parses_yaml_values():
+    loaded = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml",
+                         ["smoothing.alpha=0.65", "smoothing.enabled=false", "quantization.exclude=[]"])
+    assert loaded.recipe.smoothing.alpha == 0.65
+    assert loaded.recipe.smoothing.enabled is False
+    assert loaded.recipe.quantization.exclude == []
+
+
+def test_set_override_with_typo_fails_like_a_recipe_typo():
+    with pytest.raises(UserError, match=r"smoothing\.alpah: unknown key"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["smoothing.alpah=0.8"])
+
+
+@pytest.mark.parametrize("bad", ["smoothing.alpha", "=3", "smoothing.alpha.x=1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(UserError):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", [bad])
+
+
+def test_out_of_range_and_unsupported_values_are_rejected():
+    with pytest.raises(UserError, match=r"smoothing\.alpha"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["smoothing.alpha=1.5"])
+    with pytest.raises(UserError, match=r"quantization\.activations\.mode"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["quantization.activations.mode=dynamic"])
+    with pytest.raises(UserError, match=r"unknown target"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["targets=[h100-tensorrtt]"])
+
+
+def test_schema_version_mismatch(write_recipe):
+    with pytest.raises(UserError, match="schema_version"):
+        load_recipe(write_recipe({"schema_version": 99}))
+
+
+def test_relative_paths_resolve_against_recipe_folder(tmp_path, write_recipe):
+    data = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-cpu.yaml").read_text())
+    loaded = load_recipe(write_recipe(data))
+    assert loaded.path("data/x.txt") == tmp_path / "data" / "x.txt"
+    assert loaded.path("/abs/x.txt") == Path("/abs/x.txt")
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"a": {"b": 1}}
+    out = apply_overrides(raw, ["a.b=2", "a.c.d=x"])
+    assert raw == {"a": {"b": 1}} and out == {"a": {"b": 2, "c": {"d": "x"}}}
+
+
+def test_resolved_recipe_fills_defaults_and_digest_tracks_changes():
+    a = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml")
+    b = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["smoothing.alpha=0.5"])
+    assert a.resolved_dict()["quantization"]["activations"]["range"] == "absmax"
+    assert a.digest() != b.digest()

@@ -1,0 +1,111 @@
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from converter.archs import ARCHITECTURES, arch_spec, block_linear_names, spec_for
+from converter.calibrate import collect_input_amax
+from converter.data import Windows
+from converter.errors import UserError
+from converter.recipe import Smoothing
+from converter.smooth import smooth, smoothing_scales
+from tiny_models import OUTLIER_CHANNELS, TINY_CONFIGS, build_tiny
+
+
+def windows(n=8, t=48, seed=1):
+    ids = torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(seed))
+    return Windows(ids, "test", n)
+
+
+def calibrated(arch):
+    model = build_tiny(arch)
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)[:-1]
+    return model, spec, names, collect_input_amax(model, names, windows(), 4)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_smoothing_leaves_float_outputs_unchanged(arch):
+    model, spec, names, stats = calibrated(arch)
+    reference = copy.deepcopy(model)
+    report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
+    assert len(report.groups) == 2 * 4 and not report.skipped  # 2 blocks x 4 groups, incl. v->o (GQA)
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        before, after = reference(x).logits, model(x).logits
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5), float((before - after).abs().max())
+    # ...and it really changed the weights
+    w0 = reference.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(w0, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_planted_outliers_are_flattened():
+    model, spec, names, stats = calibrated("llama")
+    key = "model.layers.0.self_attn.q_proj"
+    before = stats.amax[key]
+    assert set(before.topk(len(OUTLIER_CHANNELS)).indices.tolist()) == set(OUTLIER_CHANNELS)
+    report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
+    rec = next(g for g in report.groups if g.block == 0 and g.group == "attn_in")
+    assert rec.outlier_ratio_before > 20 and rec.outlier_ratio_after < 3
+    after = collect_input_amax(model, names, windows(), 4).amax[key]
+    assert float(after.max() / after.median()) < 3
+
+
+def test_norm_fold_matches_formula_inline():
+    model, spec, names, stats = calibrated("llama")
+    block = model.model.layers[1]
+    norm_before = block.post_attention_layernorm.weight.clone()
+    gate, up = block.mlp.gate_proj.weight.clone(), block.mlp.up_proj.weight.clone()
+    act = stats.amax["model.layers.1.mlp.gate_proj"]
+    alpha = 0.65
+    smooth(model, stats.amax, Smoothing(alpha=alpha, groups=["mlp_in"]), spec)
+    w_amax = torch.cat([gate.abs(), up.abs()]).amax(dim=0)
+    s = (act.pow(alpha) / w_amax.pow(1 - alpha)).clamp(min=1e-5)
+    torch.testing.assert_close(block.post_attention_layernorm.weight, norm_before / s)
+    torch.testing.assert_close(block.mlp.gate_proj.weight, gate * s)
+    torch.testing.assert_close(block.mlp.up_proj.weight, up * s)
+    # groups not asked for are untouched
+    assert torch.equal(block.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+
+
+def test_gqa_scale_is_shared_by_query_heads_of_one_kv_head():
+    model, spec, names, stats = calibrated("llama")
+    o_before = model.model.layers[0].self_attn.o_proj.weight.clone()
+    smooth(model, stats.amax, Smoothing(alpha=0.5, groups=["attn_out"]), spec)
+    ratio = model.model.layers[0].self_attn.o_proj.weight / o_before  # column j scaled by s_j
+    col = ratio[0].view(2, 2, 16)  # (kv heads, query heads per kv head, head_dim)
+    torch.testing.assert_close(col[:, 0], col[:, 1])
+    assert not torch.allclose(col[0, 0], torch.ones(16))
+
+
+def test_gemma_style_norm_offset_fold():
+    # A norm computing x_hat * (1 + w) must end up with (1 + w') = (1 + w) / s, not w' = w / s.
+    spec = replace(spec_for("LlamaForCausalLM"), norm_offset=1.0)
+    model, _, names, stats = calibrated("llama")
+    attn = model.model.layers[0].self_attn
+    w = model.model.layers[0].input_layernorm.weight.clone()
+    w_amax = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).abs().amax(dim=0)
+    act = stats.amax["model.layers.0.self_attn.q_proj"]
+    s = (act.pow(0.5) / w_amax.pow(0.5)).clamp(min=1e-5)
+    smooth(model, stats.amax, Smoothing(alpha=0.5, groups=["attn_in"]), spec)
+    torch.testing.assert_close(1 + model.model.layers[0].input_layernorm.weight, (1 + w) / s)
+
+
+def test_dead_channels_keep_scale_one():
+    s = smoothing_scales(torch.tensor([0.0, 4.0, 1.0]), torch.tensor([1.0, 1.0, 0.0]), 0.5)
+    assert s.tolist() == [1.0, 2.0, 1.0]
+
+
+def test_disabled_smoothing_changes_nothing():
+    model, spec, names, stats = calibrated("qwen2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = smooth(model, stats.amax, Smoothing(enabled=False), spec)
+    assert report.groups == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unknown_architecture_lists_supported():
+    with pytest.raises(UserError) as err:
+        spec_for("GPTJForCausalLM")
+    message = str(err.value)
+    assert "GPTJForCausalLM" in message and all(name in message for name in ARCHITECTURES)
