@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from converter.progress import note
+from converter.progress import note, track
 from converter.quantize import QuantPlan, quantize_weight
 from converter.recipe import Export
 
@@ -157,7 +157,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     missing = [n for n in plan.linears if n not in found]
     if missing:
         raise RuntimeError(f"no MatMul(x, Transpose(weight)) found for {len(missing)} linear(s): {missing[:5]}")
-    for name, node in found.items():
+    for name, node in track(found.items(), "insert Q/DQ", total=len(found)):
         _quantize_matmul(graph, node, name, model.get_submodule(name).weight, plan)
     external = _needs_external_data(model, cfg)
     for value in graph.initializers.values():  # tensors loaded from the fp32 file must be materialized

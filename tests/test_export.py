@@ -135,3 +135,21 @@ def test_onnx_checker_accepts_qdq_model(exported):
     onnx.checker.check_model(str(int8_path), full_check=True)
     ops = collections.Counter(n.op_type for n in onnx.load(str(int8_path)).graph.node)
     assert ops["QuantizeLinear"] == 14 and ops["DequantizeLinear"] == 28
+
+
+def test_external_data_when_requested(tmp_path):
+    model = build_tiny("llama")
+    names = block_linear_names(model, arch_spec(model))
+    windows = Windows(torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1)), "t", 4)
+    plan = plan_quantization(model, names, collect_input_amax(model, names[:-1], windows, 4), Quantization())
+    cfg = Export(external_data="always")
+    (tmp_path / "work").mkdir()  # the FP32 export writes its own external data beside it
+    fp32 = export_fp32(model, tmp_path / "work" / "fp32.onnx", cfg)
+    result = insert_qdq(fp32, tmp_path / "model.onnx", model, plan, cfg)
+    assert result.external_data and (tmp_path / "model.onnx.data").stat().st_size > 100_000
+    assert (tmp_path / "model.onnx").stat().st_size < 100_000  # graph only; weights are in the .data file
+    ids = torch.randint(0, 300, (1, 9))
+    fq = apply_fake_quant(copy.deepcopy(model), plan)
+    out = onnxruntime_session(tmp_path / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    with torch.no_grad():
+        assert np.abs(out - fq(ids).logits.numpy()).max() < 1e-5

@@ -1,0 +1,148 @@
+"""Benchmark the shipped SmolLM2-135M recipe: accuracy sweep, ORT latency, conversion cost.
+
+    .venv/bin/python bench/smollm2.py [--runs 3] [--latency-iters 20]
+
+Every number comes from the real pipeline (`convert.py` in a subprocess, one per configuration) or
+from ONNX Runtime sessions timed side by side in one process. Prints a Markdown table and writes
+bench/results/smollm2.json and bench/results/smollm2.md, which the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
+RESULTS = ROOT / "bench" / "results"
+NO_GATES = [f"parity.thresholds.{k}=null" for k in
+            ("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl")]
+SWEEP = {
+    "naive static W8A8 (no smoothing)": ["smoothing.enabled=false"],
+    "SmoothQuant static W8A8, alpha 0.5": ["smoothing.alpha=0.5"],
+    "SmoothQuant static W8A8, alpha 0.65": ["smoothing.alpha=0.65"],
+    "SmoothQuant static W8A8, alpha 0.8 (shipped recipe)": [],
+}
+
+
+def convert(out: Path, overrides: list[str]) -> tuple[dict, float]:
+    """Run the converter as a user would; returns (JSON result, wall seconds)."""
+    cmd = [sys.executable, "convert.py", str(RECIPE), "--output-dir", str(out), "--json", "--quiet", "--force"]
+    for item in overrides + NO_GATES + ["parity.polygraphy.int8_atol=1000"]:
+        cmd += ["--set", item]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"convert.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout), wall
+
+
+def latency(int8_path: Path, iters: int, threads: int = 2, seq: int = 256) -> dict:
+    """FP32 ONNX (original model) vs the INT8 artifact, batch 1, interleaved runs, medians."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from converter.export import export_fp32
+    from converter.load import load_reference
+    from converter.recipe import Export, load_recipe
+
+    recipe = load_recipe(RECIPE)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
+        export_fp32(model, fp32_path, Export())
+        del model
+        sessions = {}
+        for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(0)).numpy()
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        times = {name: [] for name in sessions}
+        for name, session in sessions.items():  # warm-up
+            for _ in range(3):
+                session.run(None, feed)
+        for _ in range(iters):
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1000)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"batch": 1, "sequence": seq, "threads": threads, "iterations": iters,
+            "fp32_ms": medians["fp32"], "int8_ms": medians["int8"], "int8_over_fp32": medians["int8"] / medians["fp32"],
+            "fp32_ms_all": times["fp32"], "int8_ms_all": times["int8"]}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"SmolLM2-135M-Instruct, {results['machine']}, {results['date']}", "",
+             "| configuration | perplexity (Apache-2.0 text) | vs FP32 | top-1 agreement | int8 linears |",
+             "|---|---|---|---|---|"]
+    fp32 = results["sweep"][next(iter(results["sweep"]))]["reference_ppl"]
+    lines.append(f"| FP32 (PyTorch) | {fp32:.2f} | 1.000 | 1.000 | 0 |")
+    for name, m in results["sweep"].items():
+        lines.append(f"| {name} | {m['candidate_ppl']:.2f} | {m['ppl_ratio']:.3f} | {m['top1_agreement']:.3f} | "
+                     f"{m['fused_linears']} |")
+    lat = results["latency"]
+    conv = results["conversion"]
+    lines += ["", f"| ONNX Runtime, batch 1, seq {lat['sequence']}, {lat['threads']} threads | median of {lat['iterations']} |",
+              "|---|---|",
+              f"| FP32 ONNX | {lat['fp32_ms']:.1f} ms |",
+              f"| INT8 QDQ ONNX | {lat['int8_ms']:.1f} ms |",
+              f"| INT8 / FP32 | {lat['int8_over_fp32']:.3f}x |",
+              "", f"| conversion of the shipped recipe | median of {conv['runs']} |", "|---|---|",
+              f"| wall time | {conv['wall_s_median']:.1f} s (runs: {', '.join(f'{w:.1f}' for w in conv['wall_s'])}) |",
+              f"| peak memory (max RSS) | {conv['peak_rss_mb_median']:.0f} MB |",
+              "| stages (last run, s) | " + ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in conv["stages"]) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="conversions of the shipped recipe to time")
+    parser.add_argument("--latency-iters", type=int, default=20)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        sweep = {}
+        for name, overrides in SWEEP.items():
+            result, _ = convert(out, overrides)
+            target = result["targets"]["cpu-onnxruntime"]
+            sweep[name] = {**target["parity"]["metrics"], "fused_linears": target["fused_linears"]}
+            print(f"{name}: ppl {sweep[name]['candidate_ppl']:.2f} (x{sweep[name]['ppl_ratio']:.3f})", file=sys.stderr)
+        walls, peaks = [], []
+        for _ in range(args.runs):
+            result, wall = convert(out, [])
+            walls.append(wall)
+            peaks.append(result["peak_rss_mb"])
+        lat = latency(Path(result["artifact"]) / "model.onnx", args.latency_iters)
+    results = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        "sweep": sweep,
+        "latency": lat,
+        "conversion": {"runs": args.runs, "wall_s": walls, "wall_s_median": statistics.median(walls),
+                       "peak_rss_mb": peaks, "peak_rss_mb_median": statistics.median(peaks),
+                       "stages": result["stages"]},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "smollm2.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (RESULTS / "smollm2.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
