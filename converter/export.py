@@ -132,6 +132,17 @@ def _quantize_matmul(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.
             graph.initializers.pop(source.name)
 
 
+def _strip_export_metadata(onnx_model: ir.Model) -> None:
+    """Drop the exporter's per-node metadata (Python stack traces with absolute file paths, FX
+    nodes): it makes artifacts differ between machines and leaks the build host's paths."""
+    for node in ir.traversal.RecursiveGraphIterator(onnx_model.graph):
+        node.metadata_props.clear()
+        for value in node.outputs:
+            value.metadata_props.clear()
+    for value in (*onnx_model.graph.inputs, *onnx_model.graph.outputs, *onnx_model.graph.initializers.values()):
+        value.metadata_props.clear()
+
+
 def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: QuantPlan, cfg: Export) -> QdqResult:
     """Write the W8A8 QDQ model for `plan` next to nothing else: one file (plus external data if big).
 
@@ -159,6 +170,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
         raise RuntimeError(f"no MatMul(x, Transpose(weight)) found for {len(missing)} linear(s): {missing[:5]}")
     for name, node in track(found.items(), "insert Q/DQ", total=len(found)):
         _quantize_matmul(graph, node, name, model.get_submodule(name).weight, plan)
+    _strip_export_metadata(onnx_model)
     external = _needs_external_data(model, cfg)
     for value in graph.initializers.values():  # tensors loaded from the fp32 file must be materialized
         if isinstance(value.const_value, ir.ExternalTensor):

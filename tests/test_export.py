@@ -85,6 +85,8 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     # lm_head stays float; the float weights of quantized linears are gone from the file
     assert len(matmuls) - quantized == 1 + 2 * 2  # lm_head + (QK^T, PV) per block
     assert not any(n.endswith("q_proj.weight") for n in inits)
+    # no exporter metadata (stack traces carry the build machine's paths)
+    assert not any(n.metadata_props for n in onnx_model.graph.node)
 
 
 def test_onnxruntime_runs_one_int8_kernel_per_quantized_linear(exported):
