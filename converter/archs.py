@@ -44,7 +44,8 @@ class ArchSpec:
         blocks: attribute path of the ModuleList of transformer blocks.
         linears: quantizable linears inside each block, relative to the block.
         groups: smoothing groups inside each block.
-        lm_head: attribute path of the output projection (kept in float by default).
+        lm_head: attribute path of the output projection.
+        head_group: smoothing group of the final norm into the lm_head (paths from the model root).
         norm_offset: the norm computes x_hat * (norm_offset + weight); 1.0 for Gemma-style norms.
         kind: "decoder" (causal LM, exports logits) or "encoder".
     """
@@ -53,6 +54,7 @@ class ArchSpec:
     linears: tuple[str, ...]
     groups: tuple[SmoothGroup, ...]
     lm_head: str = "lm_head"
+    head_group: SmoothGroup | None = None
     norm_offset: float = 0.0
     kind: Literal["decoder", "encoder"] = "decoder"
 
@@ -79,6 +81,7 @@ _LLAMA_LIKE = ArchSpec(
         SmoothGroup("mlp_down", "mlp.up_proj", "linear", ("mlp.down_proj",)),
         SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.o_proj",)),
     ),
+    head_group=SmoothGroup("head_in", "model.norm", "norm", ("lm_head",)),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {

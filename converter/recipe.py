@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from converter.errors import UserError
 
 SCHEMA_VERSION = 1
-SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out")
+SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out", "head_in")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -55,9 +55,10 @@ class Smoothing(_Section):
 
     enabled: bool = True
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    groups: list[Literal["attn_in", "mlp_in", "mlp_down", "attn_out"]] = Field(
+    groups: list[Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]] = Field(
         default_factory=lambda: list(SMOOTHING_GROUPS),
-        description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o.",
+        description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o; "
+        "head_in: final norm->lm_head. A group whose linears are not quantized is skipped.",
     )
 
 

@@ -20,7 +20,7 @@ from converter.recipe import Smoothing
 class GroupRecord:
     """What smoothing did to one group in one block."""
 
-    block: int
+    block: int | None  # None for the head group (final norm -> lm_head)
     group: str
     alpha: float
     act_amax_before: float
@@ -88,7 +88,7 @@ def _smooth_group(block, group: SmoothGroup, act_amax, alpha, norm_offset, layou
         lin.weight.mul_(col_scales.view(1, -1))
     after = act_amax / col_scales
     return GroupRecord(
-        block=-1,
+        block=None,
         group=group.name,
         alpha=alpha,
         act_amax_before=float(act_amax.max()),
@@ -100,15 +100,26 @@ def _smooth_group(block, group: SmoothGroup, act_amax, alpha, norm_offset, layou
     )
 
 
+def _untie_output_embeddings(model: torch.nn.Module) -> bool:
+    """Give a tied lm_head its own weight, so smoothing it leaves the input embedding exact."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return False
+    head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False  # so nothing re-ties them (save, export, post_init)
+    return True
+
+
 @torch.no_grad()
 def smooth(
     model: torch.nn.Module, act_amax: dict[str, torch.Tensor], cfg: Smoothing, spec: ArchSpec
 ) -> SmoothReport:
-    """Apply SmoothQuant in place to every enabled group of every block.
+    """Apply SmoothQuant in place to every enabled group of every block (and the head group).
 
     Args:
-        act_amax: per-channel input abs-max of the balance linears (from *calibrate*), keyed by
-            full module name; the first balance linear of a group is looked up.
+        act_amax: per-channel input abs-max of the quantized linears (from *calibrate*), keyed by
+            full module name. A group whose balance linears were not calibrated (kept in float) is
+            skipped: smoothing it would only move outliers into weights nobody quantizes.
 
     Returns:
         One record per smoothed (block, group), and the groups skipped with the reason.
@@ -117,15 +128,25 @@ def smooth(
     if not cfg.enabled:
         return report
     layout = head_layout(model.config)
-    blocks = model.get_submodule(spec.blocks)
-    for index, block in enumerate(blocks):
-        for group in spec.groups:
-            if group.name not in cfg.groups:
-                continue
-            key = f"{spec.blocks}.{index}.{group.balance[0]}"
-            result = _smooth_group(block, group, act_amax[key], cfg.alpha, spec.norm_offset, layout)
-            if isinstance(result, str):
-                report.skipped.append(f"{spec.blocks}.{index}.{result}")
-            else:
-                report.groups.append(GroupRecord(**{**asdict(result), "block": index}))
+    targets = [
+        (f"{spec.blocks}.{index}.", index, block, group)
+        for index, block in enumerate(model.get_submodule(spec.blocks))
+        for group in spec.groups
+    ]
+    if spec.head_group is not None:
+        targets.append(("", None, model, spec.head_group))
+    for prefix, index, root, group in targets:
+        if group.name not in cfg.groups:
+            continue
+        keys = [prefix + name for name in group.balance]
+        if not all(k in act_amax for k in keys):
+            report.skipped.append(f"{prefix}{group.name}: {', '.join(group.balance)} not quantized")
+            continue
+        if group is spec.head_group:
+            _untie_output_embeddings(model)
+        result = _smooth_group(root, group, act_amax[keys[0]], cfg.alpha, spec.norm_offset, layout)
+        if isinstance(result, str):
+            report.skipped.append(f"{prefix}{result}")
+        else:
+            report.groups.append(GroupRecord(**{**asdict(result), "block": index}))
     return report

@@ -30,7 +30,8 @@ def test_smoothing_leaves_float_outputs_unchanged(arch):
     model, spec, names, stats = calibrated(arch)
     reference = copy.deepcopy(model)
     report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
-    assert len(report.groups) == 2 * 4 and not report.skipped  # 2 blocks x 4 groups, incl. v->o (GQA)
+    assert len(report.groups) == 2 * 4  # 2 blocks x 4 groups, incl. v->o (GQA)
+    assert report.skipped == ["head_in: lm_head not quantized"]  # calibrated() leaves lm_head float
     x = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         before, after = reference(x).logits, model(x).logits
@@ -109,3 +110,32 @@ def test_unknown_architecture_lists_supported():
         spec_for("GPTJForCausalLM")
     message = str(err.value)
     assert "GPTJForCausalLM" in message and all(name in message for name in ARCHITECTURES)
+
+
+def test_head_group_unties_lm_head_and_keeps_embedding_exact():
+    model = build_tiny("llama-tied")
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)  # lm_head included
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.clone()
+    reference = copy.deepcopy(model)
+    stats = collect_input_amax(model, names, windows(), 4)
+    report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
+    head = [g for g in report.groups if g.group == "head_in"]
+    assert len(head) == 1 and head[0].block is None and head[0].scale_max > 1.5
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert not torch.equal(model.lm_head.weight, embedding)
+    x = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_groups_of_float_linears_are_skipped():
+    model, spec, names, stats = calibrated("qwen2")
+    amax = {k: v for k, v in stats.amax.items() if not k.endswith("down_proj")}  # down_proj kept float
+    before = model.model.layers[0].mlp.down_proj.weight.clone()  # only mlp_down would change it
+    report = smooth(model, amax, Smoothing(alpha=0.5), spec)
+    assert "model.layers.0.mlp_down: mlp.down_proj not quantized" in report.skipped
+    assert {g.group for g in report.groups} == {"attn_in", "mlp_in", "attn_out"}
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)

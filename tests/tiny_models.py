@@ -34,6 +34,7 @@ TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "qwen2": lambda: Qwen2Config(**_COMMON),  # q/k/v carry biases
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),  # q_norm/k_norm after q/k_proj
+    "llama-tied": lambda: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True}),  # lm_head = embedding
 }
 
 
