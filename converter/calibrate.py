@@ -14,6 +14,8 @@ import torch
 from converter.data import Windows
 from converter.errors import UserError
 from converter.progress import track
+from converter.ranges import HISTOGRAM_BINS, Histogram, choose_range, range_method
+from converter.recipe import ActivationQuant
 
 
 class _HeadReached(Exception):
@@ -31,33 +33,24 @@ class ActStats:
     def per_tensor(self, name: str) -> float:
         return float(self.amax[name].max())
 
+    def absmax_ranges(self) -> dict[str, float]:
+        """Per-tensor abs-max of every recorded linear (the static range without clipping)."""
+        return {name: self.per_tensor(name) for name in self.amax}
+
 
 @torch.no_grad()
-def collect_input_amax(
-    model: torch.nn.Module,
-    names: list[str],
-    windows: Windows,
-    batch_size: int,
-    description: str = "calibrate",
-) -> ActStats:
-    """Run the calibration windows through `model` and record per-channel input abs-max.
+def _run_hooked(model, names, windows: Windows, batch_size: int, description: str, on_input) -> tuple[int, int]:
+    """Run the windows through `model`, calling on_input(name, x) with each hooked linear's input.
 
     The head (the lm_head of a causal LM, a fifth of a 135M decoder's FLOPs and a 50 MB logits tensor
     per 256-token window) never runs: when it is hooked, the forward pass stops once its input is
-    recorded.
-
-    Raises:
-        UserError: a linear saw a non-finite activation, or never ran.
+    recorded. Returns (batches, tokens).
     """
-    amax: dict[str, torch.Tensor] = {}
     head = {n for n, _ in model.named_modules() if n and not n.startswith(model.base_model_prefix)}
 
     def make_hook(name: str):
         def hook(_module, args):
-            x = args[0].detach()
-            batch_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            prev = amax.get(name)
-            amax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
+            on_input(name, args[0].detach())
             if name in head:  # the head runs last: its input is all we need, not the logits
                 raise _HeadReached
 
@@ -78,6 +71,29 @@ def collect_input_amax(
     finally:
         for h in handles:
             h.remove()
+    return batches, tokens
+
+
+def collect_input_amax(
+    model: torch.nn.Module,
+    names: list[str],
+    windows: Windows,
+    batch_size: int,
+    description: str = "calibrate",
+) -> ActStats:
+    """Run the calibration windows through `model` and record per-channel input abs-max.
+
+    Raises:
+        UserError: a linear saw a non-finite activation, or never ran.
+    """
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        batch_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        prev = amax.get(name)
+        amax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
+
+    batches, tokens = _run_hooked(model, names, windows, batch_size, description, record)
     for name in names:
         if name not in amax:
             raise UserError(f"layer {name}: never ran during calibration")
@@ -86,3 +102,29 @@ def collect_input_amax(
                 f"layer {name}: activation amax is not finite after {batches} calibration batches"
             )
     return ActStats(amax=amax, batches=batches, tokens=tokens)
+
+
+def collect_input_histograms(
+    model: torch.nn.Module, ranges: dict[str, float], windows: Windows, batch_size: int
+) -> dict[str, Histogram]:
+    """One more pass: a histogram of |input| over [0, abs-max] for each linear in `ranges`."""
+    hists = {name: Histogram(amax, torch.zeros(HISTOGRAM_BINS, dtype=torch.float64))
+             for name, amax in ranges.items() if amax > 0}
+    _run_hooked(model, list(hists), windows, batch_size, "histograms", lambda n, x: hists[n].add(x))
+    return hists
+
+
+def activation_ranges(
+    model: torch.nn.Module, stats: ActStats, windows: Windows, batch_size: int, cfg: ActivationQuant
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Static range per linear by the recipe's method (histogram pass only if a method needs it).
+
+    Returns:
+        (range per linear, method per linear).
+    """
+    methods = {n: range_method(n, cfg.range, cfg.range_overrides) for n in stats.amax}
+    amax = stats.absmax_ranges()
+    needs_hist = {n: amax[n] for n, m in methods.items() if m != "absmax"}
+    hists = collect_input_histograms(model, needs_hist, windows, batch_size) if needs_hist else {}
+    ranges = {n: choose_range(methods[n], amax[n], hists.get(n), cfg.percentile) for n in stats.amax}
+    return ranges, methods

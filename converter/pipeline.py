@@ -24,7 +24,7 @@ import yaml
 
 from converter import package
 from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
+from converter.calibrate import activation_ranges, collect_input_amax
 from converter.data import token_windows
 from converter.errors import ParityFailure
 from converter.export import INPUT_NAMES, OUTPUT_NAMES, export_fp32, insert_qdq
@@ -121,7 +121,9 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     with stages.run("quantize"):
         if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
             stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
-        plan = plan_quantization(model, linears, stats, r.quantization)
+        act = r.quantization.activations
+        ranges, methods = activation_ranges(model, stats, calib, r.calibration.batch_size, act)
+        plan = plan_quantization(model, linears, ranges, r.quantization)
     with stages.run("export"):
         fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
@@ -170,7 +172,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                         "available_windows": calib.total_windows, "tokens": stats.tokens},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
         "smoothing": smooth_report.to_dict(),
-        "quantization": {name: q.summary() for name, q in plan.linears.items()},
+        "quantization": {
+            name: {**q.summary(), "range_method": methods[name], "act_absmax": stats.per_tensor(name)}
+            for name, q in plan.linears.items()
+        },
         "targets": targets,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "tools": package.tool_versions(),

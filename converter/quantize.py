@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from converter.calibrate import ActStats
 from converter.recipe import Quantization
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -50,7 +49,7 @@ class LinearQuant:
     name: str
     in_features: int
     out_features: int
-    act_amax: float
+    act_amax: float  # the static range: abs-max, or the clipped range when a clipping method is used
     act_scale: torch.Tensor  # () float32
     weight_scale: torch.Tensor  # (out,) float32
     weight_rel_error: float  # ||W - dequant(quant(W))|| / ||W||
@@ -81,13 +80,14 @@ def split_by_exclusions(names: list[str], exclude: list[str]) -> tuple[list[str]
 
 @torch.no_grad()
 def plan_quantization(
-    model: torch.nn.Module, names: list[str], stats: ActStats, cfg: Quantization
+    model: torch.nn.Module, names: list[str], act_ranges: dict[str, float], cfg: Quantization
 ) -> QuantPlan:
     """Compute the static scales of every quantized linear.
 
     Args:
         names: quantizable linears (model order); `cfg.exclude` removes some of them.
-        stats: per-channel input abs-max measured on the model as it will be exported (smoothed).
+        act_ranges: static input range per quantized linear (abs-max or clipped), measured on the
+            model as it will be exported (smoothed).
     """
     quantized, excluded = split_by_exclusions(names, cfg.exclude)
     linears = {}
@@ -96,7 +96,7 @@ def plan_quantization(
         w_scale = weight_scales(lin.weight)
         w_deq = quantize_weight(lin.weight, w_scale).float() * w_scale.view(-1, 1)
         rel_err = float((lin.weight - w_deq).norm() / lin.weight.norm().clamp(min=1e-12))
-        amax = stats.per_tensor(name)
+        amax = act_ranges[name]
         linears[name] = LinearQuant(
             name=name,
             in_features=lin.in_features,

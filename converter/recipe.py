@@ -73,7 +73,15 @@ class ActivationQuant(_Section):
     symmetric: Literal[True] = True
     granularity: Literal["per_tensor"] = "per_tensor"
     mode: Literal["static"] = "static"
-    range: Literal["absmax"] = Field(default="absmax", description="How the static range is chosen.")
+    range: Literal["absmax", "percentile", "mse"] = Field(
+        default="absmax",
+        description="absmax: never clip; percentile: clip at that percentile of |x|; mse: the clip "
+        "with the least expected int8 error (from a histogram of |x|).",
+    )
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+    range_overrides: dict[str, Literal["absmax", "percentile", "mse"]] = Field(
+        default_factory=dict, description="Per-linear method by name or fnmatch pattern, e.g. {'*.down_proj': mse}."
+    )
 
 
 class Quantization(_Section):

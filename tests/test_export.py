@@ -34,7 +34,7 @@ def exported(request, tmp_path_factory):
     stats = collect_input_amax(model, names[:-1], windows, 4)
     smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
     stats = collect_input_amax(model, names[:-1], windows, 4)
-    plan = plan_quantization(model, names, stats, Quantization())
+    plan = plan_quantization(model, names, stats.absmax_ranges(), Quantization())
     fp32 = export_fp32(model, tmp / "fp32.onnx", Export())
     int8 = insert_qdq(fp32, tmp / "model.onnx", model, plan, Export())
     return arch, model, plan, fp32, int8.path, tmp
@@ -143,7 +143,7 @@ def test_external_data_when_requested(tmp_path):
     model = build_tiny("llama")
     names = block_linear_names(model, arch_spec(model))
     windows = Windows(torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1)), "t", 4)
-    plan = plan_quantization(model, names, collect_input_amax(model, names[:-1], windows, 4), Quantization())
+    plan = plan_quantization(model, names, collect_input_amax(model, names[:-1], windows, 4).absmax_ranges(), Quantization())
     cfg = Export(external_data="always")
     (tmp_path / "work").mkdir()  # the FP32 export writes its own external data beside it
     fp32 = export_fp32(model, tmp_path / "work" / "fp32.onnx", cfg)
@@ -164,7 +164,7 @@ def test_tied_lm_head_quantized_with_head_smoothing(tmp_path):
     windows = Windows(torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(1)), "t", 8)
     stats = collect_input_amax(model, names, windows, 4)
     smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
-    plan = plan_quantization(model, names, collect_input_amax(model, names, windows, 4), Quantization(exclude=[]))
+    plan = plan_quantization(model, names, collect_input_amax(model, names, windows, 4).absmax_ranges(), Quantization(exclude=[]))
     fp32 = export_fp32(model, tmp_path / "fp32.onnx", Export())
     int8 = insert_qdq(fp32, tmp_path / "model.onnx", model, plan, Export())
     report = build_onnxruntime("cpu-onnxruntime", int8.path, tmp_path, plan)

@@ -33,7 +33,7 @@ def w8a8(model, smoothing: Smoothing):
     stats = collect_input_amax(model, quantized, windows(), 4)
     if smooth(model, stats.amax, smoothing, spec).groups:
         stats = collect_input_amax(model, quantized, windows(), 4)
-    plan = plan_quantization(model, names, stats, Quantization())
+    plan = plan_quantization(model, names, stats.absmax_ranges(), Quantization())
     return apply_fake_quant(copy.deepcopy(model), plan), plan
 
 
