@@ -34,6 +34,7 @@ from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.runners import TorchRunner, onnxruntime_runner
+from converter.search import choose_alphas
 from converter.smooth import smooth
 from converter.targets import TARGETS
 
@@ -117,7 +118,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
         stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size)
     with stages.run("smooth"):
-        smooth_report = smooth(model, stats.amax, r.smoothing, spec)
+        bs = r.calibration.batch_size
+        smoothing, alphas, search = choose_alphas(model, spec, r.smoothing, r.quantization, linears, quantized,
+                                                  stats.amax, calib, bs)
+        smooth_report = smooth(model, stats.amax, smoothing, spec, alphas)
     with stages.run("quantize"):
         if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
             stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
@@ -171,7 +175,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
                         "available_windows": calib.total_windows, "tokens": stats.tokens},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
-        "smoothing": smooth_report.to_dict(),
+        "smoothing": {**smooth_report.to_dict(), "search": search.to_dict() if search else None},
         "quantization": {
             name: {**q.summary(), "range_method": methods[name], "act_absmax": stats.per_tensor(name)}
             for name, q in plan.linears.items()

@@ -60,6 +60,23 @@ class Smoothing(_Section):
         description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o; "
         "head_in: final norm->lm_head. A group whose linears are not quantized is skipped.",
     )
+    search: Literal["off", "global", "per_group"] = Field(
+        default="off",
+        description="off: `alpha` everywhere; global: the grid alpha with the least fake-quant KL; "
+        "per_group: each group's grid alpha with the least W8A8 output error.",
+    )
+    alpha_grid: list[float] = Field(
+        default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)], min_length=1
+    )
+    search_samples: int = Field(default=4, ge=1, description="Calibration windows used by the search.")
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _grid_in_range(cls, grid: list[float]) -> list[float]:
+        bad = [a for a in grid if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"alphas must be in [0, 1], got {bad}")
+        return grid
 
 
 class WeightQuant(_Section):

@@ -58,22 +58,36 @@ def _ratio(amax: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _smooth_group(block, group: SmoothGroup, act_amax, alpha, norm_offset, layout) -> GroupRecord | str:
-    prev = block.get_submodule(group.prev)
-    balance = [block.get_submodule(n) for n in group.balance]
+def group_scales(root, group: SmoothGroup, act_amax, alpha, layout) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Smoothing factors of one group: (s per producer channel, s per balance input column).
+
+    Returns a reason string instead when the group cannot be smoothed.
+    """
+    prev = root.get_submodule(group.prev)
+    balance = [root.get_submodule(n) for n in group.balance]
     weight_amax = torch.cat([lin.weight.abs() for lin in balance], dim=0).amax(dim=0).float()
     act = act_amax
-    repeat = 1
-    if group.prev_kind == "linear_heads":
-        # o_proj input channel (h, d) reads v_proj output channel (h // group_size, d): a scale can
-        # only move through v_proj if it is shared by every query head reading that kv head.
-        n_kv, g, hd = layout.num_kv_heads, layout.group_size, layout.head_dim
-        if prev.out_features != n_kv * hd or balance[0].in_features != n_kv * g * hd:
-            return f"{group.name}: head layout does not match v_proj/o_proj shapes"
-        act = act.view(n_kv, g, hd).amax(dim=1).reshape(-1)
-        weight_amax = weight_amax.view(n_kv, g, hd).amax(dim=1).reshape(-1)
-        repeat = g
-    scales = smoothing_scales(act, weight_amax, alpha)  # (C,)
+    if group.prev_kind != "linear_heads":
+        scales = smoothing_scales(act, weight_amax, alpha)
+        return scales, scales
+    # o_proj input channel (h, d) reads v_proj output channel (h // group_size, d): a scale can
+    # only move through v_proj if it is shared by every query head reading that kv head.
+    n_kv, g, hd = layout.num_kv_heads, layout.group_size, layout.head_dim
+    if prev.out_features != n_kv * hd or balance[0].in_features != n_kv * g * hd:
+        return f"{group.name}: head layout does not match v_proj/o_proj shapes"
+    act = act.view(n_kv, g, hd).amax(dim=1).reshape(-1)
+    weight_amax = weight_amax.view(n_kv, g, hd).amax(dim=1).reshape(-1)
+    scales = smoothing_scales(act, weight_amax, alpha)  # (n_kv * hd,)
+    return scales, scales.view(n_kv, 1, hd).expand(n_kv, g, hd).reshape(-1)
+
+
+@torch.no_grad()
+def _smooth_group(root, group: SmoothGroup, act_amax, alpha, norm_offset, layout) -> GroupRecord | str:
+    result = group_scales(root, group, act_amax, alpha, layout)
+    if isinstance(result, str):
+        return result
+    scales, col_scales = result
+    prev = root.get_submodule(group.prev)
     if group.prev_kind == "norm":
         # y = x_hat * (offset + w): dividing the output by s means offset + w' = (offset + w) / s.
         prev.weight.copy_((norm_offset + prev.weight) / scales - norm_offset)
@@ -83,9 +97,8 @@ def _smooth_group(block, group: SmoothGroup, act_amax, alpha, norm_offset, layou
         prev.weight.div_(scales.view(-1, 1))
         if prev.bias is not None:
             prev.bias.div_(scales)
-    col_scales = scales.view(-1, 1, layout.head_dim).expand(-1, repeat, -1).reshape(-1) if repeat > 1 else scales
-    for lin in balance:
-        lin.weight.mul_(col_scales.view(1, -1))
+    for name in group.balance:
+        root.get_submodule(name).weight.mul_(col_scales.view(1, -1))
     after = act_amax / col_scales
     return GroupRecord(
         block=None,
@@ -110,9 +123,32 @@ def _untie_output_embeddings(model: torch.nn.Module) -> bool:
     return True
 
 
+def iter_groups(model: torch.nn.Module, spec: ArchSpec, cfg: Smoothing):
+    """Yield (key, root module, group) for every enabled group: blocks first, then the head.
+
+    `key` names the group in reports and in per-group alphas: "model.layers.3.mlp_down", "head_in".
+    """
+    for index, block in enumerate(model.get_submodule(spec.blocks)):
+        for group in spec.groups:
+            if group.name in cfg.groups:
+                yield f"{spec.blocks}.{index}.{group.name}", block, group
+    if spec.head_group is not None and spec.head_group.name in cfg.groups:
+        yield spec.head_group.name, model, spec.head_group
+
+
+def balance_names(key: str, group: SmoothGroup) -> list[str]:
+    """Full module names of a group's balance linears."""
+    prefix = key[: -len(group.name)]
+    return [prefix + name for name in group.balance]
+
+
 @torch.no_grad()
 def smooth(
-    model: torch.nn.Module, act_amax: dict[str, torch.Tensor], cfg: Smoothing, spec: ArchSpec
+    model: torch.nn.Module,
+    act_amax: dict[str, torch.Tensor],
+    cfg: Smoothing,
+    spec: ArchSpec,
+    alphas: dict[str, float] | None = None,
 ) -> SmoothReport:
     """Apply SmoothQuant in place to every enabled group of every block (and the head group).
 
@@ -120,33 +156,27 @@ def smooth(
         act_amax: per-channel input abs-max of the quantized linears (from *calibrate*), keyed by
             full module name. A group whose balance linears were not calibrated (kept in float) is
             skipped: smoothing it would only move outliers into weights nobody quantizes.
+        alphas: per-group alpha by group key (from an alpha search); `cfg.alpha` elsewhere.
 
     Returns:
-        One record per smoothed (block, group), and the groups skipped with the reason.
+        One record per smoothed group, and the groups skipped with the reason.
     """
     report = SmoothReport(groups=[], skipped=[])
     if not cfg.enabled:
         return report
     layout = head_layout(model.config)
-    targets = [
-        (f"{spec.blocks}.{index}.", index, block, group)
-        for index, block in enumerate(model.get_submodule(spec.blocks))
-        for group in spec.groups
-    ]
-    if spec.head_group is not None:
-        targets.append(("", None, model, spec.head_group))
-    for prefix, index, root, group in targets:
-        if group.name not in cfg.groups:
-            continue
-        keys = [prefix + name for name in group.balance]
-        if not all(k in act_amax for k in keys):
-            report.skipped.append(f"{prefix}{group.name}: {', '.join(group.balance)} not quantized")
+    for key, root, group in list(iter_groups(model, spec, cfg)):
+        names = balance_names(key, group)
+        if not all(n in act_amax for n in names):
+            report.skipped.append(f"{key}: {', '.join(group.balance)} not quantized")
             continue
         if group is spec.head_group:
             _untie_output_embeddings(model)
-        result = _smooth_group(root, group, act_amax[keys[0]], cfg.alpha, spec.norm_offset, layout)
+        alpha = (alphas or {}).get(key, cfg.alpha)
+        result = _smooth_group(root, group, act_amax[names[0]], alpha, spec.norm_offset, layout)
         if isinstance(result, str):
-            report.skipped.append(f"{prefix}{result}")
+            report.skipped.append(f"{key[: -len(group.name)]}{result}")
         else:
-            report.groups.append(GroupRecord(**{**asdict(result), "block": index}))
+            block = int(key.split(".")[-2]) if group is not spec.head_group else None
+            report.groups.append(GroupRecord(**{**asdict(result), "block": block}))
     return report

@@ -178,3 +178,23 @@ def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path)
     code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet")
     assert code == 3 and "Traceback" in stderr and "simulated bug" in stderr
     assert not any(p for p in (tmp_path / "out" / NAME).iterdir())  # staging removed
+
+
+def test_alpha_search_and_range_method_reach_the_manifest(tiny_checkpoints, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["qwen3"])))
+    out = tmp_path / "artifacts"
+    code, _, stderr = run_cli(recipe, "--output-dir", out, "--quiet", "--set", "smoothing.search=per_group",
+                              "--set", "smoothing.alpha_grid=[0.2,0.5,0.8]",
+                              "--set", "quantization.activations.range_overrides={'*.down_proj': mse}")
+    assert code == 0, stderr
+    manifest = json.loads((out / NAME / VERSION / "manifest.json").read_text())
+    search = manifest["smoothing"]["search"]
+    assert search["mode"] == "per_group" and len(search["chosen"]) == 2 * 4
+    applied = {f"model.layers.{g['block']}.{g['group']}": g["alpha"] for g in manifest["smoothing"]["groups"]}
+    assert applied == search["chosen"]
+    for key, errors in search["errors"].items():
+        assert search["chosen"][key] == [0.2, 0.5, 0.8][errors.index(min(errors))]
+    down = manifest["quantization"]["model.layers.0.mlp.down_proj"]
+    assert down["range_method"] == "mse" and down["act_amax"] <= down["act_absmax"]
+    assert manifest["quantization"]["model.layers.0.mlp.up_proj"]["range_method"] == "absmax"
