@@ -35,6 +35,7 @@ from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.runners import TorchRunner, onnxruntime_runner
 from converter.search import choose_alphas
+from converter.sensitivity import sensitivity_fallback, without
 from converter.smooth import smooth
 from converter.targets import TARGETS
 
@@ -128,6 +129,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         act = r.quantization.activations
         ranges, methods = activation_ranges(model, stats, calib, r.calibration.batch_size, act)
         plan = plan_quantization(model, linears, ranges, r.quantization)
+        fallback = None
+        if r.quantization.fallback.enabled:
+            fallback = sensitivity_fallback(model, plan, calib, r.calibration.batch_size, r.quantization.fallback)
+            plan = without(plan, fallback.fallback)
     with stages.run("export"):
         fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
@@ -176,6 +181,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                         "available_windows": calib.total_windows, "tokens": stats.tokens},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
         "smoothing": {**smooth_report.to_dict(), "search": search.to_dict() if search else None},
+        "fallback": fallback.to_dict() if fallback else None,
         "quantization": {
             name: {**q.summary(), "range_method": methods[name], "act_absmax": stats.per_tensor(name)}
             for name, q in plan.linears.items()

@@ -101,6 +101,16 @@ class ActivationQuant(_Section):
     )
 
 
+class Fallback(_Section):
+    """Sensitivity analysis: keep the most sensitive linears in float until a target is met."""
+
+    enabled: bool = False
+    target_kl: float | None = Field(default=0.02, ge=0, description="Mean KL(float || int8) per token.")
+    target_ppl_ratio: float | None = Field(default=None, gt=0, description="INT8 / float perplexity.")
+    max_float_mac_share: float = Field(default=0.10, ge=0, le=1, description="Budget of linear MACs in float.")
+    samples: int = Field(default=4, ge=1, description="Calibration windows scored per candidate.")
+
+
 class Quantization(_Section):
     weights: WeightQuant = WeightQuant()
     activations: ActivationQuant = ActivationQuant()
@@ -108,6 +118,7 @@ class Quantization(_Section):
         default_factory=lambda: ["lm_head"],
         description="Linears kept in float: exact module names or fnmatch patterns.",
     )
+    fallback: Fallback = Fallback()
 
 
 class DynamicAxes(_Section):
