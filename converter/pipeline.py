@@ -1,9 +1,10 @@
 """The conversion, stage by stage. The order is written down once, here:
 
-    load -> calibrate -> smooth -> quantize -> export -> build -> parity -> package
+    load -> calibrate -> smooth -> quantize -> export -> check -> build -> parity -> package
 
 *calibrate* measures the original model; *quantize* re-calibrates the smoothed model for the static
-activation scales. Parity compares against the original checkpoint reloaded from disk, so nothing
+activation scales; *check* lints the QDQ graph against TensorRT's rules and has TensorRT's parser and
+builder (TensorRT-RTX, on CPU) accept it. Parity compares against the original checkpoint reloaded from disk, so nothing
 that smoothing did in place can leak into the reference.
 """
 
@@ -38,7 +39,7 @@ from converter.smooth import smooth
 from converter.targets import TARGETS
 from converter.target_checks import check_targets_buildable, dry_run_parity, tensorrt_checks
 
-STAGES = ("load", "calibrate", "smooth", "quantize", "export", "build", "parity", "package")
+STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 MODEL_FILE = "model.onnx"
 REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST)
 
@@ -131,9 +132,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     with stages.run("export"):
         fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
-        checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
     del model, loaded.model
     gc.collect()
+    with stages.run("check"):  # TensorRT's rules and parser/builder, whatever the targets (after the model is freed)
+        checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
     targets = {}
     for name in r.targets:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -88,11 +87,20 @@ def accept(model_path: Path, options: EngineOptions, timeout_s: float = 600) -> 
     return result
 
 
+def _own_peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM). Not getrusage: Linux carries ru_maxrss across exec, so a child
+    would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def main(argv: list[str]) -> int:
     """Child-process entry: `python -m converter.tensorrt_rtx MODEL OPTIONS_JSON` -> one JSON line."""
     model_path, options = Path(argv[0]), EngineOptions.model_validate_json(argv[1])
     result = _accept_in_process(model_path, options)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = _own_peak_rss_mb()
     print(json.dumps(result))
     return 0
 
