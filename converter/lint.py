@@ -134,12 +134,24 @@ def _weight_output_axis(consumer: onnx.NodeProto, input_index: int, rank: int) -
     return None
 
 
+def _weight_uses(g: _Graph, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
+    """(consumer, input index) pairs the dequantized weight reaches: past the DQ for a Q node
+    (a float weight quantized inside the graph), the DQ's own output otherwise."""
+    outputs = [node.output[0]]
+    if node.op_type == "QuantizeLinear":
+        outputs = [dq.output[0] for dq in g.consumers.get(node.output[0], []) if dq.op_type == "DequantizeLinear"]
+    return [(c, list(c.input).index(o)) for o in outputs for c in g.consumers.get(o, [])]
+
+
 def _check_granularity(g: _Graph, node: onnx.NodeProto) -> list[LintIssue]:
     scale = g.constant(node.input[1])
     if scale is None or scale.size <= 1:
         return []
     data = g.constant(node.input[0])
-    if node.op_type == "QuantizeLinear" or data is None:
+    producer = g.producer.get(node.input[0])
+    if data is None and producer is not None and producer.op_type == "QuantizeLinear":
+        data = g.constant(producer.input[0])  # DQ of a weight quantized in the graph
+    if data is None:  # a runtime tensor: an activation
         return [LintIssue(node.name, "per_tensor_activations",
                           f"activation {node.input[0]!r} has {scale.size} scales; TensorRT needs one per tensor")]
     axis = _attr(node, "axis", 1)
@@ -148,8 +160,8 @@ def _check_granularity(g: _Graph, node: onnx.NodeProto) -> list[LintIssue]:
     if data.shape[axis] != scale.size:
         issues.append(LintIssue(node.name, "per_channel_axis",
                                 f"{scale.size} scales but weight dimension {axis} has {data.shape[axis]}"))
-    for consumer in g.consumers.get(node.output[0], []):
-        expected = _weight_output_axis(consumer, list(consumer.input).index(node.output[0]), data.ndim)
+    for consumer, index in _weight_uses(g, node):
+        expected = _weight_output_axis(consumer, index, data.ndim)
         if expected is not None and axis != expected:
             issues.append(LintIssue(node.name, "per_channel_axis",
                                     f"per-channel axis {axis} is not the output-channel axis {expected} of "

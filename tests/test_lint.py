@@ -86,3 +86,18 @@ def test_exported_tiny_models_pass(exported):
     report = lint_qdq(int8_path)
     assert report.passed, report.summary()
     assert report.quantize_nodes == len(plan.linears) and report.dequantize_nodes == 2 * len(plan.linears)
+
+
+@pytest.mark.parametrize("axis, ok", [(1, True), (0, False)])
+def test_float_weight_quantized_in_graph_is_checked_past_its_dequantize(axis, ok):
+    inits = [numpy_helper.from_array(np.ones((4, 4), np.float32), "w"),
+             numpy_helper.from_array(np.full(4, 0.02, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], name="w/quantize", axis=axis),
+             helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wdq"], name="w/dequantize", axis=axis),
+             helper.make_node("MatMul", ["x", "wdq"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    issues = {(i.node, i.rule) for i in lint_model(model).issues}
+    assert issues == (set() if ok else {("w/quantize", "per_channel_axis"), ("w/dequantize", "per_channel_axis")})
