@@ -4,8 +4,8 @@
 
 *calibrate* measures the original model; *quantize* re-calibrates the smoothed model for the static
 activation scales; *check* lints the QDQ graph against TensorRT's rules and has TensorRT's parser and
-builder (TensorRT-RTX, on CPU) accept it. Parity compares against the original checkpoint reloaded from disk, so nothing
-that smoothing did in place can leak into the reference.
+builder (TensorRT-RTX, on CPU) accept it. Parity compares against the original checkpoint reloaded
+from disk, so nothing that smoothing did in place can leak into the reference.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.runners import TorchRunner, onnxruntime_runner
 from converter.smooth import smooth
-from converter.targets import TARGETS
 from converter.target_checks import check_targets_buildable, dry_run_parity, tensorrt_checks
+from converter.targets import TARGETS
 
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 MODEL_FILE = "model.onnx"
@@ -134,7 +134,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
     del model, loaded.model
     gc.collect()
-    with stages.run("check"):  # TensorRT's rules and parser/builder, whatever the targets (after the model is freed)
+    with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
         checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
     targets = {}

@@ -72,7 +72,7 @@ def profile_shapes(model_path: Path, options: EngineOptions) -> dict[str, dict[s
     """min/opt/max shapes per graph input: recipe ranges on dynamic axes, exported sizes on static ones.
 
     Raises:
-        UserError: a static axis lies outside the recipe's range (the engine could never accept it).
+        UserError: a dynamic axis beyond (batch, sequence) has no range in the recipe.
     """
     import onnx
 
@@ -83,17 +83,16 @@ def profile_shapes(model_path: Path, options: EngineOptions) -> dict[str, dict[s
         if value.name in initializers:
             continue
         dims = value.type.tensor_type.shape.dim
-        lo, opt, hi = [], [], []
+        per_axis = []  # (min, opt, max) per axis
         for axis, dim in enumerate(dims):
             rng = getattr(options, PROFILE_AXES[axis]) if axis < len(PROFILE_AXES) else None
             if dim.HasField("dim_value"):
-                size = dim.dim_value
-                lo.append(size), opt.append(size), hi.append(size)
+                per_axis.append((dim.dim_value,) * 3)
             elif rng is None:
                 raise UserError(f"input {value.name}: dynamic axis {axis} has no range in the recipe's engine section")
             else:
-                lo.append(rng.min), opt.append(rng.opt), hi.append(rng.max)
-        shapes[value.name] = {"min": lo, "opt": opt, "max": hi}
+                per_axis.append((rng.min, rng.opt, rng.max))
+        shapes[value.name] = {key: [a[i] for a in per_axis] for i, key in enumerate(("min", "opt", "max"))}
     return shapes
 
 
