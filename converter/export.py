@@ -27,6 +27,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
 _WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
 _TWO_GB = 2 * 1024**3
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -143,6 +144,18 @@ def _strip_export_metadata(onnx_model: ir.Model) -> None:
         value.metadata_props.clear()
 
 
+def _fold_constant_subgraphs(onnx_model: ir.Model) -> None:
+    """Fold shape arithmetic the exporter leaves as small constant subgraphs (e.g. the axes of every
+    RMSNorm's ReduceMean come out of a Reshape of Constants): TensorRT's ONNX parser needs those as
+    build-time constants. Q/DQ nodes are never folded (that would turn int8 weights back into float),
+    and the size limits keep weight-sized tensors (the tied lm_head's transpose) unfolded."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(onnx_model, should_fold=lambda node: False if node.op_type in _QDQ_OPS else None)
+    RemoveUnusedNodesPass()(onnx_model)
+
+
 def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: QuantPlan, cfg: Export) -> QdqResult:
     """Write the W8A8 QDQ model for `plan` next to nothing else: one file (plus external data if big).
 
@@ -170,6 +183,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
         raise RuntimeError(f"no MatMul(x, Transpose(weight)) found for {len(missing)} linear(s): {missing[:5]}")
     for name, node in track(found.items(), "insert Q/DQ", total=len(found)):
         _quantize_matmul(graph, node, name, model.get_submodule(name).weight, plan)
+    _fold_constant_subgraphs(onnx_model)
     _strip_export_metadata(onnx_model)
     external = _needs_external_data(model, cfg)
     for value in graph.initializers.values():  # tensors loaded from the fp32 file must be materialized

@@ -1,10 +1,11 @@
 """The conversion, stage by stage. The order is written down once, here:
 
-    load -> calibrate -> smooth -> quantize -> export -> build -> parity -> package
+    load -> calibrate -> smooth -> quantize -> export -> check -> build -> parity -> package
 
 *calibrate* measures the original model; *quantize* re-calibrates the smoothed model for the static
-activation scales. Parity compares against the original checkpoint reloaded from disk, so nothing
-that smoothing did in place can leak into the reference.
+activation scales; *check* lints the QDQ graph against TensorRT's rules and has TensorRT's parser and
+builder (TensorRT-RTX, on CPU) accept it. Parity compares against the original checkpoint reloaded
+from disk, so nothing that smoothing did in place can leak into the reference.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from converter.runners import TorchRunner, onnxruntime_runner
 from converter.search import choose_alphas
 from converter.sensitivity import sensitivity_fallback, without
 from converter.smooth import smooth
+from converter.target_checks import check_targets_buildable, dry_run_parity, tensorrt_checks
 from converter.targets import TARGETS
 
-STAGES = ("load", "calibrate", "smooth", "quantize", "export", "build", "parity", "package")
+STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 MODEL_FILE = "model.onnx"
 REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST)
 
@@ -76,21 +78,26 @@ class _Stages:
         self.records.append(StageRecord(name, round(time.perf_counter() - start, 3)))
 
 
-def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False) -> RunResult:
+def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run: bool = False) -> RunResult:
     """Run every stage for `recipe` and publish `output_dir/<name>/<version>/`.
 
+    Args:
+        dry_run: GPU targets record their exact build plan instead of building (no GPU needed).
+
     Raises:
-        UserError: bad recipe contents, data or checkpoint (nothing is published).
+        UserError: bad recipe contents, data or checkpoint, or a target that cannot build here
+            (nothing is published).
         ParityFailure: thresholds missed; reports go to `<name>/_rejected/<version>/`.
     """
     r = recipe.recipe
     final = package.artifact_dir(output_dir, r.output.name, r.output.version)
     package.check_publishable(final, force)
+    check_targets_buildable(r.targets, dry_run)
     stages = _Stages()
     staging = package.staging_dir(final)
     work = Path(tempfile.mkdtemp(prefix="convert-work-"))
     try:
-        manifest = _run_stages(recipe, stages, staging, work)
+        manifest = _run_stages(recipe, stages, staging, work, dry_run)
         if not manifest["parity_passed"]:
             failures = [f"{t}: {f}" for t, v in manifest["targets"].items() for f in v["parity"]["failures"]]
             rejected = package.reject(staging, final, REPORT_FILES)
@@ -106,7 +113,7 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False) -> RunR
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path) -> dict:
+def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, dry_run: bool = False) -> dict:
     r = recipe.recipe
     torch.manual_seed(0)
     with stages.run("load"):
@@ -138,17 +145,22 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
     del model, loaded.model
     gc.collect()
+    with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
+        checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
     targets = {}
     for name in r.targets:
         target = TARGETS[name]
         with stages.run("build"):
-            build = target.build(name, qdq.path, work, plan)
+            build = target.build(name, qdq.path, work, plan, engine=r.engine, dry_run=dry_run)
             if build.unfused_linears:
                 raise RuntimeError(f"{name}: {len(build.unfused_linears)} quantized linear(s) did not fuse "
                                    f"into int8 kernels: {build.unfused_linears[:5]}")
+        if target.gpu and dry_run:
+            targets[name] = {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
+            continue
         with stages.run("parity"):
-            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path), fp32_path)
+            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path, build), fp32_path)
         targets[name] = {"build": build.to_dict(), "parity": report.to_dict()}
     for fname in TOKENIZER_FILES:
         if (loaded.path / fname).is_file():
@@ -157,14 +169,15 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     reports = {t: v["parity"] for t, v in targets.items()}
     package.write_json(staging / "parity_report.json", reports)
     (staging / "parity_report.md").write_text("\n".join(
-        package.parity_markdown(r.output.name, r.output.version, v["parity"], v["build"]) for v in targets.values()
+        package.parity_markdown(r.output.name, r.output.version, v["parity"], v["build"]) if v["parity"]["passed"] is not None
+        else f"# {t}: parity not run\n\n{v['parity']['skipped']}\n" for t, v in targets.items()
     ))
     manifest = {
         "schema_version": 1,
         "name": r.output.name,
         "version": r.output.version,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "parity_passed": all(v["parity"]["passed"] for v in targets.values()),
+        "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
         "model": {
             "file": MODEL_FILE,
             "format": "onnx-qdq-w8a8",
@@ -187,6 +200,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             for name, q in plan.linears.items()
         },
         "targets": targets,
+        "checks": checks,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "tools": package.tool_versions(),
         "recipe_sha256": recipe.digest(),

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from converter.engine_options import EngineOptions
 from converter.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -171,6 +172,7 @@ class Recipe(_Section):
     quantization: Quantization = Quantization()
     export: Export = Export()
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"], min_length=1)
+    engine: EngineOptions = EngineOptions()  # GPU targets: profiles, workspace, compatibility
     parity: Parity
     output: Output
 

@@ -25,9 +25,11 @@ class BuildReport:
     fused_linears: int
     unfused_linears: list[str]
     op_counts: dict[str, int] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # GPU targets: plan, engine file, inspector results
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "details"}
+        return {**out, **self.details}
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,22 @@ class Target:
     backend: str
     hardware: str
     requires: tuple[str, ...]  # Python modules the backend needs
-    build: Callable[[str, Path, Path, QuantPlan], BuildReport]
-    runner: Callable[[Path], object]
+    build: Callable[..., BuildReport]  # (target, model_path, work_dir, plan, engine=, dry_run=)
+    runner: Callable[[Path, BuildReport], object]  # (model_path, build report) -> runner
+    gpu: bool = False
+    device: Callable[[], str | None] = lambda: None  # why the hardware is missing, or None
 
     def availability(self) -> tuple[bool, str]:
+        """(can build and run here, why not): Python modules first, then the device."""
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
-        return (not missing, f"missing Python module(s): {', '.join(missing)}" if missing else "ok")
+        reasons = [f"missing Python module(s): {', '.join(missing)}"] if missing else []
+        device = self.device()
+        if device:
+            reasons.append(device)
+        return (not reasons, "; ".join(reasons) or "ok")
 
 
-def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: QuantPlan) -> BuildReport:
+def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: QuantPlan, **_) -> BuildReport:
     """Create the ORT session, save its optimized graph and check every quantized linear fused.
 
     Returns a report whose `unfused_linears` lists linears whose int8 weight does not feed an int8
@@ -75,13 +84,15 @@ def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: Quant
     )
 
 
-def _onnxruntime_runner(model_path: Path):
+def _onnxruntime_runner(model_path: Path, build: BuildReport | None = None):
     from converter.runners import onnxruntime_runner
 
     return onnxruntime_runner(model_path, name="int8-onnxruntime")
 
 
-TARGETS: dict[str, Target] = {
+from converter.gpu_targets import GPU_TARGETS  # noqa: E402  (defined with Target and BuildReport above)
+
+TARGETS: dict[str, Target] = {**{
     "cpu-onnxruntime": Target(
         name="cpu-onnxruntime",
         backend="onnxruntime",
@@ -90,4 +101,4 @@ TARGETS: dict[str, Target] = {
         build=build_onnxruntime,
         runner=_onnxruntime_runner,
     ),
-}
+}, **GPU_TARGETS}

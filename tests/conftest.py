@@ -44,3 +44,35 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+TINY_ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def exported(request, tmp_path_factory):
+    """(arch, smoothed model, plan, fp32 path, int8 QDQ path, folder) of one tiny architecture."""
+    import torch
+    from tiny_models import build_tiny
+
+    from converter.archs import arch_spec, block_linear_names
+    from converter.calibrate import collect_input_amax
+    from converter.data import Windows
+    from converter.export import export_fp32, insert_qdq
+    from converter.quantize import plan_quantization
+    from converter.recipe import Export, Quantization, Smoothing
+    from converter.smooth import smooth
+
+    arch = request.param
+    tmp = tmp_path_factory.mktemp(arch)
+    model = build_tiny(arch)
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)
+    windows = Windows(torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(1)), "t", 8)
+    stats = collect_input_amax(model, names[:-1], windows, 4)
+    smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
+    stats = collect_input_amax(model, names[:-1], windows, 4)
+    plan = plan_quantization(model, names, stats.absmax_ranges(), Quantization())
+    fp32 = export_fp32(model, tmp / "fp32.onnx", Export())
+    int8 = insert_qdq(fp32, tmp / "model.onnx", model, plan, Export())
+    return arch, model, plan, fp32, int8.path, tmp

@@ -4,7 +4,6 @@ from dataclasses import replace
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from onnx import numpy_helper
 
@@ -19,25 +18,8 @@ from converter.smooth import smooth
 from converter.targets import build_onnxruntime
 from tiny_models import build_tiny
 
-ARCHS = ["llama", "qwen2", "qwen3"]
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def exported(request, tmp_path_factory):
-    """(arch, smoothed model, plan, fp32 path, int8 path)."""
-    arch = request.param
-    tmp = tmp_path_factory.mktemp(arch)
-    model = build_tiny(arch)
-    spec = arch_spec(model)
-    names = block_linear_names(model, spec)
-    windows = Windows(torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(1)), "t", 8)
-    stats = collect_input_amax(model, names[:-1], windows, 4)
-    smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
-    stats = collect_input_amax(model, names[:-1], windows, 4)
-    plan = plan_quantization(model, names, stats.absmax_ranges(), Quantization())
-    fp32 = export_fp32(model, tmp / "fp32.onnx", Export())
-    int8 = insert_qdq(fp32, tmp / "model.onnx", model, plan, Export())
-    return arch, model, plan, fp32, int8.path, tmp
+# `exported` (arch, smoothed model, plan, fp32 path, int8 path, folder) is a session fixture in
+# conftest.py: the TensorRT tests check the same three exports.
 
 
 def _graph(path):

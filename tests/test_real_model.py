@@ -57,3 +57,14 @@ def test_artifact_verifies(smollm2_artifact):
     proc = subprocess.run([sys.executable, "convert.py", "verify", result["artifact"]], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tensorrt_lint_and_parser_builder_accept_the_artifact(smollm2_artifact):
+    _, manifest = smollm2_artifact
+    checks = manifest["checks"]
+    assert checks["qdq_lint"]["passed"] and checks["qdq_lint"]["quantize_nodes"] == 210
+    rtx = checks["tensorrt_rtx"]
+    if rtx["passed"] is None:
+        pytest.skip(rtx["skipped"])
+    assert rtx["parsed"] and rtx["built"], rtx.get("error")
+    assert rtx["network"]["int8_matmul_layers"] == 210 and rtx["network"]["int8_quantize_layers"] == 210

@@ -1,0 +1,45 @@
+"""Recipe section `engine`: how GPU engines (TensorRT) and programs (MIGraphX) are built.
+
+The artifact's inputs are `input_ids` / `attention_mask` of shape (batch, sequence); each range is
+one optimization profile dimension (min, opt, max). The graph has no past-key-value inputs, so there
+is no past-length range: a KV-cache export would add one here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DimRange(_Section):
+    """min <= opt <= max for one dynamic dimension; TensorRT tunes kernels for `opt`."""
+
+    min: int = Field(ge=1)
+    opt: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DimRange":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"expected min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        return self
+
+
+class EngineOptions(_Section):
+    """Build settings shared by the TensorRT and MIGraphX targets."""
+
+    batch: DimRange = DimRange(min=1, opt=1, max=8)
+    sequence: DimRange = DimRange(min=1, opt=256, max=2048)
+    workspace_mb: int = Field(default=4096, ge=16, description="TensorRT workspace memory-pool limit.")
+    builder_optimization_level: int = Field(default=3, ge=0, le=5, description="TensorRT: 0 fastest build .. 5 most tactics.")
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = Field(
+        default="none", description="TensorRT: 'none' ties the engine to the target's compute capability.")
+    version_compatible: bool = Field(default=False, description="TensorRT: engine loads on later TensorRT versions (slower).")
+    tensorrt_version: str | None = Field(
+        default=None, description="Expected TensorRT version; a build with another one is refused. Names dry-run plans.")
+    migraphx_fast_math: bool = Field(default=False, description="MIGraphX: approximate math in compiled kernels.")

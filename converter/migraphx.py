@@ -1,0 +1,120 @@
+"""MIGraphX programs for AMD Instinct GPUs (MI250X: gfx90a, MI300: gfx942).
+
+`migraphx.parse_onnx` with the recipe's dimensions, `program.compile(get_target("gpu"))`, then
+`migraphx.save` writes the `.mxr` program beside the model. MIGraphX compiles for fixed input sizes
+here (batch x sequence at the recipe's `opt` values): its dynamic-shape support does not cover every
+operator of a decoder graph, and one compiled size per program is how it is served.
+MIGraphX ships with ROCm, not on PyPI: everything is behind an availability check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+from converter.engine_options import EngineOptions
+from converter.errors import UserError
+from converter.progress import note
+
+MIGRAPHX_MODULE = "migraphx"
+MIGRAPHX_GPUS = {"mi250x-migraphx": ("gfx90a", "AMD Instinct MI250X"), "mi300-migraphx": ("gfx942", "AMD Instinct MI300")}
+_KFD_NODES = Path("/sys/class/kfd/kfd/topology/nodes")
+
+
+def program_file_name(target: str, gfx_arch: str, batch: int, sequence: int) -> str:
+    return f"model.{target}.{gfx_arch}.b{batch}s{sequence}.mxr"
+
+
+def visible_gfx_archs() -> list[str]:
+    """gfx names of the AMD GPUs the ROCm kernel driver exposes (`gfx_target_version` 90010 -> gfx90a)."""
+    archs = []
+    for props in sorted(_KFD_NODES.glob("*/properties")) if _KFD_NODES.is_dir() else []:
+        for line in props.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "gfx_target_version" and int(value) > 0:
+                v = int(value)
+                archs.append(f"gfx{v // 10000}{(v // 100) % 100:x}{v % 100:x}")
+    return archs
+
+
+def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
+    """What a MIGraphX target builds: what `--dry-run` prints and records."""
+    gfx_arch, gpu = MIGRAPHX_GPUS[target]
+    batch, sequence = options.batch.opt, options.sequence.opt
+    return {
+        "backend": "migraphx",
+        "gpu": gpu,
+        "compute_capability": None,
+        "gfx_arch": gfx_arch,
+        "input_dims": {"input_ids": [batch, sequence], "attention_mask": [batch, sequence]},
+        "compile_target": "gpu",
+        "offload_copy": True,
+        "fast_math": options.migraphx_fast_math,
+        "planned_engine_file": program_file_name(target, gfx_arch, batch, sequence),
+    }
+
+
+def build_program(target: str, model_path: Path, options: EngineOptions) -> dict:
+    """Parse, compile and save the MIGraphX program for `target` beside `model_path`.
+
+    Raises:
+        UserError: no AMD GPU of the target's architecture is visible.
+    """
+    import migraphx
+
+    plan = plan_build(target, model_path, options)
+    archs = visible_gfx_archs()
+    if plan["gfx_arch"] not in archs:
+        raise UserError(f"target {target}: needs an AMD GPU {plan['gfx_arch']}, visible: {archs or 'none'}")
+    start = time.perf_counter()
+    program = migraphx.parse_onnx(str(model_path), map_input_dims=plan["input_dims"])
+    # offload_copy: inputs and outputs live in host memory, so the runner passes numpy arrays
+    program.compile(migraphx.get_target("gpu"), offload_copy=True, fast_math=plan["fast_math"])
+    seconds = time.perf_counter() - start
+    migraphx.save(program, str(model_path.parent / plan["planned_engine_file"]), format="msgpack")
+    note(f"  {target}: program {plan['planned_engine_file']} compiled in {seconds:.1f} s")
+    return {**plan, "engine_file": plan["planned_engine_file"], "build_seconds": round(seconds, 2)}
+
+
+class MigraphxRunner(BaseRunner):
+    """Runs a saved `.mxr` program; the same `activate / infer(dict) -> dict` shape as every runner."""
+
+    def __init__(self, program_path: Path, output_names=("logits",), name: str | None = None):
+        super().__init__(name=name, prefix="migraphx-runner")
+        self.program_path = Path(program_path)
+        self.output_names = tuple(output_names)
+
+    def activate_impl(self):
+        import migraphx
+
+        self.program = migraphx.load(str(self.program_path), format="msgpack")
+        self.shapes = {name: tuple(shape.lens()) for name, shape in self.program.get_parameter_shapes().items()}
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name, lens in self.shapes.items():
+            meta.add(name, np.int64, lens)
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import migraphx
+
+        args = {}
+        for name, lens in self.shapes.items():
+            array = np.ascontiguousarray(feed_dict[name])
+            if tuple(array.shape) != lens:
+                raise UserError(f"{self.program_path.name}: input {name} has shape {tuple(array.shape)}, the program "
+                                f"was compiled for {lens} (engine.batch.opt x engine.sequence.opt)")
+            args[name] = migraphx.argument(array)
+        start = time.perf_counter()
+        outputs = self.program.run(args)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict((n, np.array(o, copy=True)) for n, o in zip(self.output_names, outputs))
+
+    def deactivate_impl(self):
+        del self.program

@@ -1,0 +1,79 @@
+"""Target registry and CLI: `convert.py targets` is truthful, GPU targets fail in one line without
+their hardware, and `--dry-run` records the exact build plan in the manifest."""
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from conftest import tiny_recipe_dict
+from converter.targets import TARGETS
+from test_cli import run_cli, run_subprocess
+
+GPU_TARGETS = ["a100-tensorrt", "h100-tensorrt", "mi250x-migraphx", "mi300-migraphx"]
+no_tensorrt = pytest.mark.skipif(TARGETS["h100-tensorrt"].availability()[0], reason="this machine can build TensorRT engines")
+
+
+def test_registry_holds_every_target_with_its_hardware():
+    assert set(GPU_TARGETS) | {"cpu-onnxruntime"} <= set(TARGETS)
+    assert "9.0" in TARGETS["h100-tensorrt"].hardware and "8.0" in TARGETS["a100-tensorrt"].hardware
+    assert "gfx90a" in TARGETS["mi250x-migraphx"].hardware and "gfx942" in TARGETS["mi300-migraphx"].hardware
+
+
+def test_targets_command_says_what_runs_here_and_why_not():
+    code, stdout, _ = run_cli("targets", "--json")
+    assert code == 0
+    rows = {r["target"]: r for r in json.loads(stdout)}
+    assert rows["cpu-onnxruntime"]["builds_and_runs_here"] and rows["cpu-onnxruntime"]["why_not"] is None
+    for name in GPU_TARGETS:
+        ok, why = TARGETS[name].availability()
+        assert rows[name]["builds_and_runs_here"] == ok
+        module = "tensorrt" if "tensorrt" in name else "migraphx"
+        if importlib.util.find_spec(module) is None:  # the reason names the missing module
+            assert not ok and module in rows[name]["why_not"]
+    rtx = rows["(check) tensorrt-acceptance"]
+    assert rtx["builds_and_runs_here"] == (importlib.util.find_spec("tensorrt_rtx_bindings") is not None)
+
+
+@no_tensorrt
+def test_h100_without_dry_run_exits_1_with_one_line(tiny_checkpoints, tmp_path):
+    data = tiny_recipe_dict(tiny_checkpoints["llama"])
+    data["targets"] = ["h100-tensorrt"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    proc = run_subprocess(recipe, "--output-dir", tmp_path / "out", "--quiet")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: target h100-tensorrt"), proc.stderr
+    assert "tensorrt" in lines[0].split("cannot build")[1] and "--dry-run" in lines[0]
+    assert not (tmp_path / "out" / "tiny-w8a8" / "1").exists()
+
+
+def test_dry_run_records_gpu_build_plans(tiny_checkpoints, tmp_path):
+    data = tiny_recipe_dict(tiny_checkpoints["qwen2"])
+    data["targets"] = ["cpu-onnxruntime", "h100-tensorrt", "mi250x-migraphx"]
+    data["engine"] = {"batch": {"min": 1, "opt": 2, "max": 4}, "sequence": {"min": 8, "opt": 64, "max": 1024},
+                      "hardware_compatibility": "ampere_plus", "tensorrt_version": "10.13.3"}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet", "--dry-run", "--json")
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "out" / "tiny-w8a8" / "1" / "manifest.json").read_text())
+    trt = manifest["targets"]["h100-tensorrt"]["build"]
+    assert trt["backend"] == "tensorrt" and trt["compute_capability"] == "9.0" and trt["gfx_arch"] is None
+    assert trt["engine_file"] is None and trt["planned_engine_file"] == "model.h100-tensorrt.sm90.trt10.13.3.plan"
+    assert trt["profiles"][0]["input_ids"] == {"min": [1, 8], "opt": [2, 64], "max": [4, 1024]}
+    assert trt["hardware_compatibility"] == "ampere_plus" and trt["network_definition"] == "strongly_typed"
+    mgx = manifest["targets"]["mi250x-migraphx"]["build"]
+    assert mgx["backend"] == "migraphx" and mgx["gfx_arch"] == "gfx90a" and mgx["compute_capability"] is None
+    assert mgx["engine_file"] is None and mgx["planned_engine_file"] == "model.mi250x-migraphx.gfx90a.b2s64.mxr"
+    assert manifest["targets"]["h100-tensorrt"]["parity"]["passed"] is None
+    assert manifest["targets"]["cpu-onnxruntime"]["parity"]["passed"] and manifest["parity_passed"]
+    assert "model.h100-tensorrt.sm90.trt10.13.3.plan" in stderr  # the plan is printed too
+    assert json.loads(stdout)["targets"]["h100-tensorrt"]["build"]["planned_engine_file"] == trt["planned_engine_file"]
+    checks = manifest["checks"]
+    assert checks["qdq_lint"]["passed"] and checks["qdq_lint"]["quantize_nodes"] == 14
+    if importlib.util.find_spec("tensorrt_rtx_bindings") is not None:
+        assert checks["tensorrt_rtx"]["passed"] and checks["tensorrt_rtx"]["network"]["int8_matmul_layers"] == 14
+    assert "parity not run" in (tmp_path / "out" / "tiny-w8a8" / "1" / "parity_report.md").read_text()
