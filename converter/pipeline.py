@@ -35,6 +35,7 @@ from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.runners import TorchRunner, onnxruntime_runner
+from converter.report import activation_errors, layer_rows, outlier_layer, write_report
 from converter.search import choose_alphas
 from converter.sensitivity import sensitivity_fallback, without
 from converter.smooth import smooth
@@ -43,7 +44,7 @@ from converter.targets import TARGETS
 
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 MODEL_FILE = "model.onnx"
-REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST)
+REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST, "report")
 
 
 @dataclass
@@ -131,15 +132,19 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                                                   stats.amax, calib, bs)
         smooth_report = smooth(model, stats.amax, smoothing, spec, alphas)
     with stages.run("quantize"):
+        before = stats
         if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
             stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
         act = r.quantization.activations
         ranges, methods = activation_ranges(model, stats, calib, r.calibration.batch_size, act)
         plan = plan_quantization(model, linears, ranges, r.quantization)
-        fallback = None
+        full_plan, fallback = plan, None
         if r.quantization.fallback.enabled:
             fallback = sensitivity_fallback(model, plan, calib, r.calibration.batch_size, r.quantization.fallback)
             plan = without(plan, fallback.fallback)
+        act_errors = activation_errors(model, full_plan, calib, 2, r.calibration.batch_size)
+        layers = layer_rows(linears, before, stats, plan, full_plan, smooth_report.to_dict(), act_errors,
+                            fallback.to_dict() if fallback else None)
     with stages.run("export"):
         fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
@@ -166,6 +171,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         if (loaded.path / fname).is_file():
             shutil.copy2(loaded.path / fname, staging / fname)
     (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+    write_report(staging, f"{r.output.name} {r.output.version}", layers, outlier_layer(layers, before), before, stats)
     reports = {t: v["parity"] for t, v in targets.items()}
     package.write_json(staging / "parity_report.json", reports)
     (staging / "parity_report.md").write_text("\n".join(
@@ -195,6 +201,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
         "smoothing": {**smooth_report.to_dict(), "search": search.to_dict() if search else None},
         "fallback": fallback.to_dict() if fallback else None,
+        "layers": layers,
         "quantization": {
             name: {**q.summary(), "range_method": methods[name], "act_absmax": stats.per_tensor(name)}
             for name, q in plan.linears.items()

@@ -29,6 +29,7 @@ class GroupRecord:
     outlier_ratio_after: float
     scale_min: float
     scale_max: float
+    linears: tuple[str, ...] = ()  # full names of the balance linears
 
 
 @dataclass
@@ -178,5 +179,5 @@ def smooth(
             report.skipped.append(f"{key[: -len(group.name)]}{result}")
         else:
             block = int(key.split(".")[-2]) if group is not spec.head_group else None
-            report.groups.append(GroupRecord(**{**asdict(result), "block": block}))
+            report.groups.append(GroupRecord(**{**asdict(result), "block": block, "linears": tuple(names)}))
     return report

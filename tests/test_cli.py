@@ -54,7 +54,8 @@ def test_artifact_is_complete_and_manifest_hashes_match(converted):
                  "tokenizer.json", "config.json"):
         assert (folder / name).is_file(), name
     manifest = json.loads((folder / "manifest.json").read_text())
-    on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != "manifest.json"}
+    on_disk = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert manifest["files"] == on_disk
     assert manifest["recipe"]["output"] == {"name": NAME, "version": VERSION}
     assert manifest["model"]["quantized_linears"] == 14 and manifest["model"]["float_linears"] == ["lm_head"]
@@ -198,3 +199,29 @@ def test_alpha_search_and_range_method_reach_the_manifest(tiny_checkpoints, tmp_
     down = manifest["quantization"]["model.layers.0.mlp.down_proj"]
     assert down["range_method"] == "mse" and down["act_amax"] <= down["act_absmax"]
     assert manifest["quantization"]["model.layers.0.mlp.up_proj"]["range_method"] == "absmax"
+
+
+def test_quantization_report_and_plots_match_the_manifest(converted):
+    from PIL import Image
+
+    from converter.report import COLUMNS, _cell
+
+    _, out, _, _ = converted
+    folder = out / NAME / VERSION
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = manifest["layers"]
+    assert len(rows) == 14 and all(r["alpha"] == 0.5 and not r["float"] for r in rows)
+    for name in ("quantization_report.md", "quantization_report.html", "activation_channels.png", "quantization_errors.png"):
+        assert f"report/{name}" in manifest["files"], name
+    for png in ("activation_channels.png", "quantization_errors.png"):
+        with Image.open(folder / "report" / png) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+    table = [l for l in (folder / "report" / "quantization_report.md").read_text().splitlines() if l.startswith("| model.")]
+    assert len(table) == len(rows)
+    for line, row in zip(table, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells == [_cell(fmt, row[key]) for key, _, fmt in COLUMNS]
+        q = manifest["quantization"][row["linear"]]
+        assert row["act_absmax_after"] == q["act_absmax"] and row["weight_error"] == pytest.approx(q["weight_rel_error"] ** 2)
+        assert row["act_absmax_before"] > row["act_absmax_after"]  # planted outliers were smoothed away
+    assert "<table" in (folder / "report" / "quantization_report.html").read_text()
