@@ -35,7 +35,7 @@ from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.runners import TorchRunner, onnxruntime_runner
-from converter.report import activation_errors, layer_rows, outlier_layer, write_report
+from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
 from converter.search import choose_alphas
 from converter.sensitivity import sensitivity_fallback, without
 from converter.smooth import smooth
@@ -171,7 +171,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         if (loaded.path / fname).is_file():
             shutil.copy2(loaded.path / fname, staging / fname)
     (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
-    write_report(staging, f"{r.output.name} {r.output.version}", layers, outlier_layer(layers, before), before, stats)
+    write_report(staging, f"{r.output.name} {r.output.version}", layers, channel_plot_data(layers, before, stats))
     reports = {t: v["parity"] for t, v in targets.items()}
     package.write_json(staging / "parity_report.json", reports)
     (staging / "parity_report.md").write_text("\n".join(

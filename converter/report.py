@@ -115,16 +115,21 @@ def _plot_errors(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def write_report(folder: Path, title: str, rows: list[dict], channel_layer: str | None,
-                 before: ActStats, after: ActStats) -> list[str]:
-    """Write report/quantization_report.{md,html} and its PNGs; returns the files written."""
+def write_report(folder: Path, title: str, rows: list[dict], channels: dict | None) -> list[str]:
+    """Write report/quantization_report.{md,html} and its PNGs; returns the files written.
+
+    Args:
+        rows: `layer_rows` (as stored in the manifest).
+        channels: {"layer", "before", "after"} per-channel activation maxima to plot, or None.
+    """
     out = folder / REPORT_DIR
     out.mkdir(exist_ok=True)
     files = ["quantization_report.md", "quantization_report.html", "quantization_errors.png"]
     _plot_errors(out / "quantization_errors.png", rows)
     pictures = ["quantization_errors.png"]
-    if channel_layer is not None:
-        _plot_channels(out / "activation_channels.png", channel_layer, before.amax[channel_layer], after.amax[channel_layer])
+    if channels is not None:
+        _plot_channels(out / "activation_channels.png", channels["layer"],
+                       torch.tensor(channels["before"]), torch.tensor(channels["after"]))
         pictures.insert(0, "activation_channels.png")
         files.append("activation_channels.png")
     md = [f"# Quantization report: {title}", ""] + [f"![{p}]({p})" for p in pictures] + ["", markdown_table(rows), ""]
@@ -138,6 +143,14 @@ def write_report(folder: Path, title: str, rows: list[dict], channel_layer: str 
         f"<h1>Quantization report: {html.escape(title)}</h1>{imgs}<table border=1 cellpadding=3>"
         f"<tr>{head}</tr>{body}</table>\n")
     return [f"{REPORT_DIR}/{f}" for f in files]
+
+
+def channel_plot_data(rows: list[dict], before: ActStats, after: ActStats) -> dict | None:
+    """Per-channel maxima, before and after smoothing, of the most outlier-heavy smoothed linear."""
+    layer = outlier_layer(rows, before)
+    if layer is None:
+        return None
+    return {"layer": layer, "before": before.amax[layer].tolist(), "after": after.amax[layer].tolist()}
 
 
 def outlier_layer(rows: list[dict], before: ActStats) -> str | None:
