@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from converter import package
+from converter import cache, package, triton
 from converter.archs import arch_spec, block_linear_names
 from converter.calibrate import collect_input_amax
 from converter.data import token_windows
@@ -47,6 +47,7 @@ class StageRecord:
     name: str
     seconds: float
     ran: bool = True
+    cache: str | None = None  # "hit": served from the stage cache; "miss": computed and stored
 
 
 @dataclass
@@ -70,30 +71,49 @@ class _Stages:
         assert name in STAGES, name  # internal: a stage missing from the written-down order
         note(f"[bold]{name}[/bold]")
         start = time.perf_counter()
-        yield
-        self.records.append(StageRecord(name, round(time.perf_counter() - start, 3)))
+        record = StageRecord(name, 0.0)
+        yield record
+        record.seconds = round(time.perf_counter() - start, 3)
+        self.records.append(record)
 
 
-def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False) -> RunResult:
+def artifact_version(recipe_version: str, build_number: int | None) -> str:
+    """`<output.version>-build<N>` with a build number, else the recipe's version."""
+    return recipe_version if build_number is None else f"{recipe_version}-build{build_number}"
+
+
+def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, build_number: int | None = None,
+            cache_dir: Path | None = None) -> RunResult:
     """Run every stage for `recipe` and publish `output_dir/<name>/<version>/`.
+
+    Args:
+        build_number: CI build number: the artifact version becomes `<output.version>-build<N>` and
+            the Triton version folder `<N>`.
+        cache_dir: stage cache folder (see converter/cache.py); None computes everything.
 
     Raises:
         UserError: bad recipe contents, data or checkpoint (nothing is published).
         ParityFailure: thresholds missed; reports go to `<name>/_rejected/<version>/`.
     """
     r = recipe.recipe
-    final = package.artifact_dir(output_dir, r.output.name, r.output.version)
+    version = artifact_version(r.output.version, build_number)
+    final = package.artifact_dir(output_dir, r.output.name, version)
     package.check_publishable(final, force)
     stages = _Stages()
     staging = package.staging_dir(final)
     work = Path(tempfile.mkdtemp(prefix="convert-work-"))
     try:
-        manifest = _run_stages(recipe, stages, staging, work)
+        manifest = _run_stages(recipe, stages, staging, work, cache.StageCache(cache_dir))
+        manifest["version"] = version
+        manifest["build"] = {"recipe_version": r.output.version, "number": build_number,
+                             "triton_version": build_number or triton.triton_version({"version": r.output.version})}
         if not manifest["parity_passed"]:
             failures = [f"{t}: {f}" for t, v in manifest["targets"].items() for f in v["parity"]["failures"]]
             rejected = package.reject(staging, final, REPORT_FILES)
             raise ParityFailure(failures, str(rejected))
         with stages.run("package"):
+            if r.triton.enabled:
+                manifest["triton"] = triton.write_artifact_repository(staging, manifest)
             manifest["stages"] = [s.__dict__ for s in stages.records]
             manifest = package.write_manifest(staging, manifest)
             package.publish(staging, final, force)
@@ -104,7 +124,7 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False) -> RunR
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path) -> dict:
+def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, store: cache.StageCache) -> dict:
     r = recipe.recipe
     torch.manual_seed(0)
     with stages.run("load"):
@@ -113,18 +133,16 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         spec = arch_spec(model)
         linears = block_linear_names(model, spec)
         quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
-    with stages.run("calibrate"):
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
-        stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size)
-    with stages.run("smooth"):
-        smooth_report = smooth(model, stats.amax, r.smoothing, spec)
-    with stages.run("quantize"):
-        if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
-            stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
-        plan = plan_quantization(model, linears, stats, r.quantization)
-    with stages.run("export"):
-        fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
-        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
+        keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
+    fp32_path = work / "model.fp32.onnx"
+    exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
+    if exported is not None:  # the model files are cached: calibrate .. export all come from the cache
+        qdq, plan, smooth_report, calibration_tokens = exported
+        stages.records += [StageRecord(s, 0.0, ran=False, cache="hit") for s in ("calibrate", "smooth", "quantize", "export")]
+    else:
+        qdq, plan, smooth_report, calibration_tokens = _front(recipe, stages, store, keys, model, spec, linears,
+                                                               quantized, calib, staging, work)
     del model, loaded.model
     gc.collect()
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
@@ -136,8 +154,14 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             if build.unfused_linears:
                 raise RuntimeError(f"{name}: {len(build.unfused_linears)} quantized linear(s) did not fuse "
                                    f"into int8 kernels: {build.unfused_linears[:5]}")
-        with stages.run("parity"):
-            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path), fp32_path)
+        with stages.run("parity") as record:
+            key = cache.parity_key(recipe, name, package.sha256_file(qdq.path), loaded.checkpoint_sha256,
+                                   eval_windows.sha256)
+            report = cache.load_parity(store, key, recipe)
+            record.ran, record.cache = report is None, _cache_state(store, report is not None)
+            if report is None:
+                report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path), fp32_path)
+                cache.save_parity(store, key, report)
         targets[name] = {"build": build.to_dict(), "parity": report.to_dict()}
     for fname in TOKENIZER_FILES:
         if (loaded.path / fname).is_file():
@@ -167,7 +191,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "source": {"path": r.source.path, "architecture": loaded.architecture,
                    "sha256": loaded.checkpoint_sha256, "files": loaded.files},
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
-                        "available_windows": calib.total_windows, "tokens": stats.tokens},
+                        "available_windows": calib.total_windows, "tokens": calibration_tokens},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
         "smoothing": smooth_report.to_dict(),
         "quantization": {name: q.summary() for name, q in plan.linears.items()},
@@ -181,6 +205,46 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         manifest["stages"] = [s.__dict__ for s in stages.records]
         package.write_manifest(staging, manifest)
     return manifest
+
+
+def _cache_state(store: cache.StageCache, hit: bool) -> str | None:
+    return None if not store.enabled else "hit" if hit else "miss"
+
+
+def _front(recipe, stages, store, keys, model, spec, linears, quantized, calib, staging, work):
+    """calibrate -> smooth -> quantize -> export, each served from the stage cache when it can be.
+
+    Returns:
+        (QdqResult, QuantPlan, SmoothReport, calibration tokens).
+    """
+    r = recipe.recipe
+    with stages.run("calibrate") as record:
+        stats = cache.load_stats(store, "calibrate", keys.calibrate)
+        record.ran, record.cache = stats is None, _cache_state(store, stats is not None)
+        if stats is None:
+            stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size)
+            cache.save_stats(store, "calibrate", keys.calibrate, stats)
+    calibration_tokens = stats.tokens
+    with stages.run("smooth") as record:
+        smoothed = cache.load_smoothed(store, keys.smooth, model)
+        record.ran, record.cache = smoothed is None, _cache_state(store, smoothed is not None)
+        if smoothed is None:
+            smooth_report = smooth(model, stats.amax, r.smoothing, spec)
+        else:
+            smooth_report, stats = smoothed  # stats: re-measured on the smoothed model
+    with stages.run("quantize") as record:
+        record.cache = _cache_state(store, smoothed is not None)
+        if smoothed is None:
+            if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
+                stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
+            cache.save_smoothed(store, keys.smooth, model, smooth_report, stats, work)
+        plan = plan_quantization(model, linears, stats, r.quantization)
+    with stages.run("export") as record:
+        record.cache = _cache_state(store, False)
+        fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
+        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
+        cache.save_export(store, keys.export, qdq, fp32_path, plan, smooth_report, calibration_tokens)
+    return qdq, plan, smooth_report, calibration_tokens
 
 
 def _parity(recipe: LoadedRecipe, checkpoint: Path, windows, candidate, fp32_path: Path) -> ParityReport:

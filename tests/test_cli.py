@@ -175,6 +175,7 @@ def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path)
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr(pipeline, "smooth", broken)
-    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet")
+    # --no-cache: the shared stage cache would otherwise serve the smoothed model without calling smooth
+    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet", "--no-cache")
     assert code == 3 and "Traceback" in stderr and "simulated bug" in stderr
     assert not any(p for p in (tmp_path / "out" / NAME).iterdir())  # staging removed
