@@ -54,7 +54,8 @@ def test_artifact_is_complete_and_manifest_hashes_match(converted):
                  "tokenizer.json", "config.json"):
         assert (folder / name).is_file(), name
     manifest = json.loads((folder / "manifest.json").read_text())
-    on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.name != "manifest.json"}
+    on_disk = {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert manifest["files"] == on_disk
     assert manifest["recipe"]["output"] == {"name": NAME, "version": VERSION}
     assert manifest["model"]["quantized_linears"] == 14 and manifest["model"]["float_linears"] == ["lm_head"]
