@@ -103,10 +103,9 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, build_n
     staging = package.staging_dir(final)
     work = Path(tempfile.mkdtemp(prefix="convert-work-"))
     try:
-        manifest = _run_stages(recipe, stages, staging, work, cache.StageCache(cache_dir))
-        manifest["version"] = version
-        manifest["build"] = {"recipe_version": r.output.version, "number": build_number,
-                             "triton_version": build_number or triton.triton_version({"version": r.output.version})}
+        build_info = {"recipe_version": r.output.version, "number": build_number,
+                      "triton_version": build_number or triton.triton_version({"version": r.output.version})}
+        manifest = _run_stages(recipe, stages, staging, work, cache.StageCache(cache_dir), version, build_info)
         if not manifest["parity_passed"]:
             failures = [f"{t}: {f}" for t, v in manifest["targets"].items() for f in v["parity"]["failures"]]
             rejected = package.reject(staging, final, REPORT_FILES)
@@ -124,7 +123,8 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, build_n
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, store: cache.StageCache) -> dict:
+def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, store: cache.StageCache,
+                version: str, build_info: dict) -> dict:
     r = recipe.recipe
     torch.manual_seed(0)
     with stages.run("load"):
@@ -170,12 +170,13 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     reports = {t: v["parity"] for t, v in targets.items()}
     package.write_json(staging / "parity_report.json", reports)
     (staging / "parity_report.md").write_text("\n".join(
-        package.parity_markdown(r.output.name, r.output.version, v["parity"], v["build"]) for v in targets.values()
+        package.parity_markdown(r.output.name, version, v["parity"], v["build"]) for v in targets.values()
     ))
     manifest = {
         "schema_version": 1,
         "name": r.output.name,
-        "version": r.output.version,
+        "version": version,
+        "build": build_info,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parity_passed": all(v["parity"]["passed"] for v in targets.values()),
         "model": {

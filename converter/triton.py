@@ -187,19 +187,26 @@ def validated_config_text(spec: ModelSpec, settings) -> str:
     return text
 
 
-def _place(source: Path, dest: Path) -> None:
+def _place(source: Path, dest: Path, link: bool) -> None:
     """Hard-link (no second copy on disk) or copy one file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, dest)
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(source, dest)
+    if link:
+        try:
+            os.link(source, dest)
+            return
+        except OSError:  # another file system, or links not allowed
+            pass
+    shutil.copy2(source, dest)
 
 
-def write_model(repo: Path, spec: ModelSpec) -> Path:
+def write_model(repo: Path, spec: ModelSpec, link: bool = False) -> Path:
     """Write or replace `<repo>/<model>/config.pbtxt` and `<repo>/<model>/<version>/` atomically.
 
     Other version folders of the model are left alone, so a repository can be updated in place.
+
+    Args:
+        link: hard-link the model files (inside an artifact, where both copies are hashed and
+            immutable); a repository outside gets copies, so editing it cannot change an artifact.
 
     Returns:
         The model folder.
@@ -213,7 +220,7 @@ def write_model(repo: Path, spec: ModelSpec) -> Path:
     try:
         staging.chmod(0o755)
         for filename, source in spec.files.items():
-            _place(source, staging / filename)
+            _place(source, staging / filename, link)
         final = model_dir / str(spec.version)
         if final.exists():
             retired = model_dir / f".retired-{spec.version}-{os.getpid()}"
@@ -401,7 +408,7 @@ def write_artifact_repository(folder: Path, manifest: dict) -> dict:
     specs, skipped = artifact_models(folder, manifest)
     repo = folder / REPOSITORY
     for spec in specs:
-        write_model(repo, spec)
+        write_model(repo, spec, link=True)
     problems = validate_repository(repo, specs)
     if problems:
         raise TritonConfigError(f"{repo}: {'; '.join(problems)}")

@@ -54,7 +54,9 @@ def test_rerun_with_other_thresholds_skips_calibration_and_gives_the_same_model(
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     report = json.loads((second / "parity_report.json").read_text())["cpu-onnxruntime"]
     assert report["thresholds"]["max_kl"] == 0.5  # cached measurements, this recipe's thresholds
-    assert report["metrics"] == json.loads((first / "parity_report.json").read_text())["cpu-onnxruntime"]["metrics"]
+    computed = json.loads((first / "parity_report.json").read_text())["cpu-onnxruntime"]
+    assert report["metrics"] == computed["metrics"] and report["comparator"] == computed["comparator"]
+    assert report["passed"] and report["failures"] == []
 
 
 def test_cached_parity_is_judged_against_the_new_thresholds(first_run):
