@@ -79,13 +79,23 @@ class StageCache:
         return self.root is not None
 
     def get(self, stage: str, key: str) -> tuple[Path, dict] | None:
-        """(entry folder, its metadata) when a complete entry exists."""
+        """(entry folder, its metadata) when a complete, intact entry exists.
+
+        Every stored file is re-hashed: an entry damaged on disk is deleted and reported as a miss,
+        so it can never leak into an artifact.
+        """
         if self.root is None:
             return None
         entry = self.root / stage / key
         if not (entry / _META).is_file():
             return None
-        return entry, json.loads((entry / _META).read_text())
+        meta = json.loads((entry / _META).read_text())
+        from converter.load import sha256_file
+
+        if any(not (entry / n).is_file() or sha256_file(entry / n) != h for n, h in meta.get("_sha256", {}).items()):
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return entry, meta
 
     def put(self, stage: str, key: str, files: dict[str, Path], meta: dict, tensors: dict | None = None) -> None:
         """Store files (copied), metadata and optional tensors as one entry, atomically."""
@@ -101,6 +111,10 @@ class StageCache:
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
+            from converter.load import sha256_file
+
+            stored = sorted(p.name for p in tmp.iterdir())
+            meta = {**meta, "_sha256": {name: sha256_file(tmp / name) for name in stored}}
             (tmp / _META).write_text(json.dumps(meta, indent=1))
             try:
                 tmp.rename(parent / key)

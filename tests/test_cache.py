@@ -77,6 +77,22 @@ def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
 
 
+def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
+    import torch
+
+    from converter.cache import StageCache
+
+    cache = StageCache(tmp_path)
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"model bytes")
+    cache.put("export", "k", {"qdq__model.onnx": source}, {"n": 1}, tensors={"a": torch.ones(2)})
+    entry, meta = cache.get("export", "k")
+    assert meta["n"] == 1 and (entry / "qdq__model.onnx").read_bytes() == b"model bytes"
+    (entry / "qdq__model.onnx").write_bytes(b"model bytez")
+    assert cache.get("export", "k") is None and not entry.exists()
+    assert StageCache(None).get("export", "k") is None
+
+
 def test_no_cache_recomputes_and_reproduces_the_same_bytes_in_another_process(first_run):
     """Two runs with no cache, one here and one in a fresh interpreter with another hash seed:
     every file (models, Triton config, reports, tokenizer) is byte-identical."""

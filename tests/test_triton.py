@@ -106,6 +106,20 @@ def test_a_plan_for_the_same_compute_capability_twice_is_refused(artifact, tmp_p
     assert code == 1 and "compute capability ['8.0']" in stderr
 
 
+def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
+    from converter.recipe import Triton
+    from converter.triton import ModelSpec, TensorSpec, check_config, model_config
+
+    spec = ModelSpec("m", "onnxruntime", 1, [TensorSpec("input_ids", "TYPE_INT64", (1, -1))],
+                     [TensorSpec("logits", "TYPE_FP32", (1, -1, 320))], {})
+    config = parse_config(text_format.MessageToString(model_config(spec, Triton())), "m")
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    assert config_io(config) == {"input_ids": ("TYPE_INT64", [1, -1]), "logits": ("TYPE_FP32", [1, -1, 320])}
+    assert check_config(config, spec) == []
+    config.max_batch_size = 4
+    assert "max_batch_size is 4 but the graph's batch axis is fixed" in check_config(config, spec)
+
+
 def test_a_wrong_field_is_caught(artifact):
     text = (artifact / "triton" / CPU_MODEL / "config.pbtxt").read_text()
     assert parse_config(text, "ok").max_batch_size == 8
