@@ -3,7 +3,7 @@
     calibrate  <- checkpoint sha256, calibration windows sha256, quantization.exclude, tool versions
     smooth     <- calibrate key + smoothing section  (smoothed weights, report, re-calibrated maxima)
     export     <- smooth key + quantization + export sections  (FP32 and QDQ ONNX, static scales)
-    parity     <- QDQ model sha256, target, evaluation windows sha256, checkpoint, comparator samples
+    parity     <- QDQ model sha256, target and its build report, evaluation windows, checkpoint, samples
 
 So a recipe that differs only in targets or parity thresholds reuses everything up to the model
 file, and re-checks the cached parity measurements against its own thresholds. Entries are written
@@ -59,12 +59,16 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> Stage
     return StageKeys(calibrate, smooth, export)
 
 
-def parity_key(recipe, target: str, model_sha256: str, checkpoint_sha256: str, eval_sha256: str) -> str:
-    """Key of a target's parity measurements: thresholds are not in it, they are re-applied."""
+def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_sha256: str, eval_sha256: str) -> str:
+    """Key of a target's parity measurements: thresholds are not in it, they are re-applied.
+
+    Args:
+        build: the target's build report; any change in what was built (kernels, an engine) misses.
+    """
     from converter.package import tool_versions
 
     r = recipe.recipe
-    return digest("parity", CACHE_FORMAT, tool_versions(), target, model_sha256, checkpoint_sha256, eval_sha256,
+    return digest("parity", CACHE_FORMAT, tool_versions(), target, build, model_sha256, checkpoint_sha256, eval_sha256,
                   r.parity.eval.batch_size, r.parity.polygraphy.samples)
 
 

@@ -155,8 +155,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                 raise RuntimeError(f"{name}: {len(build.unfused_linears)} quantized linear(s) did not fuse "
                                    f"into int8 kernels: {build.unfused_linears[:5]}")
         with stages.run("parity") as record:
-            key = cache.parity_key(recipe, name, package.sha256_file(qdq.path), loaded.checkpoint_sha256,
-                                   eval_windows.sha256)
+            key = cache.parity_key(recipe, name, build.to_dict(), package.sha256_file(qdq.path),
+                                   loaded.checkpoint_sha256, eval_windows.sha256)
             report = cache.load_parity(store, key, recipe)
             record.ran, record.cache = report is None, _cache_state(store, report is not None)
             if report is None:
