@@ -34,3 +34,15 @@ def test_a_bad_recipe_is_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("schema_version: 1\ntargets: [no-such-target]\n")
     code, _, stderr = run_cli("matrix", tmp_path)
     assert code == 1 and "bad.yaml" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_readme_workflow_is_valid_yaml_that_converts_verifies_and_uploads():
+    import re
+
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    jobs = yaml.safe_load(block)["jobs"]
+    runs = "\n".join(s.get("run", "") for job in jobs.values() for s in job["steps"])
+    uses = [s.get("uses", "") for job in jobs.values() for s in job["steps"]]
+    assert "convert.py matrix recipes/ --format github" in runs and "fromJSON" in jobs["convert"]["strategy"]["matrix"]
+    assert "--build-number" in runs and "convert.py verify" in runs and "convert.py triton" in runs
+    assert sum(u.startswith("actions/upload-artifact") for u in uses) == 2
