@@ -4,7 +4,7 @@
     convert.py matrix recipes/ --format json     # the same entries, indented
 
 Runner labels are data: by target name first, else by the target's backend. GitHub-hosted runners
-have no GPUs, so GPU backends go to self-hosted runners labelled with the GPU family.
+have no GPUs, so GPU targets go to self-hosted runners labelled with their GPU.
 """
 
 from __future__ import annotations
@@ -14,8 +14,14 @@ from pathlib import Path
 
 from converter.errors import UserError
 
+# An engine is tied to its GPU (compute capability / gfx arch), so each GPU target asks for a runner
+# with that exact GPU; a generic GPU label could build an A100 engine on an H100.
 RUNNER_LABELS_BY_TARGET: dict[str, list[str]] = {
     "cpu-onnxruntime": ["ubuntu-latest"],
+    "a100-tensorrt": ["self-hosted", "linux", "x64", "gpu-a100"],
+    "h100-tensorrt": ["self-hosted", "linux", "x64", "gpu-h100"],
+    "mi250x-migraphx": ["self-hosted", "linux", "x64", "gpu-mi250x"],
+    "mi300-migraphx": ["self-hosted", "linux", "x64", "gpu-mi300"],
 }
 RUNNER_LABELS_BY_BACKEND: dict[str, list[str]] = {
     "onnxruntime": ["ubuntu-latest"],
