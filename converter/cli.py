@@ -15,7 +15,7 @@ from pathlib import Path
 from converter.errors import ParityFailure, UserError
 
 EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
-SUBCOMMANDS = ("inspect", "verify", "targets")
+SUBCOMMANDS = ("inspect", "verify", "targets", "triton", "matrix")
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,10 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true",
                    help="GPU targets: print and record the exact build plan instead of building")
+    p.add_argument("--build-number", type=int, metavar="N",
+                   help="CI build number: artifact version <output.version>-build<N>, Triton version N")
+    p.add_argument("--no-cache", action="store_true", help="compute every stage; read and write no cache")
+    p.add_argument("--cache-dir", type=Path, help="stage cache (default $CONVERTER_CACHE_DIR or ~/.cache/...)")
     return p
 
 
@@ -103,7 +107,13 @@ def _cmd_convert(argv: list[str]) -> int:
     from converter.pipeline import convert
 
     try:
-        result = convert(recipe, args.output_dir, force=args.force, dry_run=args.dry_run)
+        if args.build_number is not None and args.build_number < 1:
+            raise UserError(f"--build-number {args.build_number}: expected a positive integer")
+        from converter.cache import default_dir
+
+        cache_dir = None if args.no_cache else (args.cache_dir or default_dir())
+        result = convert(recipe, args.output_dir, force=args.force, dry_run=args.dry_run,
+                         build_number=args.build_number, cache_dir=cache_dir)
     except ParityFailure as failure:
         manifest_path = Path(failure.report_dir) / "manifest.json"
         if manifest_path.is_file():
@@ -148,8 +158,11 @@ def _cmd_inspect(argv: list[str]) -> int:
 def _cmd_verify(argv: list[str]) -> int:
     args = _artifact_parser("verify", "Re-hash an artifact's files against its manifest.").parse_args(argv)
     from converter.package import verify
+    from converter.triton import verify_artifact_repository
 
     problems = verify(args.artifact)
+    if not problems:  # files are intact: also re-parse the Triton configs strictly against the graph
+        problems = verify_artifact_repository(args.artifact, _read_manifest(args.artifact))
     if args.json:
         print(json.dumps({"artifact": str(args.artifact), "ok": not problems, "problems": problems}, indent=2))
     if problems:
@@ -158,11 +171,46 @@ def _cmd_verify(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _cmd_triton(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="convert.py triton", description="Assemble or update a Triton model "
+                                "repository from published artifacts (nothing is rebuilt).")
+    p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT", help="artifacts/<name>/<version>")
+    p.add_argument("--repo", type=Path, required=True, help="model repository folder (created if missing)")
+    p.add_argument("--version", type=int, help="Triton version folder (default: the artifact's build number)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.version is not None and args.version < 1:
+        raise UserError(f"--version {args.version}: Triton versions are positive integers")
+    from converter.triton import assemble
+
+    result = assemble(args.artifacts, args.repo, args.version)
+    if args.json:
+        print(json.dumps({"repository": str(args.repo), **result}, indent=2))
+    for name, model in result["models"].items():
+        print(f"{args.repo / name}: version {model['version']}, {model['platform']}, {', '.join(model['files'])}",
+              file=sys.stderr)
+    for where, why in result["skipped"].items():
+        print(f"skipped {where}: {why}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_matrix(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="convert.py matrix", description="CI job matrix: recipe x target.")
+    p.add_argument("paths", type=Path, nargs="+", metavar="RECIPES", help="recipe folders or files")
+    p.add_argument("--format", choices=("github", "json"), default="json")
+    args = p.parse_args(argv)
+    from converter.matrix import job_matrix, render
+
+    print(render(job_matrix(args.paths), args.format))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from converter.targets_cli import cmd_targets
 
-    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "targets": cmd_targets}
+    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "targets": cmd_targets, "triton": _cmd_triton,
+                "matrix": _cmd_matrix}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

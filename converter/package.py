@@ -21,6 +21,7 @@ from converter.load import sha256_file
 MANIFEST = "manifest.json"
 REJECTED = "_rejected"  # reports of runs that failed parity: readable, never picked up as versions
 _LIBRARIES = ("torch", "transformers", "onnx", "onnx-ir", "onnxruntime", "polygraphy", "safetensors", "pydantic", "numpy")
+_LIBRARIES += ("tritonclient", "protobuf")  # they write and check the Triton configs
 
 
 def tool_versions() -> dict[str, str]:

@@ -2,10 +2,11 @@
 
     load -> calibrate -> smooth -> quantize -> export -> check -> build -> parity -> package
 
-*calibrate* measures the original model; *quantize* re-calibrates the smoothed model for the static
-activation scales; *check* lints the QDQ graph against TensorRT's rules and has TensorRT's parser and
-builder (TensorRT-RTX, on CPU) accept it. Parity compares against the original checkpoint reloaded
-from disk, so nothing that smoothing did in place can leak into the reference.
+*calibrate* measures the original model; *smooth* (after an optional alpha search) folds SmoothQuant
+scales into it; *quantize* re-calibrates the smoothed model for the static activation scales, picks
+each range and (optionally) sends the most sensitive linears back to float. Parity compares against
+the original checkpoint reloaded from disk, so nothing that smoothing did in place can leak into the
+reference. calibrate .. export and parity are served from the stage cache when their inputs match.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from converter import package
+from converter import cache, package, triton
 from converter.archs import arch_spec, block_linear_names
 from converter.calibrate import activation_ranges, collect_input_amax
 from converter.data import token_windows
@@ -34,8 +35,8 @@ from converter.parity import ParityReport, check_thresholds, comparator_checks, 
 from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
-from converter.runners import TorchRunner, onnxruntime_runner
 from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
+from converter.runners import TorchRunner, onnxruntime_runner
 from converter.search import choose_alphas
 from converter.sensitivity import sensitivity_fallback, without
 from converter.smooth import smooth
@@ -43,6 +44,7 @@ from converter.target_checks import check_targets_buildable, dry_run_parity, ten
 from converter.targets import TARGETS
 
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
+FRONT_STAGES = ("calibrate", "smooth", "quantize", "export")
 MODEL_FILE = "model.onnx"
 REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST, "report")
 
@@ -52,6 +54,8 @@ class StageRecord:
     name: str
     seconds: float
     ran: bool = True
+    cache: str | None = None  # "hit": served from the stage cache; "miss": computed and stored
+    peak_rss_mb: float | None = None  # process peak so far, at the end of the stage
 
 
 @dataclass
@@ -75,15 +79,27 @@ class _Stages:
         assert name in STAGES, name  # internal: a stage missing from the written-down order
         note(f"[bold]{name}[/bold]")
         start = time.perf_counter()
-        yield
-        self.records.append(StageRecord(name, round(time.perf_counter() - start, 3)))
+        record = StageRecord(name, 0.0)
+        yield record
+        record.seconds = round(time.perf_counter() - start, 3)
+        record.peak_rss_mb = round(peak_rss_mb(), 1)
+        self.records.append(record)
 
 
-def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run: bool = False) -> RunResult:
+def artifact_version(recipe_version: str, build_number: int | None) -> str:
+    """`<output.version>-build<N>` with a build number, else the recipe's version."""
+    return recipe_version if build_number is None else f"{recipe_version}-build{build_number}"
+
+
+def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run: bool = False,
+            build_number: int | None = None, cache_dir: Path | None = None) -> RunResult:
     """Run every stage for `recipe` and publish `output_dir/<name>/<version>/`.
 
     Args:
         dry_run: GPU targets record their exact build plan instead of building (no GPU needed).
+        build_number: CI build number: the artifact version becomes `<output.version>-build<N>` and
+            the Triton version folder `<N>`.
+        cache_dir: stage cache folder (see converter/cache.py); None computes everything.
 
     Raises:
         UserError: bad recipe contents, data or checkpoint, or a target that cannot build here
@@ -91,19 +107,25 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
         ParityFailure: thresholds missed; reports go to `<name>/_rejected/<version>/`.
     """
     r = recipe.recipe
-    final = package.artifact_dir(output_dir, r.output.name, r.output.version)
+    version = artifact_version(r.output.version, build_number)
+    final = package.artifact_dir(output_dir, r.output.name, version)
     package.check_publishable(final, force)
     check_targets_buildable(r.targets, dry_run)
     stages = _Stages()
     staging = package.staging_dir(final)
     work = Path(tempfile.mkdtemp(prefix="convert-work-"))
     try:
-        manifest = _run_stages(recipe, stages, staging, work, dry_run)
+        build_info = {"recipe_version": r.output.version, "number": build_number,
+                      "triton_version": build_number or triton.triton_version({"version": r.output.version})}
+        manifest = _run_stages(recipe, stages, staging, work, cache.StageCache(cache_dir), version, build_info,
+                               dry_run)
         if not manifest["parity_passed"]:
             failures = [f"{t}: {f}" for t, v in manifest["targets"].items() for f in v["parity"]["failures"]]
             rejected = package.reject(staging, final, REPORT_FILES)
             raise ParityFailure(failures, str(rejected))
         with stages.run("package"):
+            if r.triton.enabled:
+                manifest["triton"] = triton.write_artifact_repository(staging, manifest)
             manifest["stages"] = [s.__dict__ for s in stages.records]
             manifest = package.write_manifest(staging, manifest)
             package.publish(staging, final, force)
@@ -114,98 +136,45 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, dry_run: bool = False) -> dict:
+def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, store: cache.StageCache,
+                version: str, build_info: dict, dry_run: bool) -> dict:
     r = recipe.recipe
     torch.manual_seed(0)
     with stages.run("load"):
         loaded = load(recipe)
-        model = loaded.model
-        spec = arch_spec(model)
-        linears = block_linear_names(model, spec)
-        quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
-    with stages.run("calibrate"):
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
-        stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size)
-    with stages.run("smooth"):
-        bs = r.calibration.batch_size
-        smoothing, alphas, search = choose_alphas(model, spec, r.smoothing, r.quantization, linears, quantized,
-                                                  stats.amax, calib, bs)
-        smooth_report = smooth(model, stats.amax, smoothing, spec, alphas)
-    with stages.run("quantize"):
-        before = stats
-        if smooth_report.groups:  # smoothing changed the inputs: measure the model as exported
-            stats = collect_input_amax(model, quantized, calib, r.calibration.batch_size, "re-calibrate")
-        act = r.quantization.activations
-        ranges, methods = activation_ranges(model, stats, calib, r.calibration.batch_size, act)
-        plan = plan_quantization(model, linears, ranges, r.quantization)
-        full_plan, fallback = plan, None
-        if r.quantization.fallback.enabled:
-            fallback = sensitivity_fallback(model, plan, calib, r.calibration.batch_size, r.quantization.fallback)
-            plan = without(plan, fallback.fallback)
-        act_errors = activation_errors(model, full_plan, calib, 2, r.calibration.batch_size)
-        layers = layer_rows(linears, before, stats, plan, full_plan, smooth_report.to_dict(), act_errors,
-                            fallback.to_dict() if fallback else None)
-    with stages.run("export"):
-        fp32_path = export_fp32(model, work / "model.fp32.onnx", r.export)
-        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
-    del model, loaded.model
+        keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
+    fp32_path = work / "model.fp32.onnx"
+    exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
+    if exported is not None:  # the model files are cached: calibrate .. export all come from the cache
+        qdq, plan, front = exported
+        stages.records += [StageRecord(s, 0.0, ran=False, cache="hit") for s in FRONT_STAGES]
+    else:
+        qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, staging, fp32_path)
+    del loaded.model
     gc.collect()
     with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
         checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
-    targets = {}
-    for name in r.targets:
-        target = TARGETS[name]
-        with stages.run("build"):
-            build = target.build(name, qdq.path, work, plan, engine=r.engine, dry_run=dry_run)
-            if build.unfused_linears:
-                raise RuntimeError(f"{name}: {len(build.unfused_linears)} quantized linear(s) did not fuse "
-                                   f"into int8 kernels: {build.unfused_linears[:5]}")
-        if target.gpu and dry_run:
-            targets[name] = {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
-            continue
-        with stages.run("parity"):
-            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path, build), fp32_path)
-        targets[name] = {"build": build.to_dict(), "parity": report.to_dict()}
-    for fname in TOKENIZER_FILES:
-        if (loaded.path / fname).is_file():
-            shutil.copy2(loaded.path / fname, staging / fname)
-    (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
-    write_report(staging, f"{r.output.name} {r.output.version}", layers, channel_plot_data(layers, before, stats))
-    reports = {t: v["parity"] for t, v in targets.items()}
-    package.write_json(staging / "parity_report.json", reports)
-    (staging / "parity_report.md").write_text("\n".join(
-        package.parity_markdown(r.output.name, r.output.version, v["parity"], v["build"]) if v["parity"]["passed"] is not None
-        else f"# {t}: parity not run\n\n{v['parity']['skipped']}\n" for t, v in targets.items()
-    ))
+    targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
+               for name in r.targets}
+    _write_files(recipe, staging, loaded.path, version, targets, front)
     manifest = {
         "schema_version": 1,
         "name": r.output.name,
-        "version": r.output.version,
+        "version": version,
+        "build": build_info,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
-        "model": {
-            "file": MODEL_FILE,
-            "format": "onnx-qdq-w8a8",
-            "opset": r.export.opset,
-            "inputs": list(INPUT_NAMES),
-            "outputs": list(OUTPUT_NAMES),
-            "external_data": qdq.external_data,
-            "quantized_linears": len(plan.linears),
-            "float_linears": plan.excluded,
-        },
+        "model": {"file": MODEL_FILE, "format": "onnx-qdq-w8a8", "opset": r.export.opset,
+                  "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES), "external_data": qdq.external_data,
+                  "quantized_linears": len(plan.linears), "float_linears": plan.excluded},
         "source": {"path": r.source.path, "architecture": loaded.architecture,
                    "sha256": loaded.checkpoint_sha256, "files": loaded.files},
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
-                        "available_windows": calib.total_windows, "tokens": stats.tokens},
+                        "available_windows": calib.total_windows, "tokens": front["calibration_tokens"]},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
-        "smoothing": {**smooth_report.to_dict(), "search": search.to_dict() if search else None},
-        "fallback": fallback.to_dict() if fallback else None,
-        "layers": layers,
-        "quantization": {
-            name: {**q.summary(), "range_method": methods[name], "act_absmax": stats.per_tensor(name)}
-            for name, q in plan.linears.items()
-        },
+        **{k: front[k] for k in ("smoothing", "fallback", "quantization", "layers")},
         "targets": targets,
         "checks": checks,
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -217,6 +186,116 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         manifest["stages"] = [s.__dict__ for s in stages.records]
         package.write_manifest(staging, manifest)
     return manifest
+
+
+def _cache_state(store: cache.StageCache, hit: bool) -> str | None:
+    return None if not store.enabled else "hit" if hit else "miss"
+
+
+def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
+    """calibrate -> smooth -> quantize -> export, each served from the stage cache when it can be.
+
+    Returns:
+        (QdqResult, QuantPlan, front record): the record holds everything the manifest and the
+        per-layer report need (JSON), so a cached export restores them exactly.
+    """
+    r = recipe.recipe
+    bs = r.calibration.batch_size
+    spec = arch_spec(model)
+    linears = block_linear_names(model, spec)
+    quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
+    with stages.run("calibrate") as record:
+        before = cache.load_stats(store, "calibrate", keys.calibrate)
+        record.ran, record.cache = before is None, _cache_state(store, before is not None)
+        if before is None:
+            before = collect_input_amax(model, quantized, calib, bs)
+            cache.save_stats(store, "calibrate", keys.calibrate, before)
+    with stages.run("smooth") as record:
+        smoothed = cache.load_smoothed(store, keys.smooth, model)
+        record.ran, record.cache = smoothed is None, _cache_state(store, smoothed is not None)
+        if smoothed is None:
+            cfg, alphas, search = choose_alphas(model, spec, r.smoothing, r.quantization, linears, quantized,
+                                                before.amax, calib, bs)
+            smooth_report = smooth(model, before.amax, cfg, spec, alphas)
+            smoothing = {**smooth_report.to_dict(), "search": search.to_dict() if search else None}
+        else:
+            smoothing, stats = smoothed  # stats: re-measured on the smoothed model
+    with stages.run("quantize") as record:
+        record.cache = _cache_state(store, smoothed is not None)
+        if smoothed is None:
+            # smoothing changed the inputs: measure the model as exported
+            stats = collect_input_amax(model, quantized, calib, bs, "re-calibrate") if smoothing["groups"] else before
+            cache.save_smoothed(store, keys.smooth, model, smoothing, stats, fp32_path.parent)
+        plan, front = _quantize(recipe, model, linears, before, stats, smoothing, calib)
+    with stages.run("export") as record:
+        record.cache = _cache_state(store, False)
+        export_fp32(model, fp32_path, r.export)
+        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
+        cache.save_export(store, keys.export, qdq, fp32_path, plan, front)
+    return qdq, plan, front
+
+
+def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
+    """Static ranges, the plan, optional sensitivity fallback, and the per-layer record."""
+    r = recipe.recipe
+    bs = r.calibration.batch_size
+    ranges, methods = activation_ranges(model, stats, calib, bs, r.quantization.activations)
+    plan = full_plan = plan_quantization(model, linears, ranges, r.quantization)
+    fallback = None
+    if r.quantization.fallback.enabled:
+        fallback = sensitivity_fallback(model, plan, calib, bs, r.quantization.fallback).to_dict()
+        plan = without(plan, fallback["fallback"])
+    act_errors = activation_errors(model, full_plan, calib, 2, bs)
+    layers = layer_rows(linears, before, stats, plan, full_plan, smoothing, act_errors, fallback)
+    front = {
+        "smoothing": smoothing,
+        "fallback": fallback,
+        "quantization": {
+            name: {**q.summary(), "range_method": methods[name], "act_absmax": stats.per_tensor(name)}
+            for name, q in plan.linears.items()
+        },
+        "layers": layers,
+        "channels": channel_plot_data(layers, before, stats),
+        "calibration_tokens": before.tokens,
+    }
+    return plan, front
+
+
+def _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run) -> dict:
+    """Build one target and measure its parity (served from the cache when nothing changed)."""
+    target = TARGETS[name]
+    r = recipe.recipe
+    with stages.run("build"):
+        build = target.build(name, qdq.path, work, plan, engine=r.engine, dry_run=dry_run)
+        if build.unfused_linears:
+            raise RuntimeError(f"{name}: {len(build.unfused_linears)} quantized linear(s) did not fuse "
+                               f"into int8 kernels: {build.unfused_linears[:5]}")
+    if target.gpu and dry_run:
+        return {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
+    with stages.run("parity") as record:
+        key = cache.parity_key(recipe, name, build.to_dict(), package.sha256_file(qdq.path),
+                               loaded.checkpoint_sha256, eval_windows.sha256)
+        report = cache.load_parity(store, key, recipe)
+        record.ran, record.cache = report is None, _cache_state(store, report is not None)
+        if report is None:
+            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path, build), fp32_path)
+            cache.save_parity(store, key, report)
+    return {"build": build.to_dict(), "parity": report.to_dict()}
+
+
+def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets: dict, front: dict) -> None:
+    """Everything in the artifact besides the model and the manifest."""
+    r = recipe.recipe
+    for fname in TOKENIZER_FILES:
+        if (checkpoint / fname).is_file():
+            shutil.copy2(checkpoint / fname, staging / fname)
+    (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+    package.write_json(staging / "parity_report.json", {t: v["parity"] for t, v in targets.items()})
+    (staging / "parity_report.md").write_text("\n".join(
+        package.parity_markdown(r.output.name, version, v["parity"], v["build"]) if v["parity"]["passed"] is not None
+        else f"# {t}: parity not run\n\n{v['parity']['skipped']}\n" for t, v in targets.items()
+    ))
+    write_report(staging, f"{r.output.name} {version}", front["layers"], front["channels"])
 
 
 def _parity(recipe: LoadedRecipe, checkpoint: Path, windows, candidate, fp32_path: Path) -> ParityReport:

@@ -159,6 +159,23 @@ class Parity(_Section):
     polygraphy: PolygraphyCheck = PolygraphyCheck()
 
 
+class DynamicBatching(_Section):
+    enabled: bool = True
+    max_queue_delay_microseconds: int = Field(default=100, ge=0)
+    preferred_batch_size: list[int] = Field(default_factory=list, description="Empty: Triton picks.")
+
+
+class Triton(_Section):
+    """Triton model repository written into every artifact (`triton/`); see converter/triton.py."""
+
+    enabled: bool = True
+    model_name: str | None = Field(default=None, pattern=_NAME_PATTERN,
+                                   description="Prefix of the Triton model names (default: output.name).")
+    max_batch_size: int = Field(default=8, ge=0, description="0 when the graph's batch axis is fixed.")
+    dynamic_batching: DynamicBatching = DynamicBatching()
+    instance_count: int = Field(default=1, ge=1, description="Model instances per device.")
+
+
 class Output(_Section):
     name: str = Field(pattern=_NAME_PATTERN)
     version: str = Field(pattern=_NAME_PATTERN)
@@ -174,6 +191,7 @@ class Recipe(_Section):
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"], min_length=1)
     engine: EngineOptions = EngineOptions()  # GPU targets: profiles, workspace, compatibility
     parity: Parity
+    triton: Triton = Triton()
     output: Output
 
     @field_validator("targets")

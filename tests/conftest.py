@@ -13,6 +13,23 @@ CALIBRATION_TEXT = ROOT / "recipes" / "data" / "gpl-3.0.txt"
 EVALUATION_TEXT = ROOT / "recipes" / "data" / "apache-2.0.txt"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stage_cache_dir(tmp_path_factory):
+    """One stage cache for the session (never the user's): content-addressed, so tests share it safely."""
+    import os
+
+    from converter.cache import ENV_DIR
+
+    path = tmp_path_factory.mktemp("stage-cache")
+    previous = os.environ.get(ENV_DIR)
+    os.environ[ENV_DIR] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop(ENV_DIR, None)
+    else:
+        os.environ[ENV_DIR] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """arch -> HF folder of a tiny model with planted outliers and a tokenizer (built once)."""

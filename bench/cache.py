@@ -1,0 +1,82 @@
+"""Benchmark the stage cache: a second run of a recipe that only changes parity thresholds.
+
+    .venv/bin/python bench/cache.py [--recipe recipes/smollm2-135m-cpu.yaml] [--name cache]
+
+Runs `convert.py` twice in subprocesses against a fresh, empty cache folder: first the recipe as
+shipped, then the same recipe with tightened-but-passing thresholds. Target: the second run's wall
+time under 30% of the first. Prints a Markdown table and writes bench/results/<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TARGET_RATIO = 0.30
+# Only thresholds change; relaxed so the second run publishes whatever the model measures.
+THRESHOLD_CHANGE = ["parity.thresholds.max_kl=1.0", "parity.thresholds.max_ppl_ratio=2.0"]
+
+
+def run(recipe: Path, out: Path, cache: Path, overrides: list[str]) -> tuple[dict, float]:
+    cmd = [sys.executable, "convert.py", str(recipe), "--output-dir", str(out), "--cache-dir", str(cache),
+           "--json", "--quiet", "--force"]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"convert.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout), wall
+
+
+def markdown(results: dict) -> str:
+    rows = [f"{results['recipe']}, {results['cores']} cores, {results['machine']}, {results['date']}", "",
+            "| run | wall time | stages (s; * = from cache) |", "|---|---|---|"]
+    for run_ in results["runs"]:
+        stages = ", ".join(f"{s['name']} {s['seconds']:.1f}{'*' if s['cache'] == 'hit' else ''}" for s in run_["stages"])
+        rows.append(f"| {run_['label']} | {run_['wall_s']:.1f} s | {stages} |")
+    verdict = "met" if results["ratio"] < TARGET_RATIO else "NOT met"
+    rows += ["", f"second / first: {results['ratio']:.3f} (target < {TARGET_RATIO}: {verdict})"]
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m-cpu.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra override for both runs (e.g. for a tiny recipe)")
+    parser.add_argument("--name", default="cache", help="results file name (bench/results/<name>.*)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, runs = Path(tmp) / "cache", []
+        for label, extra in (("first (empty cache)", []), ("second (thresholds changed)", THRESHOLD_CHANGE)):
+            result, wall = run(args.recipe, Path(tmp) / "out", cache, args.overrides + extra)
+            runs.append({"label": label, "wall_s": round(wall, 2), "stages": result["stages"]})
+    results = {
+        "recipe": args.recipe.name,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}",
+        "cores": __import__("os").cpu_count(),
+        "runs": runs,
+        "ratio": round(runs[1]["wall_s"] / runs[0]["wall_s"], 4),
+        "target_ratio": TARGET_RATIO,
+    }
+    table = markdown(results)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Stage cache and reproducibility: same recipe, same inputs -> same bytes; cached re-runs skip work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_recipe_dict
+from test_cli import NAME, VERSION, run_cli
+
+MODEL_FILES = ("model.onnx", f"triton/{NAME}-cpu-onnxruntime/1/model.onnx", f"triton/{NAME}-cpu-onnxruntime/config.pbtxt")
+
+
+def stage_map(result: dict) -> dict:
+    return {s["name"]: (s["ran"], s["cache"]) for s in result["stages"]}
+
+
+def artifact_bytes(folder) -> dict:
+    """Every file of an artifact except the manifest (which records times) -> bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["qwen3"])))
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "first", "--quiet", "--json", "--cache-dir", tmp / "cache")
+    assert code == 0, stderr
+    return tmp, recipe, json.loads(stdout)
+
+
+def test_first_run_computes_and_stores_every_stage(first_run):
+    _, _, result = first_run
+    stages = stage_map(result)
+    for name in ("calibrate", "smooth", "export", "parity"):
+        assert stages[name] == (True, "miss"), name
+
+
+def test_rerun_with_other_thresholds_skips_calibration_and_gives_the_same_model(first_run):
+    tmp, recipe, _ = first_run
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "second", "--quiet", "--json", "--cache-dir",
+                                   tmp / "cache", "--set", "parity.thresholds.max_kl=0.5")
+    assert code == 0, stderr
+    stages = stage_map(json.loads(stdout))
+    assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
+    assert stages["export"] == (False, "hit") and stages["parity"] == (False, "hit")
+    first, second = tmp / "first" / NAME / VERSION, tmp / "second" / NAME / VERSION
+    for name in MODEL_FILES:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    report = json.loads((second / "parity_report.json").read_text())["cpu-onnxruntime"]
+    assert report["thresholds"]["max_kl"] == 0.5  # cached measurements, this recipe's thresholds
+    computed = json.loads((first / "parity_report.json").read_text())["cpu-onnxruntime"]
+    assert report["metrics"] == computed["metrics"] and report["comparator"] == computed["comparator"]
+    assert report["passed"] and report["failures"] == []
+    # the front record comes back exactly: layer rows, smoothing, scales, and the report built from them
+    m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (first, second))
+    for key in ("layers", "smoothing", "fallback", "quantization", "calibration"):
+        assert m1[key] == m2[key], key
+    for name in ("report/quantization_report.md", "report/activation_channels.png", "report/quantization_errors.png"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_cached_parity_is_judged_against_the_new_thresholds(first_run):
+    tmp, recipe, _ = first_run
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "strict", "--quiet", "--json", "--cache-dir",
+                                   tmp / "cache", "--set", "parity.thresholds.max_kl=0")
+    assert code == 2 and "kl_mean" in stderr
+    assert stage_map(json.loads(stdout))["parity"] == (False, "hit")
+
+
+def test_export_change_reuses_calibration_and_smoothing_only(first_run):
+    tmp, recipe, _ = first_run
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "opset", "--quiet", "--json", "--cache-dir",
+                                   tmp / "cache", "--set", "export.opset=17")
+    assert code == 0, stderr
+    stages = stage_map(json.loads(stdout))
+    assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
+    assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
+
+
+def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
+    import torch
+
+    from converter.cache import StageCache
+
+    cache = StageCache(tmp_path)
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"model bytes")
+    cache.put("export", "k", {"qdq__model.onnx": source}, {"n": 1}, tensors={"a": torch.ones(2)})
+    entry, meta = cache.get("export", "k")
+    assert meta["n"] == 1 and (entry / "qdq__model.onnx").read_bytes() == b"model bytes"
+    (entry / "qdq__model.onnx").write_bytes(b"model bytez")
+    assert cache.get("export", "k") is None and not entry.exists()
+    assert StageCache(None).get("export", "k") is None
+
+
+def test_no_cache_recomputes_and_reproduces_the_same_bytes_in_another_process(first_run):
+    """Two runs with no cache, one here and one in a fresh interpreter with another hash seed:
+    every file (models, Triton config, reports, tokenizer) is byte-identical."""
+    tmp, recipe, first = first_run
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "nocache", "--quiet", "--json", "--no-cache")
+    assert code == 0, stderr
+    assert stage_map(json.loads(stdout))["calibrate"] == (True, None)
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    proc = subprocess.run([sys.executable, "convert.py", recipe, "--output-dir", tmp / "again", "--quiet", "--no-cache"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    a, b = tmp / "nocache" / NAME / VERSION, tmp / "again" / NAME / VERSION
+    files_a, files_b = artifact_bytes(a), artifact_bytes(b)
+    assert set(files_a) == set(files_b) and all(name in files_a for name in MODEL_FILES)
+    assert [n for n in files_a if files_a[n] != files_b[n]] == []
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (a, b)]
+    assert manifests[0]["files"] == manifests[1]["files"]
+    assert manifests[0]["recipe_sha256"] == manifests[1]["recipe_sha256"]
+    # the cached first run produced the same model as the uncached ones
+    cached = tmp / "first" / NAME / VERSION
+    assert (cached / "model.onnx").read_bytes() == files_a["model.onnx"]
