@@ -74,7 +74,9 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export) -> Path:
             output_names=list(OUTPUT_NAMES),
             dynamic_shapes=dynamic,
             opset_version=cfg.opset,
-            external_data=_needs_external_data(model, cfg),
+            # An intermediate file, so always external: serializing a 550 MB model inline costs the
+            # exporter ~3 GB of RSS (measured on SmolLM2-135M: 4.1 GB peak inline, 1.2 GB external).
+            external_data=True,
             verbose=False,
         )
     return path
@@ -186,7 +188,9 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     _fold_constant_subgraphs(onnx_model)
     _strip_export_metadata(onnx_model)
     external = _needs_external_data(model, cfg)
-    for value in graph.initializers.values():  # tensors loaded from the fp32 file must be materialized
+    for value in graph.initializers.values():
+        # Tensors still pointing into the FP32 work file's external data: ir.save would keep the
+        # reference (into a file that is deleted) instead of writing the bytes, so load them.
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     ir.save(onnx_model, out_path, external_data=f"{out_path.name}.data" if external else None)
