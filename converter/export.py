@@ -90,12 +90,15 @@ def _needs_external_data(model: torch.nn.Module, cfg: Export) -> bool:
 
 
 def _weight_initializer_names(model: torch.nn.Module, plan: QuantPlan) -> dict[str, str]:
-    """Initializer name -> linear name. Tied weights export under their first parameter name."""
-    canonical = {id(p): name for name, p in model.named_parameters()}  # deduplicated: first name wins
+    """Initializer name -> linear name, under every name a weight has: a tied weight exports under
+    one of its aliases (the exporter picked `lm_head.weight` over `embed_tokens.weight`)."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
     out = {}
     for name in plan.linears:
-        weight = model.get_submodule(name).weight
-        out[f"{_WRAPPED}.{canonical[id(weight)]}"] = name
+        for alias in aliases[id(model.get_submodule(name).weight)]:
+            out[f"{_WRAPPED}.{alias}"] = name
     return out
 
 
