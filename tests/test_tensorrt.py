@@ -75,7 +75,9 @@ def test_tensorrt_parser_and_builder_accept_every_tiny_architecture(exported):
     # every quantized linear is a MatMul whose both inputs TensorRT dequantizes from INT8
     assert sorted(network["int8_matmul_linears"]) == sorted(plan.linears)
     assert network["int8_quantize_layers"] == len(plan.linears)
-    assert result["engine_bytes"] > 100_000 and result["profiles"][0]["input_ids"]["max"] == [4, 512]
+    # acceptance builds at the profile's opt shapes (GPU engines keep min/opt/max)
+    assert result["engine_bytes"] > 100_000
+    assert result["profiles"][0]["input_ids"] == {"min": [2, 64], "opt": [2, 64], "max": [2, 64]}
 
 
 @needs_rtx
