@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from cli_run import run_convert
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -27,16 +26,7 @@ THRESHOLD_CHANGE = ["parity.thresholds.max_kl=1.0", "parity.thresholds.max_ppl_r
 
 
 def run(recipe: Path, out: Path, cache: Path, overrides: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "convert.py", str(recipe), "--output-dir", str(out), "--cache-dir", str(cache),
-           "--json", "--quiet", "--force"]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"convert.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout), wall
+    return run_convert(recipe, out, overrides, ["--cache-dir", str(cache)])
 
 
 def markdown(results: dict) -> str:

@@ -14,12 +14,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from cli_run import run_convert
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -40,16 +41,7 @@ HEAD_FLOAT = "SmoothQuant static W8A8, alpha 0.8, lm_head float"
 def convert(out: Path, overrides: list[str]) -> tuple[dict, float]:
     """Run the converter as a user would; returns (JSON result, wall seconds)."""
     # --no-cache: every run measures the full conversion (bench/cache.py measures the cache)
-    cmd = [sys.executable, "convert.py", str(RECIPE), "--output-dir", str(out), "--json", "--quiet", "--force",
-           "--no-cache"]
-    for item in overrides + NO_GATES + ["parity.polygraphy.int8_atol=1000"]:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"convert.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout), wall
+    return run_convert(RECIPE, out, overrides + NO_GATES + ["parity.polygraphy.int8_atol=1000"], ["--no-cache"])
 
 
 def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int = 256) -> dict:

@@ -1,0 +1,24 @@
+"""Run `convert.py` the way a user or CI job does, and time it (shared by the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_convert(recipe: Path, out: Path, overrides: list[str], flags: list[str]) -> tuple[dict, float]:
+    """`convert.py RECIPE --json --quiet --force FLAGS --set ...`; returns (JSON result, wall seconds)."""
+    cmd = [sys.executable, "convert.py", str(recipe), "--output-dir", str(out), "--json", "--quiet", "--force", *flags]
+    for item in overrides:
+        cmd += ["--set", item]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"convert.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout), wall
