@@ -39,7 +39,7 @@ class ActStats:
 
 
 @torch.no_grad()
-def _run_hooked(model, names, windows: Windows, batch_size: int, description: str, on_input) -> tuple[int, int]:
+def run_hooked(model, names, windows: Windows, batch_size: int, description: str, on_input) -> tuple[int, int]:
     """Run the windows through `model`, calling on_input(name, x) with each hooked linear's input.
 
     The head (the lm_head of a causal LM, a fifth of a 135M decoder's FLOPs and a 50 MB logits tensor
@@ -93,7 +93,7 @@ def collect_input_amax(
         prev = amax.get(name)
         amax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
 
-    batches, tokens = _run_hooked(model, names, windows, batch_size, description, record)
+    batches, tokens = run_hooked(model, names, windows, batch_size, description, record)
     for name in names:
         if name not in amax:
             raise UserError(f"layer {name}: never ran during calibration")
@@ -110,7 +110,7 @@ def collect_input_histograms(
     """One more pass: a histogram of |input| over [0, abs-max] for each linear in `ranges`."""
     hists = {name: Histogram(amax, torch.zeros(HISTOGRAM_BINS, dtype=torch.float64))
              for name, amax in ranges.items() if amax > 0}
-    _run_hooked(model, list(hists), windows, batch_size, "histograms", lambda n, x: hists[n].add(x))
+    run_hooked(model, list(hists), windows, batch_size, "histograms", lambda n, x: hists[n].add(x))
     return hists
 
 

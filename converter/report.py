@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from converter.calibrate import ActStats, _run_hooked
+from converter.calibrate import ActStats, run_hooked
 from converter.data import Windows
 from converter.quantize import QuantPlan, fake_quantize_activation
 
@@ -39,7 +39,7 @@ def activation_errors(model, plan: QuantPlan, windows: Windows, samples: int, ba
         sums[name][1] += float(x.pow(2).sum())
 
     sample = Windows(windows.input_ids[:samples], windows.sha256, windows.total_windows)
-    _run_hooked(model, list(plan.linears), sample, batch_size, "activation error", record)
+    run_hooked(model, list(plan.linears), sample, batch_size, "activation error", record)
     return {n: e / max(t, 1e-30) for n, (e, t) in sums.items()}
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from converter.archs import ArchSpec, head_layout
-from converter.calibrate import _run_hooked, collect_input_amax
+from converter.calibrate import run_hooked, collect_input_amax
 from converter.data import Windows
 from converter.progress import track
 from converter.quantize import (
@@ -75,7 +75,7 @@ def per_group_alphas(model, spec: ArchSpec, cfg: Smoothing, act_amax, windows: W
     groups = [(k, root, g) for k, root, g in iter_groups(model, spec, cfg) if balance_names(k, g)[0] in act_amax]
     first = {balance_names(k, g)[0] for k, _, g in groups}
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in first}
-    _run_hooked(model, sorted(first), subset(windows, cfg.search_samples), batch_size, "capture",
+    run_hooked(model, sorted(first), subset(windows, cfg.search_samples), batch_size, "capture",
                 lambda n, x: captured[n].append(x.reshape(-1, x.shape[-1])))
     layout = head_layout(model.config)
     search = AlphaSearch("per_group", list(cfg.alpha_grid), cfg.search_samples)
