@@ -1,7 +1,13 @@
 """Architecture table: which layer feeds which linears, as data.
 
 Each supported HF class maps to an `ArchSpec`. The stages never branch on the architecture; they
-read these tables. Adding a family means adding an entry here (and a tiny test model), nothing else.
+read these tables. Adding a family means adding an entry here (and a tiny test model), nothing else;
+a recipe can also supply an entry for a class that is not here (`architecture:` section).
+
+Only function-preserving pairs belong in a table: a producer whose output reaches anything besides
+the balance linears (a post-LayerNorm output that also feeds the residual, as in BERT) or a
+non-linearity between producer and consumer that does not commute with a positive scale (GELU;
+ReLU and the linear `up` half of a gated MLP do commute) cannot absorb a smoothing scale.
 """
 
 from __future__ import annotations
@@ -15,6 +21,35 @@ from converter.errors import UserError
 
 
 @dataclass(frozen=True)
+class FusedRows:
+    """The rows of a fused linear (Phi3 `qkv_proj`, GPT-2 `c_attn`, BLOOM `query_key_value`) that
+    produce a group's activation.
+
+    Attributes:
+        parts: sizes of the fused parts in output-row order: "q" (heads x head_dim), "kv" (key/value
+            heads x head_dim) or "ffn" (intermediate_size).
+        take: index of the part the balance linears read.
+        per_head: parts are interleaved head by head, rows (heads, parts, head_dim) (BLOOM), rather
+            than concatenated.
+    """
+
+    parts: tuple[Literal["q", "kv", "ffn"], ...]
+    take: int
+    per_head: bool = False
+
+    def indices(self, layout: HeadLayout) -> torch.Tensor:
+        """(n,) int64 row indices of the taken part."""
+        if self.per_head:
+            n_parts, hd = len(self.parts), layout.head_dim
+            head = torch.arange(layout.num_heads).view(-1, 1) * n_parts * hd
+            return (head + self.take * hd + torch.arange(hd).view(1, -1)).reshape(-1)
+        sizes = {"q": layout.num_heads * layout.head_dim, "kv": layout.num_kv_heads * layout.head_dim,
+                 "ffn": layout.intermediate_size}
+        start = sum(sizes[p] for p in self.parts[: self.take])
+        return torch.arange(start, start + sizes[self.parts[self.take]])
+
+
+@dataclass(frozen=True)
 class SmoothGroup:
     """One SmoothQuant migration inside a block.
 
@@ -25,15 +60,18 @@ class SmoothGroup:
     Attributes:
         name: the recipe name of the group (`smoothing.groups`).
         prev: module (relative to the block) whose output is scaled by 1/s.
-        prev_kind: "norm" (RMSNorm/LayerNorm weight), "linear" (rows of a linear), or
-            "linear_heads" (v_proj rows feeding o_proj through attention heads, with GQA sharing).
+        prev_kind: "norm" (RMSNorm/LayerNorm weight, and bias if any), "linear" (rows of a linear),
+            or "linear_heads" (value rows feeding the output projection through attention heads,
+            with GQA sharing).
         balance: linears (relative to the block) whose input columns absorb s.
+        prev_rows: for a fused `prev` linear, which of its rows produce the activation.
     """
 
     name: str
     prev: str
     prev_kind: Literal["norm", "linear", "linear_heads"]
     balance: tuple[str, ...]
+    prev_rows: FusedRows | None = None
 
 
 @dataclass(frozen=True)
@@ -44,10 +82,11 @@ class ArchSpec:
         blocks: attribute path of the ModuleList of transformer blocks.
         linears: quantizable linears inside each block, relative to the block.
         groups: smoothing groups inside each block.
-        lm_head: attribute path of the output projection.
+        lm_head: attribute path of the output projection ("" when there is none).
         head_group: smoothing group of the final norm into the lm_head (paths from the model root).
         norm_offset: the norm computes x_hat * (norm_offset + weight); 1.0 for Gemma-style norms.
-        kind: "decoder" (causal LM, exports logits) or "encoder".
+        kind: "decoder" (causal LM) or "encoder" (bidirectional, no generation).
+        output: the model output the export returns (`logits`, `last_hidden_state`).
     """
 
     blocks: str
@@ -57,26 +96,18 @@ class ArchSpec:
     head_group: SmoothGroup | None = None
     norm_offset: float = 0.0
     kind: Literal["decoder", "encoder"] = "decoder"
+    output: str = "logits"
 
+
+_LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 _LLAMA_LIKE = ArchSpec(
     blocks="model.layers",
-    linears=(
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
+    linears=_LLAMA_LINEARS,
     groups=(
-        SmoothGroup(
-            "attn_in",
-            "input_layernorm",
-            "norm",
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ),
+        SmoothGroup("attn_in", "input_layernorm", "norm", _QKV),
         SmoothGroup("mlp_in", "post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
         SmoothGroup("mlp_down", "mlp.up_proj", "linear", ("mlp.down_proj",)),
         SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.o_proj",)),
@@ -84,33 +115,125 @@ _LLAMA_LIKE = ArchSpec(
     head_group=SmoothGroup("head_in", "model.norm", "norm", ("lm_head",)),
 )
 
+# Gemma 3: the norm before the MLP is `pre_feedforward_layernorm`; `post_attention_layernorm` and
+# `post_feedforward_layernorm` normalize block outputs before the residual add, so they feed no linear.
+_GEMMA3 = ArchSpec(
+    blocks="model.layers",
+    linears=_LLAMA_LINEARS,
+    groups=(
+        SmoothGroup("attn_in", "input_layernorm", "norm", _QKV),
+        SmoothGroup("mlp_in", "pre_feedforward_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothGroup("mlp_down", "mlp.up_proj", "linear", ("mlp.down_proj",)),
+        SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.o_proj",)),
+    ),
+    head_group=SmoothGroup("head_in", "model.norm", "norm", ("lm_head",)),
+    norm_offset=1.0,  # Gemma3RMSNorm: x_hat * (1 + weight)
+)
+
+# Phi-3: q/k/v and gate/up are fused; down_proj reads act(gate) * up, linear in the `up` rows.
+_PHI3 = ArchSpec(
+    blocks="model.layers",
+    linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    groups=(
+        SmoothGroup("attn_in", "input_layernorm", "norm", ("self_attn.qkv_proj",)),
+        SmoothGroup("mlp_in", "post_attention_layernorm", "norm", ("mlp.gate_up_proj",)),
+        SmoothGroup("mlp_down", "mlp.gate_up_proj", "linear", ("mlp.down_proj",), FusedRows(("ffn", "ffn"), 1)),
+        SmoothGroup("attn_out", "self_attn.qkv_proj", "linear_heads", ("self_attn.o_proj",),
+                    FusedRows(("q", "kv", "kv"), 2)),
+    ),
+    head_group=SmoothGroup("head_in", "model.norm", "norm", ("lm_head",)),
+)
+
+# OPT (pre-LN, LayerNorm with bias): fc1 -> ReLU -> fc2, and ReLU(x / s) = ReLU(x) / s for s > 0.
+_OPT = ArchSpec(
+    blocks="model.decoder.layers",
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    groups=(
+        SmoothGroup("attn_in", "self_attn_layer_norm", "norm", _QKV),
+        SmoothGroup("mlp_in", "final_layer_norm", "norm", ("fc1",)),
+        SmoothGroup("mlp_down", "fc1", "linear", ("fc2",)),
+        SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.out_proj",)),
+    ),
+    head_group=SmoothGroup("head_in", "model.decoder.final_layer_norm", "norm", ("lm_head",)),
+)
+
+# BLOOM: query_key_value rows are (heads, [q, k, v], head_dim); ALiBi only biases the attention
+# scores, so v -> dense is linear. GELU between dense_h_to_4h and dense_4h_to_h: no mlp_down.
+_BLOOM = ArchSpec(
+    blocks="transformer.h",
+    linears=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    groups=(
+        SmoothGroup("attn_in", "input_layernorm", "norm", ("self_attention.query_key_value",)),
+        SmoothGroup("mlp_in", "post_attention_layernorm", "norm", ("mlp.dense_h_to_4h",)),
+        SmoothGroup("attn_out", "self_attention.query_key_value", "linear_heads", ("self_attention.dense",),
+                    FusedRows(("q", "kv", "kv"), 2, per_head=True)),
+    ),
+    head_group=SmoothGroup("head_in", "transformer.ln_f", "norm", ("lm_head",)),
+)
+
+# GPT-2: HF Conv1D modules are swapped for equivalent nn.Linear at load time (`conv1d_to_linear`),
+# so every weight here is (out, in). c_attn rows are [q | k | v]. GELU in the MLP: no mlp_down.
+_GPT2 = ArchSpec(
+    blocks="transformer.h",
+    linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    groups=(
+        SmoothGroup("attn_in", "ln_1", "norm", ("attn.c_attn",)),
+        SmoothGroup("mlp_in", "ln_2", "norm", ("mlp.c_fc",)),
+        SmoothGroup("attn_out", "attn.c_attn", "linear_heads", ("attn.c_proj",), FusedRows(("q", "kv", "kv"), 2)),
+    ),
+    head_group=SmoothGroup("head_in", "transformer.ln_f", "norm", ("lm_head",)),
+)
+
+# BERT is post-LN: each LayerNorm output feeds the next linears *and* the residual, so it cannot
+# absorb a scale. value -> attention.output.dense is the one function-preserving pair (no GQA).
+_BERT_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense", "intermediate.dense", "output.dense")
+_BERT_GROUPS = (SmoothGroup("attn_out", "attention.self.value", "linear_heads", ("attention.output.dense",)),)
+_BERT = ArchSpec(blocks="encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS, lm_head="",
+                 kind="encoder", output="last_hidden_state")
+_BERT_CLASSIFIER = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
+                            lm_head="classifier", kind="encoder", output="logits")
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,
     "Qwen2ForCausalLM": _LLAMA_LIKE,
-    # Qwen3 adds q_norm/k_norm *after* q/k_proj: they do not touch the smoothed input channels.
+    # Qwen3 and Gemma3 add q_norm/k_norm *after* q/k_proj: they do not touch the smoothed input channels.
     "Qwen3ForCausalLM": _LLAMA_LIKE,
+    "Gemma3ForCausalLM": _GEMMA3,
+    "Phi3ForCausalLM": _PHI3,
+    "OPTForCausalLM": _OPT,
+    "BloomForCausalLM": _BLOOM,
+    "GPT2LMHeadModel": _GPT2,
+    "BertModel": _BERT,
+    "BertForSequenceClassification": _BERT_CLASSIFIER,
 }
 
+LAYER_MAP_FIELD = "architecture"  # the recipe section that supplies an entry for another class
 
-def arch_spec(model: torch.nn.Module) -> ArchSpec:
-    """The table entry for a model's class.
+
+def arch_spec(model: torch.nn.Module, override: ArchSpec | None = None) -> ArchSpec:
+    """The table entry for a model's class (or `override`, a recipe-supplied entry).
 
     Raises:
         UserError: the class is not in the table (the message lists the supported classes).
     """
-    return spec_for(type(model).__name__)
+    return override if override is not None else spec_for(type(model).__name__)
 
 
-def spec_for(class_name: str) -> ArchSpec:
+def spec_for(class_name: str, override: ArchSpec | None = None) -> ArchSpec:
     """The table entry for an HF class name (as in config.json `architectures`).
 
     Raises:
-        UserError: the class is not in the table (the message lists the supported classes).
+        UserError: the class is not in the table and there is no override (the message lists the
+            supported classes and names the recipe section that supplies a layer map).
     """
+    if override is not None:
+        return override
     if class_name not in ARCHITECTURES:
         raise UserError(
-            f"architecture {class_name} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"architecture {class_name} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}; "
+            f"or describe its layers in the recipe's `{LAYER_MAP_FIELD}:` section"
         )
     return ARCHITECTURES[class_name]
 
@@ -120,6 +243,7 @@ class HeadLayout:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    intermediate_size: int = 0
 
     @property
     def group_size(self) -> int:
@@ -132,7 +256,8 @@ def head_layout(config) -> HeadLayout:
     num_heads = config.num_attention_heads
     num_kv = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return HeadLayout(num_heads, num_kv, head_dim)
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 0
+    return HeadLayout(num_heads, num_kv, head_dim, ffn)
 
 
 def block_linear_names(model: torch.nn.Module, spec: ArchSpec) -> list[str]:
@@ -142,3 +267,24 @@ def block_linear_names(model: torch.nn.Module, spec: ArchSpec) -> list[str]:
     if spec.lm_head:
         names.append(spec.lm_head)
     return names
+
+
+@torch.no_grad()
+def conv1d_to_linear(model: torch.nn.Module) -> int:
+    """Swap every HF `Conv1D` (weight stored (in, out)) for an equal `nn.Linear` (weight (out, in)).
+
+    Function-preserving; afterwards every quantizable weight is (out, in), so neither the quantizer
+    nor the exporter ever sees a transposed weight. Returns how many modules were swapped.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Conv1D)]
+    for name, conv in swapped:
+        n_in, n_out = conv.weight.shape
+        linear = torch.nn.Linear(n_in, n_out, bias=conv.bias is not None, dtype=conv.weight.dtype)
+        linear.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+    return len(swapped)

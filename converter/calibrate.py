@@ -46,7 +46,9 @@ def run_hooked(model, names, windows: Windows, batch_size: int, description: str
     per 256-token window) never runs: when it is hooked, the forward pass stops once its input is
     recorded. Returns (batches, tokens).
     """
-    head = {n for n, _ in model.named_modules() if n and not n.startswith(model.base_model_prefix)}
+    # Modules outside the base model (lm_head, classifier); none when the model is its own base (BertModel).
+    base = model.base_model
+    head = set() if base is model else {n for n, _ in model.named_modules() if n and not n.startswith(model.base_model_prefix)}
 
     def make_hook(name: str):
         def hook(_module, args):
@@ -57,7 +59,7 @@ def run_hooked(model, names, windows: Windows, batch_size: int, description: str
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    runner = model if head & set(names) else model.base_model
+    runner = model if head & set(names) else base
     batches = tokens = 0
     try:
         total = math.ceil(len(windows.input_ids) / batch_size)

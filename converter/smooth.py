@@ -74,7 +74,8 @@ def group_scales(root, group: SmoothGroup, act_amax, alpha, layout) -> tuple[tor
     # o_proj input channel (h, d) reads v_proj output channel (h // group_size, d): a scale can
     # only move through v_proj if it is shared by every query head reading that kv head.
     n_kv, g, hd = layout.num_kv_heads, layout.group_size, layout.head_dim
-    if prev.out_features != n_kv * hd or balance[0].in_features != n_kv * g * hd:
+    rows = prev.out_features if group.prev_rows is None else len(group.prev_rows.indices(layout))
+    if rows != n_kv * hd or balance[0].in_features != n_kv * g * hd:
         return f"{group.name}: head layout does not match v_proj/o_proj shapes"
     act = act.view(n_kv, g, hd).amax(dim=1).reshape(-1)
     weight_amax = weight_amax.view(n_kv, g, hd).amax(dim=1).reshape(-1)
@@ -95,9 +96,11 @@ def _smooth_group(root, group: SmoothGroup, act_amax, alpha, norm_offset, layout
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(scales)
     else:
-        prev.weight.div_(scales.view(-1, 1))
+        # a fused producer (qkv_proj, gate_up_proj) scales only the rows that feed the balance linears
+        rows = slice(None) if group.prev_rows is None else group.prev_rows.indices(layout)
+        prev.weight[rows] = prev.weight[rows] / scales.view(-1, 1)
         if prev.bias is not None:
-            prev.bias.div_(scales)
+            prev.bias[rows] = prev.bias[rows] / scales
     for name in group.balance:
         root.get_submodule(name).weight.mul_(col_scales.view(1, -1))
     after = act_amax / col_scales

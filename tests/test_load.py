@@ -40,8 +40,8 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, write_recipe):
 
 
 def test_unsupported_architecture_refused_before_loading_weights(tmp_path, write_recipe):
-    folder = _folder(tmp_path, architecture="BertModel", weights="model.safetensors")
-    with pytest.raises(UserError, match=r"architecture BertModel is not supported; supported: .*LlamaForCausalLM"):
+    folder = _folder(tmp_path, architecture="GPTJForCausalLM", weights="model.safetensors")
+    with pytest.raises(UserError, match=r"architecture GPTJForCausalLM is not supported; supported: .*LlamaForCausalLM.*architecture:"):
         load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
 
 

@@ -21,7 +21,7 @@ def windows(n=8, t=48, seed=1):
 def calibrated(arch):
     model = build_tiny(arch)
     spec = arch_spec(model)
-    names = block_linear_names(model, spec)[:-1]
+    names = [n for n in block_linear_names(model, spec) if n != spec.lm_head]  # lm_head stays float
     return model, spec, names, collect_input_amax(model, names, windows(), 4)
 
 
@@ -30,15 +30,19 @@ def test_smoothing_leaves_float_outputs_unchanged(arch):
     model, spec, names, stats = calibrated(arch)
     reference = copy.deepcopy(model)
     report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
-    assert len(report.groups) == 2 * 4  # 2 blocks x 4 groups, incl. v->o (GQA)
-    assert report.skipped == ["head_in: lm_head not quantized"]  # calibrated() leaves lm_head float
+    assert len(report.groups) == 2 * len(spec.groups)  # 2 blocks x every group, incl. v->o (GQA)
+    # calibrated() leaves lm_head float
+    assert report.skipped == (["head_in: lm_head not quantized"] if spec.head_group else [])
     x = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
-        before, after = reference(x).logits, model(x).logits
-    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5), float((before - after).abs().max())
-    # ...and it really changed the weights
-    w0 = reference.model.layers[0].self_attn.q_proj.weight
-    assert not torch.allclose(w0, model.model.layers[0].self_attn.q_proj.weight)
+        before, after = getattr(reference(x), spec.output), getattr(model(x), spec.output)
+    scale = float(before.abs().max())
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5 * max(scale, 1)), float((before - after).abs().max())
+    # ...and it really changed every group's weights (producer and consumers)
+    for group in spec.groups:
+        for name in (group.prev, *group.balance):
+            w = f"{spec.blocks}.0.{name}.weight"
+            assert not torch.allclose(reference.get_parameter(w), model.get_parameter(w)), w
 
 
 def test_planted_outliers_are_flattened():
@@ -78,6 +82,20 @@ def test_gqa_scale_is_shared_by_query_heads_of_one_kv_head():
     col = ratio[0].view(2, 2, 16)  # (kv heads, query heads per kv head, head_dim)
     torch.testing.assert_close(col[:, 0], col[:, 1])
     assert not torch.allclose(col[0, 0], torch.ones(16))
+
+
+def test_gemma3_table_folds_into_one_plus_weight():
+    # Gemma3RMSNorm computes x_hat * (1 + w): the table's offset makes the fold (1 + w') = (1 + w) / s.
+    model, spec, names, stats = calibrated("gemma3")
+    assert spec.norm_offset == 1.0
+    norm = model.model.layers[1].pre_feedforward_layernorm
+    w = norm.weight.clone()
+    mlp = model.model.layers[1].mlp
+    w_amax = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).abs().amax(dim=0)
+    act = stats.amax["model.layers.1.mlp.gate_proj"]
+    s = (act.pow(0.5) / w_amax.pow(0.5)).clamp(min=1e-5)
+    smooth(model, stats.amax, Smoothing(alpha=0.5, groups=["mlp_in"]), spec)
+    torch.testing.assert_close(1 + norm.weight, (1 + w) / s)
 
 
 def test_gemma_style_norm_offset_fold():
@@ -139,3 +157,62 @@ def test_groups_of_float_linears_are_skipped():
     assert "model.layers.0.mlp_down: mlp.down_proj not quantized" in report.skipped
     assert {g.group for g in report.groups} == {"attn_in", "mlp_in", "attn_out"}
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "bert"])
+def test_outliers_are_flattened_for_layernorm_and_fused_architectures(arch):
+    model, spec, names, stats = calibrated(arch)
+    report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)
+    for rec in report.groups:
+        assert rec.outlier_ratio_before > 10 and rec.outlier_ratio_after < rec.outlier_ratio_before / 3, rec
+    after = collect_input_amax(model, names, windows(), 4).amax
+    for rec in report.groups:  # re-measured on the smoothed model, not just predicted
+        x = after[rec.linears[0]]
+        assert float(x.max() / x.median()) < rec.outlier_ratio_before / 3, rec.linears[0]
+
+
+def test_fused_rows_fold_matches_formula_inline():
+    # Phi3: only the `up` half of gate_up_proj divides by s; gate rows stay untouched.
+    model, spec, names, stats = calibrated("phi3")
+    mlp = model.model.layers[0].mlp
+    inter = model.config.intermediate_size
+    gate_up, down = mlp.gate_up_proj.weight.clone(), mlp.down_proj.weight.clone()
+    act = stats.amax["model.layers.0.mlp.down_proj"]
+    smooth(model, stats.amax, Smoothing(alpha=0.5, groups=["mlp_down"]), spec)
+    s = (act.pow(0.5) / down.abs().amax(dim=0).pow(0.5)).clamp(min=1e-5)
+    torch.testing.assert_close(mlp.gate_up_proj.weight[:inter], gate_up[:inter], rtol=0, atol=0)
+    torch.testing.assert_close(mlp.gate_up_proj.weight[inter:], gate_up[inter:] / s.view(-1, 1))
+    torch.testing.assert_close(mlp.down_proj.weight, down * s)
+
+
+def test_bloom_value_rows_are_interleaved_per_head():
+    # query_key_value rows are (heads, [q, k, v], head_dim): the v rows of head h start at h*3*hd + 2*hd.
+    model, spec, names, stats = calibrated("bloom")
+    attn = model.transformer.h[0].self_attention
+    qkv = attn.query_key_value.weight.clone()
+    smooth(model, stats.amax, Smoothing(alpha=0.5, groups=["attn_out"]), spec)
+    changed = ~torch.isclose(attn.query_key_value.weight, qkv).all(dim=1)
+    hd = 16
+    expected = torch.zeros(192, dtype=torch.bool).view(4, 3, hd)
+    expected[:, 2] = True  # only v rows, every head
+    assert torch.equal(changed, expected.view(-1))
+
+
+def test_conv1d_is_swapped_for_an_equal_linear():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from converter.archs import conv1d_to_linear
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    reference = copy.deepcopy(model)
+    c_attn = model.transformer.h[0].attn.c_attn.weight.clone()  # (in, out) = (64, 192)
+    assert conv1d_to_linear(model) == 2 * 4
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    lin = model.transformer.h[0].attn.c_attn
+    assert isinstance(lin, torch.nn.Linear) and lin.weight.shape == (192, 64)
+    assert torch.equal(lin.weight, c_attn.T)
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)

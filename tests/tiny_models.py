@@ -11,9 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import (BertConfig, BloomConfig, Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig,
+                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
-from converter.archs import arch_spec
+from converter.archs import arch_spec, conv1d_to_linear, head_layout
 
 OUTLIER_CHANNELS = (3, 17, 42)
 OUTLIER_FACTOR = 40.0
@@ -35,36 +38,97 @@ TINY_CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_COMMON),  # q/k/v carry biases
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),  # q_norm/k_norm after q/k_proj
     "llama-tied": lambda: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True}),  # lm_head = embedding
+    # LayerNorm with bias; fc1/fc2 export as Gemm; tied lm_head
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=64, max_position_embeddings=512, pad_token_id=1),
+    # fused, per-head interleaved query_key_value; ALiBi; tied lm_head
+    "bloom": lambda: BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
+    # Conv1D (weights (in, out)), fused c_attn; tied lm_head
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                               bos_token_id=0, eos_token_id=0),
+    # RMSNorm x_hat * (1 + w), q/k norms, GQA, tied lm_head
+    "gemma3": lambda: Gemma3TextConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # fused qkv_proj and gate_up_proj, GQA
+    "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # post-LN encoders
+    "bert": lambda: BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=512, architectures=["BertModel"]),
+    "bert-cls": lambda: BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=512, num_labels=3,
+                                   architectures=["BertForSequenceClassification"]),
 }
+DECODERS = ("llama", "qwen2", "qwen3", "opt", "bloom", "gpt2", "gemma3", "phi3")
+ENCODERS = ("bert", "bert-cls")
 
 
 @torch.no_grad()
 def plant_outliers(model: torch.nn.Module, channels=OUTLIER_CHANNELS, factor=OUTLIER_FACTOR) -> None:
     """Function-preserving: producer channel c times `factor`, consumer input column c divided by it."""
     spec = arch_spec(model)
+    layout = head_layout(model.config)
     idx = torch.tensor(channels)
     for block in model.get_submodule(spec.blocks):
         for group in spec.groups:
-            if group.prev_kind == "linear_heads":
-                continue
+            if group.prev_kind == "linear_heads" and layout.group_size > 1:
+                continue  # a v channel feeds several o_proj columns; not worth planting there
             prev = block.get_submodule(group.prev)
+            rows = idx if group.prev_rows is None else group.prev_rows.indices(layout)[idx]
             if group.prev_kind == "norm":
-                prev.weight[idx] *= factor
+                prev.weight[rows] = (spec.norm_offset + prev.weight[rows]) * factor - spec.norm_offset
             else:
-                prev.weight[idx, :] *= factor
+                prev.weight[rows, :] *= factor
+            if getattr(prev, "bias", None) is not None:
+                prev.bias[rows] *= factor
             for name in group.balance:
                 block.get_submodule(name).weight[:, idx] /= factor
 
 
+@torch.no_grad()
+def plant_norm_outliers(model: torch.nn.Module, channels=OUTLIER_CHANNELS, factor=8.0) -> None:
+    """Post-LN encoders: their LayerNorm outputs feed the residual too, so no function-preserving
+    outlier exists there. Real BERTs have outlier channels in exactly those outputs (MiniLM: channel
+    99), so the tiny encoders get them by construction (a different random model, not the same one)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight[list(channels)] *= factor
+
+
+def _model_class(config):
+    name = config.architectures[0] if config.architectures else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+    return getattr(transformers, name)
+
+
+@torch.no_grad()
+def _checkpoint_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as its HF class stores it: `build_tiny` swapped Conv1D for Linear, the checkpoint has Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    fresh = _model_class(model.config)._from_config(model.config, dtype=torch.float32)
+    state = model.state_dict()
+    for name, module in fresh.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            value = state[f"{name}.{pname}" if name else pname]
+            param.copy_(value.T if isinstance(module, Conv1D) and pname == "weight" else value)
+    return fresh
+
+
 def build_tiny(arch: str, seed: int = 0, outliers: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():  # random-init norms are all ones; give them some spread like trained ones
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
+    config = TINY_CONFIGS[arch]()
+    model = _model_class(config)._from_config(config, dtype=torch.float32, attn_implementation="eager")
+    conv1d_to_linear(model)
+    spec = arch_spec(model)
+    with torch.no_grad():  # random-init norms are all ones (Gemma: zeros); give them some spread like trained ones
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None and module.weight.dim() == 1:
+                module.weight.uniform_(0.5, 1.5).sub_(spec.norm_offset)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.uniform_(-0.1, 0.1)
     if outliers:
         plant_outliers(model)
+        if spec.kind == "encoder":
+            plant_norm_outliers(model)
     return model.eval()
 
 
@@ -83,7 +147,7 @@ def tiny_tokenizer(text: str) -> PreTrainedTokenizerFast:
 
 def save_tiny_checkpoint(arch: str, folder: Path, text: str, seed: int = 0) -> Path:
     """Write a tiny model with planted outliers and its tokenizer as an HF safetensors folder."""
-    model = build_tiny(arch, seed=seed)
+    model = _checkpoint_layout(build_tiny(arch, seed=seed))
     model.save_pretrained(folder)
     tiny_tokenizer(text).save_pretrained(folder)
     return folder
