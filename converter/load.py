@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from converter.archs import spec_for
+from converter.archs import conv1d_to_linear, spec_for, spec_from_recipe
 from converter.errors import UserError
 from converter.recipe import LoadedRecipe, Source
 
@@ -24,6 +24,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "vocab.json",
+    "vocab.txt",  # WordPiece (BERT)
     "merges.txt",
     "chat_template.jinja",
 )
@@ -56,7 +57,7 @@ def _combined_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def _check_folder(folder: Path, allow_pickle: bool) -> None:
+def _check_folder(folder: Path, allow_pickle: bool, layer_map=None) -> None:
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist")
     if not (folder / "config.json").is_file():
@@ -71,7 +72,7 @@ def _check_folder(folder: Path, allow_pickle: bool) -> None:
         raise UserError(f"checkpoint folder {folder}: config.json is not valid JSON ({exc.msg})") from None
     if len(architectures) != 1:
         raise UserError(f"checkpoint folder {folder}: config.json names architectures {architectures}, expected one")
-    spec_for(architectures[0])
+    spec_for(architectures[0], layer_map)
     if not has_safetensors and not allow_pickle:
         raise UserError(
             f"checkpoint folder {folder} holds only pickle weights (*.bin), which can run arbitrary "
@@ -97,13 +98,14 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
         from converter.packaged import materialize
 
         materialize(src.packaged, folder)
-    _check_folder(folder, src.allow_pickle)
+    _check_folder(folder, src.allow_pickle, spec_from_recipe(recipe.recipe.architecture))
     try:
         model = load_reference(folder, src)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=src.trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint folder {folder} could not be loaded: {first}") from None
+    conv1d_to_linear(model)  # GPT-2's (in, out) Conv1D weights become (out, in) Linears, exactly
     model.eval()
     files = _checkpoint_files(folder)
     return LoadedModel(
@@ -117,10 +119,18 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
 
 
 def load_reference(folder: Path, src: Source) -> torch.nn.Module:
-    """The checkpoint as the float reference: fp32, eager attention, eval mode."""
-    from transformers import AutoModelForCausalLM
+    """The checkpoint as the float reference: fp32, eager attention, eval mode.
 
-    model = AutoModelForCausalLM.from_pretrained(
+    Loads the class config.json names (BertModel stays a bare encoder); a class transformers does not
+    ship (remote code) goes through AutoModelForCausalLM.
+    """
+    import transformers
+
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(
         folder,
         dtype=torch.float32,
         attn_implementation="eager",

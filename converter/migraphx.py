@@ -42,6 +42,15 @@ def visible_gfx_archs() -> list[str]:
     return archs
 
 
+def _graph_inputs(model_path: Path) -> list[str]:
+    """The model's (batch, sequence) inputs: input_ids, attention_mask, and token_type_ids for encoders."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers]
+
+
 def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
     """What a MIGraphX target builds: what `--dry-run` prints and records."""
     gfx_arch, gpu = MIGRAPHX_GPUS[target]
@@ -51,7 +60,7 @@ def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
         "gpu": gpu,
         "compute_capability": None,
         "gfx_arch": gfx_arch,
-        "input_dims": {"input_ids": [batch, sequence], "attention_mask": [batch, sequence]},
+        "input_dims": {name: [batch, sequence] for name in _graph_inputs(model_path)},
         "compile_target": "gpu",
         "offload_copy": True,
         "fast_math": options.migraphx_fast_math,

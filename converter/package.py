@@ -117,14 +117,19 @@ def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
     m = report["metrics"]
     t = report["thresholds"]
     status = "PASSED" if report["passed"] else "FAILED"
+    compared = m.get("compared", "logits")
     rows = [
-        ("perplexity, FP32 PyTorch", f"{m['reference_ppl']:.3f}", ""),
-        ("perplexity, INT8 artifact", f"{m['candidate_ppl']:.3f}", ""),
-        ("perplexity ratio", f"{m['ppl_ratio']:.4f}", f"<= {t['max_ppl_ratio']}"),
-        ("mean logits cosine", f"{m['mean_cosine']:.5f}", f">= {t['min_mean_cosine']}"),
-        ("min logits cosine", f"{m['min_cosine']:.5f}", f">= {t['min_min_cosine']}"),
-        ("top-1 agreement", f"{m['top1_agreement']:.4f}", f">= {t['min_top1_agreement']}"),
-        ("KL(FP32 || INT8), mean per token", f"{m['kl_mean']:.5f}", f"<= {t['max_kl']}"),
+        (label, fmt.format(m[key]), limit)
+        for label, key, fmt, limit in (
+            ("perplexity, FP32 PyTorch", "reference_ppl", "{:.3f}", ""),
+            ("perplexity, INT8 artifact", "candidate_ppl", "{:.3f}", ""),
+            ("perplexity ratio", "ppl_ratio", "{:.4f}", f"<= {t['max_ppl_ratio']}"),
+            (f"mean {compared} cosine", "mean_cosine", "{:.5f}", f">= {t['min_mean_cosine']}"),
+            (f"min {compared} cosine", "min_cosine", "{:.5f}", f">= {t['min_min_cosine']}"),
+            ("top-1 agreement", "top1_agreement", "{:.4f}", f">= {t['min_top1_agreement']}"),
+            ("KL(FP32 || INT8), mean per token", "kl_mean", "{:.5f}", f"<= {t['max_kl']}"),
+        )
+        if m.get(key) is not None  # encoders have no perplexity or KL
     ]
     for c in report["comparator"]:
         value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]

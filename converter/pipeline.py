@@ -25,11 +25,12 @@ import torch
 import yaml
 
 from converter import cache, package, triton
-from converter.archs import arch_spec, block_linear_names
+from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
 from converter.calibrate import activation_ranges, collect_input_amax
 from converter.data import token_windows
-from converter.errors import ParityFailure
-from converter.export import INPUT_NAMES, OUTPUT_NAMES, export_fp32, insert_qdq
+from converter.encoder import checkpoint_io, evaluate_encoder
+from converter.errors import ParityFailure, UserError
+from converter.export import export_fp32, insert_qdq
 from converter.load import TOKENIZER_FILES, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
 from converter.progress import note
@@ -156,6 +157,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
         checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
+    io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
     targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
@@ -167,7 +169,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
         "model": {"file": MODEL_FILE, "format": "onnx-qdq-w8a8", "opset": r.export.opset,
-                  "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES), "external_data": qdq.external_data,
+                  "kind": io.kind, "inputs": list(io.inputs), "outputs": list(io.outputs),
+                  "external_data": qdq.external_data,
                   "quantized_linears": len(plan.linears), "float_linears": plan.excluded},
         "source": {"path": r.source.path, "architecture": loaded.architecture,
                    "sha256": loaded.checkpoint_sha256, "files": loaded.files},
@@ -201,7 +204,11 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
     """
     r = recipe.recipe
     bs = r.calibration.batch_size
-    spec = arch_spec(model)
+    spec = arch_spec(model, spec_from_recipe(r.architecture))
+    check_spec(model, spec, "recipe architecture" if r.architecture else "architecture table")
+    if spec.kind == "encoder" and (r.smoothing.search != "off" or r.quantization.fallback.enabled):
+        raise UserError(f"{type(model).__name__} is an encoder: smoothing.search and quantization.fallback "
+                        "score next-token KL and need a causal LM; set them to off/false")
     linears = block_linear_names(model, spec)
     quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
     with stages.run("calibrate") as record:
@@ -229,7 +236,7 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
         plan, front = _quantize(recipe, model, linears, before, stats, smoothing, calib)
     with stages.run("export") as record:
         record.cache = _cache_state(store, False)
-        export_fp32(model, fp32_path, r.export)
+        export_fp32(model, fp32_path, r.export, spec)
         qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
         cache.save_export(store, keys.export, qdq, fp32_path, plan, front)
     return qdq, plan, front
@@ -300,14 +307,19 @@ def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets:
 
 def _parity(recipe: LoadedRecipe, checkpoint: Path, windows, candidate, fp32_path: Path) -> ParityReport:
     r = recipe.recipe
-    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch")
-    metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size)
+    io = checkpoint_io(checkpoint, spec_from_recipe(r.architecture))
+    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io)
+    if io.kind == "encoder":  # pooled-embedding cosine (or logits agreement of a classifier)
+        metrics = evaluate_encoder(reference, candidate, windows, r.parity.eval.batch_size, io)
+    else:
+        metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size)
     checks = comparator_checks(
-        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch"),
+        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io),
         onnxruntime_runner(fp32_path, name="fp32-onnxruntime"),
         candidate,
         windows,
         r.parity.polygraphy,
+        io,
     )
     thresholds = r.parity.thresholds
     return ParityReport(metrics=metrics, comparator=checks, thresholds=thresholds.model_dump(),

@@ -176,6 +176,50 @@ class Triton(_Section):
     instance_count: int = Field(default=1, ge=1, description="Model instances per device.")
 
 
+class FusedRowsSpec(_Section):
+    """Rows of a fused linear that produce a group's activation (see converter/archs.py FusedRows)."""
+
+    parts: list[Literal["q", "kv", "ffn"]] = Field(min_length=1)
+    take: int = Field(ge=0)
+    per_head: bool = False
+
+    @field_validator("take")
+    @classmethod
+    def _take_in_parts(cls, take: int, info) -> int:
+        parts = info.data.get("parts") or []
+        if parts and take >= len(parts):
+            raise ValueError(f"take {take} is not an index of parts {parts}")
+        return take
+
+
+class GroupSpec(_Section):
+    """One smoothing group: `prev`'s output channels divided by s, `balance` input columns times s."""
+
+    name: Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]
+    prev: str
+    prev_kind: Literal["norm", "linear", "linear_heads"]
+    balance: list[str] = Field(min_length=1)
+    prev_rows: FusedRowsSpec | None = None
+
+
+class Architecture(_Section):
+    """The layer map of a model class that is not in the built-in table (converter/archs.py).
+
+    Paths of `linears` and `groups` are relative to one block; `lm_head` and `head_group` to the model.
+    List only function-preserving groups: the producer's output must reach nothing but the balance
+    linears, through nothing that a positive per-channel scale does not commute with.
+    """
+
+    blocks: str
+    linears: list[str] = Field(min_length=1)
+    groups: list[GroupSpec] = Field(default_factory=list)
+    lm_head: str = Field(default="lm_head", description="Empty when the model has no output projection.")
+    head_group: GroupSpec | None = None
+    norm_offset: float = Field(default=0.0, description="1.0 for norms computing x_hat * (1 + weight).")
+    kind: Literal["decoder", "encoder"] = "decoder"
+    output: str = Field(default="logits", description="Model output the export returns.")
+
+
 class Output(_Section):
     name: str = Field(pattern=_NAME_PATTERN)
     version: str = Field(pattern=_NAME_PATTERN)
@@ -193,6 +237,9 @@ class Recipe(_Section):
     parity: Parity
     triton: Triton = Triton()
     output: Output
+    architecture: Architecture | None = Field(
+        default=None, description="Layer map for a model class that is not in the built-in table."
+    )
 
     @field_validator("targets")
     @classmethod

@@ -22,11 +22,18 @@ G_LOGGER.module_severity = G_LOGGER.CRITICAL
 
 
 class TorchRunner(BaseRunner):
-    """Runs an HF causal LM (or a lazy loader of one) in PyTorch on CPU; returns `logits`."""
+    """Runs an HF model (or a lazy loader of one) in PyTorch on CPU; returns the graph's output.
 
-    def __init__(self, model, name: str | None = None):
+    `io` (`converter.encoder.ModelIO`) names the inputs and the output; None: a causal LM's
+    (input_ids, attention_mask) -> logits.
+    """
+
+    def __init__(self, model, name: str | None = None, io=None):
+        from converter.encoder import ModelIO
+
         super().__init__(name=name, prefix="torch-runner")
         self._model = model
+        self.io = io or ModelIO("decoder", ("input_ids", "attention_mask"), "logits")
 
     def activate_impl(self):
         self.model = self._model() if callable(self._model) and not isinstance(self._model, torch.nn.Module) else self._model
@@ -34,18 +41,17 @@ class TorchRunner(BaseRunner):
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
-        meta.add("input_ids", np.int64, ("batch", "sequence"))
-        meta.add("attention_mask", np.int64, ("batch", "sequence"))
+        for name in self.io.inputs:
+            meta.add(name, np.int64, ("batch", "sequence"))
         return meta
 
     def infer_impl(self, feed_dict):
         with torch.no_grad():
-            ids = torch.from_numpy(np.asarray(feed_dict["input_ids"]))
-            mask = torch.from_numpy(np.asarray(feed_dict["attention_mask"]))
+            inputs = {name: torch.from_numpy(np.asarray(feed_dict[name])) for name in self.io.inputs}
             start = time.perf_counter()
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            out = getattr(self.model(**inputs, **self.io.forward_kwargs()), self.io.output)
             self.inference_time = time.perf_counter() - start
-        return OrderedDict(logits=logits.numpy())
+        return OrderedDict({self.io.output: out.numpy()})
 
     def deactivate_impl(self):
         del self.model

@@ -19,13 +19,17 @@ OPTIONS = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1
 
 
 def test_plan_names_the_engine_and_takes_profiles_from_the_recipe(exported):
-    *_, int8_path, _ = exported
+    from converter.archs import arch_spec
+    from converter.encoder import model_io
+
+    _, model, _, _, int8_path, _ = exported
+    inputs = model_io(arch_spec(model), model.config).inputs  # encoders add token_type_ids
     plan = plan_build("h100-tensorrt", int8_path, OPTIONS, "10.13.3")
     assert plan["planned_engine_file"] == "model.h100-tensorrt.sm90.trt10.13.3.plan"
     assert plan["timing_cache_file"] == "model.h100-tensorrt.sm90.trt10.13.3.timing.cache"
     assert plan["compute_capability"] == "9.0" and plan["gfx_arch"] is None and plan["backend"] == "tensorrt"
     assert plan["profiles"] == [{name: {"min": [1, 1], "opt": [2, 64], "max": [4, 512]}
-                                 for name in ("input_ids", "attention_mask")}]
+                                 for name in inputs}]
     assert plan["workspace_bytes"] == 256 * 2**20 and plan["builder_optimization_level"] == 2
     a100 = plan_build("a100-tensorrt", int8_path, OPTIONS, "10.13.3")
     assert a100["planned_engine_file"] == "model.a100-tensorrt.sm80.trt10.13.3.plan"

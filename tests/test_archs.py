@@ -1,0 +1,141 @@
+"""The architecture table end to end: new decoder and encoder families convert, a recipe can supply
+the layer map of a class the table lacks, and the encoder parity metric measures what it says."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import CALIBRATION_TEXT, tiny_recipe_dict
+from converter.archs import ARCHITECTURES
+from converter.encoder import EncoderAccumulator, mean_pool
+from test_cli import run_cli
+
+
+def _convert(recipe_data, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_data))
+    code, stdout, stderr = run_cli(path, "--output-dir", tmp_path / "out", "--json", "--quiet")
+    return code, (json.loads(stdout) if code == 0 else None), stderr
+
+
+def _manifest(tmp_path):
+    return json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())
+
+
+@pytest.mark.parametrize("arch, architecture, groups, int8", [
+    ("opt", "OPTForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 12),  # Gemm rewritten, all fused
+    ("phi3", "Phi3ForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 8),
+])
+def test_new_decoder_converts_end_to_end(arch, architecture, groups, int8, tiny_checkpoints, tmp_path):
+    code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints[arch]), tmp_path)
+    assert code == 0, stderr
+    manifest = _manifest(tmp_path)
+    assert manifest["source"]["architecture"] == architecture
+    assert manifest["model"]["kind"] == "decoder" and manifest["model"]["outputs"] == ["logits"]
+    assert {g["group"] for g in manifest["smoothing"]["groups"]} == groups
+    target = manifest["targets"]["cpu-onnxruntime"]
+    assert target["build"]["fused_linears"] == int8 and target["build"]["unfused_linears"] == []
+    metrics = target["parity"]["metrics"]
+    assert metrics["ppl_ratio"] is not None and metrics["compared"] == "logits"
+
+
+def test_encoder_converts_with_pooled_embedding_parity(tiny_checkpoints, tmp_path):
+    code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints["bert"]), tmp_path)
+    assert code == 0, stderr
+    manifest = _manifest(tmp_path)
+    model = manifest["model"]
+    assert model["kind"] == "encoder" and model["outputs"] == ["last_hidden_state"]
+    assert model["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [g["group"] for g in manifest["smoothing"]["groups"]] == ["attn_out", "attn_out"]  # post-LN
+    target = manifest["targets"]["cpu-onnxruntime"]
+    assert target["build"]["fused_linears"] == 12
+    metrics = target["parity"]["metrics"]
+    assert metrics["compared"] == "mean-pooled embedding"
+    assert metrics["ppl_ratio"] is None and metrics["kl_mean"] is None and metrics["top1_agreement"] is None
+    assert 0.95 <= metrics["min_cosine"] <= metrics["mean_cosine"] <= 1.0
+    # Triton sees the encoder's own inputs and output, read from the graph
+    config = next((tmp_path / "out").glob("*/*/triton/*/config.pbtxt")).read_text()
+    assert 'name: "token_type_ids"' in config and 'name: "last_hidden_state"' in config
+    assert "mean-pooled embedding cosine" in next((tmp_path / "out").glob("*/*/parity_report.md")).read_text()
+
+
+def test_classifier_reports_logits_agreement(tiny_checkpoints, tmp_path):
+    data = tiny_recipe_dict(tiny_checkpoints["bert-cls"])
+    data["quantization"] = {"exclude": []}  # the classifier is the head: quantize it too
+    code, result, stderr = _convert(data, tmp_path)
+    assert code == 0, stderr
+    manifest = _manifest(tmp_path)
+    assert manifest["model"]["outputs"] == ["logits"]
+    assert "bert.classifier" not in manifest["model"]["float_linears"]
+    assert manifest["targets"]["cpu-onnxruntime"]["build"]["fused_linears"] == 13  # 12 + classifier
+    metrics = manifest["targets"]["cpu-onnxruntime"]["parity"]["metrics"]
+    assert metrics["compared"] == "logits" and metrics["top1_agreement"] is not None
+    assert metrics["ppl_ratio"] is None
+
+
+def test_encoder_metric_pools_over_the_mask_and_counts_top1():
+    ref = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]])  # third token is padding
+    cand = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-50.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(mean_pool(ref, mask), torch.tensor([[0.5, 0.5]]))
+    acc = EncoderAccumulator("last_hidden_state")
+    acc.add(mask, ref, cand)
+    rotated = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])  # pooled (0.5, 0) vs (0.5, 0.5): cos 1/sqrt(2)
+    acc.add(mask, ref, rotated)
+    m = acc.metrics(2)
+    assert m.min_cosine == pytest.approx(2 ** -0.5) and m.mean_cosine == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert m.tokens == 4 and m.top1_agreement is None and m.ppl_ratio is None
+    logits = EncoderAccumulator("logits")
+    logits.add(torch.ones(2, 3), torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.5], [1.0, 0.0]]))
+    assert logits.metrics(1).top1_agreement == 0.5
+
+
+def _stablelm_checkpoint(folder):
+    from transformers import StableLmConfig, StableLmForCausalLM
+    from tiny_models import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = StableLmConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    StableLmForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer(CALIBRATION_TEXT.read_text()).save_pretrained(folder)
+    return folder
+
+
+STABLELM_MAP = {
+    "blocks": "model.layers",
+    "linears": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "groups": [
+        {"name": "attn_in", "prev": "input_layernorm", "prev_kind": "norm",
+         "balance": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]},
+        {"name": "mlp_in", "prev": "post_attention_layernorm", "prev_kind": "norm",
+         "balance": ["mlp.gate_proj", "mlp.up_proj"]},
+    ],
+    "head_group": {"name": "head_in", "prev": "model.norm", "prev_kind": "norm", "balance": ["lm_head"]},
+}
+
+
+def test_recipe_layer_map_converts_a_class_the_table_lacks(tmp_path):
+    assert "StableLmForCausalLM" not in ARCHITECTURES
+    data = tiny_recipe_dict(_stablelm_checkpoint(tmp_path / "ckpt"))
+    code, _, stderr = _convert(data, tmp_path)
+    assert code == 1 and "StableLmForCausalLM is not supported" in stderr and "`architecture:`" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    data["architecture"] = STABLELM_MAP
+    code, result, stderr = _convert(data, tmp_path)
+    assert code == 0, stderr
+    manifest = _manifest(tmp_path)
+    assert [g["group"] for g in manifest["smoothing"]["groups"]] == ["attn_in", "mlp_in"] * 2
+    assert manifest["targets"]["cpu-onnxruntime"]["build"]["fused_linears"] == 14
+    assert manifest["recipe"]["architecture"]["blocks"] == "model.layers"
+
+
+def test_recipe_layer_map_with_a_wrong_path_is_a_one_line_error(tmp_path):
+    data = tiny_recipe_dict(_stablelm_checkpoint(tmp_path / "ckpt"))
+    data["architecture"] = {**STABLELM_MAP, "linears": ["self_attn.qkv_proj"]}
+    code, _, stderr = _convert(data, tmp_path)
+    assert code == 1 and "model.layers.0.self_attn.qkv_proj" in stderr and len(stderr.strip().splitlines()) == 1
