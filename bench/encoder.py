@@ -1,0 +1,130 @@
+"""Benchmark the shipped all-MiniLM-L6-v2 encoder recipe: pooled-embedding cosine and ORT latency.
+
+    .venv/bin/python bench/encoder.py [--latency-iters 20] [--note TEXT]
+
+Each configuration is converted by `convert.py` in a subprocess (the shipped recipe, and every
+linear int8 for comparison); FP32 ONNX and the INT8 artifacts are then timed side by side in one
+process, runs interleaved, 2 threads. Prints a Markdown table and writes bench/results/minilm.json
+and bench/results/minilm.md, which the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cli_run import run_convert
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "minilm-l6-cpu.yaml"
+RESULTS = ROOT / "bench" / "results"
+NO_GATES = ["parity.thresholds.min_mean_cosine=null", "parity.thresholds.min_min_cosine=null",
+            "parity.polygraphy.int8_atol=1000"]
+CONFIGS = {
+    "shipped recipe": [],
+    "every linear int8": ["quantization.exclude=[]", "quantization.activations.range_overrides={}"],
+}
+
+
+def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dict:
+    """Median ms per (batch, sequence) shape for every model, runs interleaved."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = {}
+    rng = np.random.default_rng(0)
+    for batch, seq in shapes:
+        ids = rng.integers(1000, 30000, (batch, seq), dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        times = {name: [] for name in sessions}
+        for session in sessions.values():  # warm-up
+            for _ in range(3):
+                session.run(None, feed)
+        for _ in range(iters):
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1000)
+        medians = {name: statistics.median(v) for name, v in times.items()}
+        out[f"{batch}x{seq}"] = {"batch": batch, "sequence": seq, "median_ms": medians,
+                                 "over_fp32": {n: medians[n] / medians["fp32"] for n in medians}}
+    return {"threads": threads, "iterations": iters, "shapes": out}
+
+
+def fp32_onnx(folder: Path) -> Path:
+    from converter.export import export_fp32
+    from converter.load import load_reference
+    from converter.recipe import Export, load_recipe
+
+    recipe = load_recipe(RECIPE)
+    model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
+    return export_fp32(model, folder / "fp32.onnx", Export())
+
+
+def markdown(results: dict) -> str:
+    lines = [f"all-MiniLM-L6-v2, {results['machine']}, {results['date']}", ""]
+    if results.get("note"):
+        lines += [f"Note: {results['note']}", ""]
+    lines += ["| configuration | int8 linears | float linears | pooled-embedding cosine mean / min (held-out) |",
+              "|---|---|---|---|"]
+    for name, c in results["configs"].items():
+        lines.append(f"| {name} | {c['fused_linears']} | {len(c['float_linears'])} | "
+                     f"{c['mean_cosine']:.5f} / {c['min_cosine']:.5f} |")
+    lat = results["latency"]
+    names = list(results["configs"])
+    lines += ["", f"| ONNX Runtime, {lat['threads']} threads, median of {lat['iterations']} (interleaved) | FP32 | "
+              + " | ".join(f"INT8, {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    for shape, s in lat["shapes"].items():
+        lines.append(f"| batch x seq {shape} | {s['median_ms']['fp32']:.1f} ms | "
+                     + " | ".join(f"{s['median_ms'][n]:.1f} ms ({s['over_fp32'][n]:.2f}x)" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-iters", type=int, default=20)
+    parser.add_argument("--note", default="", help="recorded with the results (e.g. machine load)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    configs, paths = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (name, overrides) in enumerate(CONFIGS.items()):
+            result, wall = run_convert(RECIPE, Path(tmp) / str(index), overrides + NO_GATES, ["--no-cache"])
+            target = result["targets"]["cpu-onnxruntime"]
+            manifest = json.loads((Path(result["artifact"]) / "manifest.json").read_text())
+            m = target["parity"]["metrics"]
+            configs[name] = {"mean_cosine": m["mean_cosine"], "min_cosine": m["min_cosine"],
+                             "fused_linears": target["fused_linears"],
+                             "float_linears": manifest["model"]["float_linears"], "convert_wall_s": wall}
+            paths[name] = Path(result["artifact"]) / "model.onnx"
+            print(f"{name}: cosine {m['mean_cosine']:.5f} / {m['min_cosine']:.5f}", file=sys.stderr)
+        lat = latency({"fp32": fp32_onnx(Path(tmp)), **paths}, args.latency_iters, [(1, 128), (8, 128)])
+    results = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        "note": args.note,
+        "configs": configs,
+        "latency": lat,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "minilm.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (RESULTS / "minilm.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
