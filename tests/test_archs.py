@@ -139,3 +139,18 @@ def test_recipe_layer_map_with_a_wrong_path_is_a_one_line_error(tmp_path):
     data["architecture"] = {**STABLELM_MAP, "linears": ["self_attn.qkv_proj"]}
     code, _, stderr = _convert(data, tmp_path)
     assert code == 1 and "model.layers.0.self_attn.qkv_proj" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_readme_layer_map_example_is_a_valid_recipe_section():
+    import re
+
+    from conftest import ROOT
+    from converter.archs import spec_from_recipe
+    from converter.recipe import Architecture
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    example = next(b for b in blocks if b.startswith("architecture:"))
+    spec = spec_from_recipe(Architecture.model_validate(yaml.safe_load(example)["architecture"]))
+    phi3 = ARCHITECTURES["Phi3ForCausalLM"]  # the example describes Phi-3's fused layout
+    assert spec.linears == phi3.linears and set(spec.groups) <= set(phi3.groups)
+    assert spec.head_group == phi3.head_group
