@@ -27,6 +27,7 @@ def _manifest(tmp_path):
 @pytest.mark.parametrize("arch, architecture, groups, int8", [
     ("opt", "OPTForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 12),  # Gemm rewritten, all fused
     ("phi3", "Phi3ForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 8),
+    ("gpt2", "GPT2LMHeadModel", {"attn_in", "mlp_in", "attn_out"}, 8),  # Conv1D checkpoint, swapped at load
 ])
 def test_new_decoder_converts_end_to_end(arch, architecture, groups, int8, tiny_checkpoints, tmp_path):
     code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints[arch]), tmp_path)
