@@ -29,7 +29,7 @@ def test_embeddings_match_fp32_on_held_out_text(minilm_artifact):
     assert manifest["source"]["architecture"] == "BertModel"
     assert manifest["model"]["outputs"] == ["last_hidden_state"]
     m = manifest["targets"]["cpu-onnxruntime"]["parity"]["metrics"]
-    assert m["compared"] == "mean-pooled embedding" and m["windows"] == 64
+    assert m["compared"] == "mean-pooled embedding" and m["windows"] == 32  # all of the Apache-2.0 text
     assert m["mean_cosine"] >= 0.995  # the target
     assert m["min_cosine"] >= 0.98
 
@@ -43,8 +43,10 @@ def test_quantized_linears_run_as_int8_kernels(minilm_artifact):
     assert model["quantized_linears"] >= 24  # the recipe keeps only a few FFN linears float
 
 
-def test_value_to_output_smoothing_flattened_real_outliers(minilm_artifact):
+def test_only_the_function_preserving_group_is_smoothed(minilm_artifact):
+    # post-LN BERT: value -> attention output dense is the one group in the table; its input range
+    # shrinks in every block (the attention context has no strong outlier channels: ratio ~2-5)
     _, manifest = minilm_artifact
     groups = manifest["smoothing"]["groups"]
-    assert [g["group"] for g in groups] == ["attn_out"] * 6
-    assert all(g["outlier_ratio_after"] < g["outlier_ratio_before"] for g in groups)
+    assert [g["group"] for g in groups] == ["attn_out"] * 6 and manifest["smoothing"]["skipped"] == []
+    assert all(g["act_amax_after"] < 0.8 * g["act_amax_before"] for g in groups)
