@@ -155,3 +155,33 @@ def test_readme_layer_map_example_is_a_valid_recipe_section():
     phi3 = ARCHITECTURES["Phi3ForCausalLM"]  # the example describes Phi-3's fused layout
     assert spec.linears == phi3.linears and set(spec.groups) <= set(phi3.groups)
     assert spec.head_group == phi3.head_group
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_tied_lm_head_of_new_families_is_quantized_and_fused(arch, tmp_path):
+    from converter.archs import arch_spec, block_linear_names
+    from converter.calibrate import collect_input_amax
+    from converter.data import Windows
+    from converter.export import export_fp32, insert_qdq
+    from converter.quantize import plan_quantization
+    from converter.recipe import Export, Quantization, Smoothing
+    from converter.smooth import smooth
+    from converter.targets import build_onnxruntime
+    from tiny_models import build_tiny
+
+    model = build_tiny(arch)
+    embed = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embed  # tied in the config
+    embedding = embed.detach().clone()
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)
+    windows = Windows(torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(1)), "t", 8)
+    report = smooth(model, collect_input_amax(model, names, windows, 4).amax, Smoothing(alpha=0.5), spec)
+    assert any(g.group == "head_in" for g in report.groups)  # final norm -> lm_head, untied first
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    stats = collect_input_amax(model, names, windows, 4)
+    plan = plan_quantization(model, names, stats.absmax_ranges(), Quantization(exclude=[]))
+    fp32 = export_fp32(model, tmp_path / "fp32.onnx", Export())
+    int8 = insert_qdq(fp32, tmp_path / "model.onnx", model, plan, Export())
+    build = build_onnxruntime("cpu-onnxruntime", int8.path, tmp_path, plan)
+    assert "lm_head" in plan.linears and build.fused_linears == len(plan.linears) and build.unfused_linears == []
