@@ -61,12 +61,15 @@ def read_corpus(files: list[Path], jsonl_field: str) -> str:
     return "\n\n".join(parts)
 
 
-def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool) -> Windows:
+def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool,
+                  wrap: tuple[int, int] | None = None) -> Windows:
     """Tokenize the data files and cut non-overlapping windows of `data.seq_len` tokens.
 
     Args:
         shuffle: pick `num_samples` windows at random with `data.seed` (calibration) instead of
             the first `num_samples` in order (evaluation).
+        wrap: (first, last) token ids around each window's `seq_len - 2` text tokens: an encoder
+            always sees [CLS] ... [SEP], and those tokens carry its largest activations.
 
     Raises:
         UserError: the corpus is shorter than one window.
@@ -74,17 +77,23 @@ def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool
     files = [recipe.path(f) for f in data.files]
     corpus = read_corpus(files, data.jsonl_field)
     ids = tokenizer(corpus, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    total = len(ids) // data.seq_len
+    width = data.seq_len - (2 if wrap else 0)
+    total = len(ids) // width
     if total == 0:
         raise UserError(
             f"data {', '.join(data.files)}: {len(ids)} tokens, fewer than one window of "
             f"seq_len {data.seq_len}"
         )
-    windows = torch.tensor(ids[: total * data.seq_len], dtype=torch.int64).view(total, data.seq_len)
+    windows = torch.tensor(ids[: total * width], dtype=torch.int64).view(total, width)
+    if wrap:
+        first, last = (torch.full((total, 1), t, dtype=torch.int64) for t in wrap)
+        windows = torch.cat([first, windows, last], dim=1)
     if shuffle:
         order = torch.randperm(total, generator=torch.Generator().manual_seed(data.seed))
         windows = windows[order]
     windows = windows[: data.num_samples]
     digest = hashlib.sha256(corpus.encode("utf-8"))
     digest.update(json.dumps(data.model_dump(exclude={"files"}), sort_keys=True).encode())
+    if wrap:
+        digest.update(json.dumps({"wrap": list(wrap)}).encode())
     return Windows(input_ids=windows.contiguous(), sha256=digest.hexdigest(), total_windows=total)

@@ -143,7 +143,9 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     torch.manual_seed(0)
     with stages.run("load"):
         loaded = load(recipe)
-        calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
+        io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
+        wrap = _special_tokens(loaded.tokenizer) if io.kind == "encoder" else None
+        calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
         keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
@@ -156,8 +158,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     gc.collect()
     with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
         checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
-    eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
-    io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
+    eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
     targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
@@ -189,6 +190,12 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         manifest["stages"] = [s.__dict__ for s in stages.records]
         package.write_manifest(staging, manifest)
     return manifest
+
+
+def _special_tokens(tokenizer) -> tuple[int, int] | None:
+    """(first, last) ids an encoder's tokenizer puts around every input ([CLS], [SEP]), if it has them."""
+    first, last = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    return (first, last) if first is not None and last is not None else None
 
 
 def _cache_state(store: cache.StageCache, hit: bool) -> str | None:

@@ -185,3 +185,21 @@ def test_tied_lm_head_of_new_families_is_quantized_and_fused(arch, tmp_path):
     int8 = insert_qdq(fp32, tmp_path / "model.onnx", model, plan, Export())
     build = build_onnxruntime("cpu-onnxruntime", int8.path, tmp_path, plan)
     assert "lm_head" in plan.linears and build.fused_linears == len(plan.linears) and build.unfused_linears == []
+
+
+def test_encoder_windows_are_wrapped_in_its_special_tokens(tmp_path, write_recipe):
+    from converter.data import token_windows
+    from converter.recipe import TextData, load_recipe
+    from tiny_models import tiny_tokenizer
+
+    text = CALIBRATION_TEXT.read_text()[:4000]
+    (tmp_path / "t.txt").write_text(text)
+    recipe = load_recipe(write_recipe(tiny_recipe_dict(tmp_path)))
+    tok = tiny_tokenizer(text)
+    data = TextData(files=[str(tmp_path / "t.txt")], seq_len=16, num_samples=1000)
+    plain = token_windows(recipe, data, tok, shuffle=False)
+    wrapped = token_windows(recipe, data, tok, shuffle=False, wrap=(7, 9))
+    assert wrapped.input_ids.shape[1] == 16 and (wrapped.input_ids[:, 0] == 7).all() and (wrapped.input_ids[:, -1] == 9).all()
+    # the text in between is the same token stream, 14 tokens per window
+    assert torch.equal(wrapped.input_ids[:, 1:-1].reshape(-1)[:64], plain.input_ids.reshape(-1)[:64])
+    assert wrapped.sha256 != plain.sha256  # the stage cache must not mix them up
