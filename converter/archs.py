@@ -87,6 +87,9 @@ class ArchSpec:
         norm_offset: the norm computes x_hat * (norm_offset + weight); 1.0 for Gemma-style norms.
         kind: "decoder" (causal LM) or "encoder" (bidirectional, no generation).
         output: the model output the export returns (`logits`, `last_hidden_state`).
+        config_requires: (config attribute, value) pairs the groups assume; a checkpoint whose config
+            differs (post-LN OPT-350m, BLOOM with the residual taken after the LayerNorm) is refused
+            rather than smoothed into a different function.
     """
 
     blocks: str
@@ -97,6 +100,7 @@ class ArchSpec:
     norm_offset: float = 0.0
     kind: Literal["decoder", "encoder"] = "decoder"
     output: str = "logits"
+    config_requires: tuple[tuple[str, object], ...] = ()
 
 
 _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -155,6 +159,8 @@ _OPT = ArchSpec(
         SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.out_proj",)),
     ),
     head_group=SmoothGroup("head_in", "model.decoder.final_layer_norm", "norm", ("lm_head",)),
+    # OPT-350m is post-LN and projects 512 -> 1024 around the blocks: its norms feed other things
+    config_requires=(("do_layer_norm_before", True), ("word_embed_proj_dim", "hidden_size")),
 )
 
 # BLOOM: query_key_value rows are (heads, [q, k, v], head_dim); ALiBi only biases the attention
@@ -169,6 +175,8 @@ _BLOOM = ArchSpec(
                     FusedRows(("q", "kv", "kv"), 2, per_head=True)),
     ),
     head_group=SmoothGroup("head_in", "transformer.ln_f", "norm", ("lm_head",)),
+    # with the residual taken after the LayerNorm, its output also feeds the residual
+    config_requires=(("apply_residual_connection_post_layernorm", False),),
 )
 
 # GPT-2: HF Conv1D modules are swapped for equivalent nn.Linear at load time (`conv1d_to_linear`),
@@ -265,6 +273,13 @@ def check_spec(model: torch.nn.Module, spec: ArchSpec, source: str) -> None:
         except AttributeError:
             raise UserError(f"{source}: {type(model).__name__} has no module {where}{path}") from None
 
+    for attr, expected in spec.config_requires:
+        # a string value names another config attribute that must be equal (OPT: projection width)
+        value = getattr(model.config, attr, None)
+        want = getattr(model.config, expected, None) if isinstance(expected, str) else expected
+        if value != want:
+            raise UserError(f"{source}: {type(model).__name__} entry assumes config {attr} = {want}, the "
+                            f"checkpoint has {value}; describe this variant in the recipe's `{LAYER_MAP_FIELD}:` section")
     blocks = module(model, spec.blocks, "")
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
         raise UserError(f"{source}: {spec.blocks} is not a non-empty list of blocks")

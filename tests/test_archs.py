@@ -203,3 +203,19 @@ def test_encoder_windows_are_wrapped_in_its_special_tokens(tmp_path, write_recip
     # the text in between is the same token stream, 14 tokens per window
     assert torch.equal(wrapped.input_ids[:, 1:-1].reshape(-1)[:64], plain.input_ids.reshape(-1)[:64])
     assert wrapped.sha256 != plain.sha256  # the stage cache must not mix them up
+
+
+@pytest.mark.parametrize("arch, attr, value", [
+    ("opt", "do_layer_norm_before", False),  # OPT-350m: post-LN
+    ("bloom", "apply_residual_connection_post_layernorm", True),
+])
+def test_variant_the_table_entry_does_not_describe_is_refused(arch, attr, value):
+    from converter.archs import arch_spec, check_spec
+    from converter.errors import UserError
+    from tiny_models import build_tiny
+
+    model = build_tiny(arch)
+    check_spec(model, arch_spec(model), "architecture table")  # the default variant is fine
+    setattr(model.config, attr, value)
+    with pytest.raises(UserError, match=f"{attr} = .*architecture:"):
+        check_spec(model, arch_spec(model), "architecture table")
