@@ -181,7 +181,7 @@ def load_smoothed(cache: StageCache, key: str, model: torch.nn.Module):
 def _plan_to_entry(plan) -> tuple[dict, dict]:
     meta = {"excluded": plan.excluded, "linears": [
         {"name": q.name, "in_features": q.in_features, "out_features": q.out_features,
-         "act_amax": q.act_amax, "weight_rel_error": q.weight_rel_error} for q in plan.linears.values()]}
+         "act_amax": q.act_amax, "weight_rel_error": q.weight_rel_error, "act_mode": q.act_mode} for q in plan.linears.values()]}
     tensors = {}
     for q in plan.linears.values():
         tensors[f"{q.name}.act_scale"] = q.act_scale

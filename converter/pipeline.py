@@ -46,6 +46,7 @@ from converter.targets import TARGETS
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 FRONT_STAGES = ("calibrate", "smooth", "quantize", "export")
 MODEL_FILE = "model.onnx"
+MODEL_FORMATS = {"O3": "onnx-qdq-w8a8", "O2": "onnx-dynamic-w8a8-per-tensor", "O1": "onnx-dynamic-w8a8-per-token"}
 REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST, "report")
 
 
@@ -153,8 +154,14 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, staging, fp32_path)
     del loaded.model
     gc.collect()
-    with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
-        checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
+    level = r.quantization.activations.level
+    with stages.run("check") as record:  # whatever the targets; after the model is freed (the builder needs memory)
+        if level == "O3":
+            checks = tensorrt_checks(qdq.path, r.engine,
+                                     strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
+        else:  # the recipe only allows the CPU target with dynamic activations
+            record.ran = False
+            checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False)
     targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
                for name in r.targets}
@@ -166,7 +173,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "build": build_info,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
-        "model": {"file": MODEL_FILE, "format": "onnx-qdq-w8a8", "opset": r.export.opset,
+        "model": {"file": MODEL_FILE, "format": MODEL_FORMATS[level], "activation_quantization": level,
+                  "opset": r.export.opset,
                   "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES), "external_data": qdq.external_data,
                   "quantized_linears": len(plan.linears), "float_linears": plan.excluded},
         "source": {"path": r.source.path, "architecture": loaded.architecture,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from converter.engine_options import EngineOptions
 from converter.errors import UserError
@@ -87,10 +87,21 @@ class WeightQuant(_Section):
 
 
 class ActivationQuant(_Section):
+    """Activation quantization: the SmoothQuant paper's levels are
+
+    O3: `mode: static, granularity: per_tensor` (default): one calibrated scale per tensor, baked
+        into the graph; the only level TensorRT and MIGraphX targets accept.
+    O2: `mode: dynamic, granularity: per_tensor`: ONNX DynamicQuantizeLinear (uint8, asymmetric, one
+        scale per tensor computed at run time); CPU target only.
+    O1: `mode: dynamic, granularity: per_token`: a symmetric int8 scale per token computed at run
+        time; CPU target only.
+    """
+
     dtype: Literal["int8"] = "int8"
-    symmetric: Literal[True] = True
-    granularity: Literal["per_tensor"] = "per_tensor"
-    mode: Literal["static"] = "static"
+    symmetric: Literal[True] = Field(default=True, description="Static and per-token levels; O2 follows "
+                                     "ONNX DynamicQuantizeLinear, which is asymmetric uint8.")
+    granularity: Literal["per_tensor", "per_token"] = "per_tensor"
+    mode: Literal["static", "dynamic"] = "static"
     range: Literal["absmax", "percentile", "mse"] = Field(
         default="absmax",
         description="absmax: never clip; percentile: clip at that percentile of |x|; mse: the clip "
@@ -100,6 +111,19 @@ class ActivationQuant(_Section):
     range_overrides: dict[str, Literal["absmax", "percentile", "mse"]] = Field(
         default_factory=dict, description="Per-linear method by name or fnmatch pattern, e.g. {'*.down_proj': mse}."
     )
+
+    @model_validator(mode="after")
+    def _per_token_is_dynamic(self) -> ActivationQuant:
+        if self.granularity == "per_token" and self.mode == "static":
+            raise ValueError("per_token granularity needs mode: dynamic (O1); static scales are per_tensor (O3)")
+        return self
+
+    @property
+    def level(self) -> Literal["O1", "O2", "O3"]:
+        """The SmoothQuant paper's name for this granularity."""
+        if self.mode == "static":
+            return "O3"
+        return "O1" if self.granularity == "per_token" else "O2"
 
 
 class Fallback(_Section):
@@ -203,6 +227,20 @@ class Recipe(_Section):
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; known: {sorted(TARGETS)}")
         return targets
+
+    @model_validator(mode="after")
+    def _dynamic_on_cpu_only(self) -> Recipe:
+        from converter.targets import TARGETS
+
+        level = self.quantization.activations.level
+        gpu = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        if level != "O3" and gpu:
+            raise ValueError(
+                f"dynamic activation quantization ({level}) exports ONNX dynamic-quantization ops that only the "
+                f"cpu-onnxruntime target runs; {', '.join(gpu)} need static per-tensor scales "
+                "(quantization.activations: {mode: static, granularity: per_tensor}, O3)"
+            )
+        return self
 
 
 class LoadedRecipe(BaseModel):
