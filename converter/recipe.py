@@ -133,6 +133,11 @@ class Export(_Section):
     external_data: Literal["auto", "always", "never"] = Field(
         default="auto", description="auto: external data only when the model is over 2 GB."
     )
+    kv_cache: bool = Field(
+        default=False,
+        description="Decoders: the graph also takes past_key_values.{i}.key/value and returns "
+        "present.{i}.key/value, so one graph serves prefill (empty past) and one-token decode steps.",
+    )
 
 
 class Thresholds(_Section):
