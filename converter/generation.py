@@ -171,3 +171,25 @@ def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo) -> d
     return {"artifact": str(artifact), "prompt": prompt, "tokens": tokens, "text": "".join(pieces),
             "new_tokens": len(tokens), "seconds": round(total, 4), "first_token_s": round(first or 0.0, 4),
             "tokens_per_s": round((len(tokens) - 1) / decode_s, 2) if len(tokens) > 1 and decode_s > 0 else None}
+
+
+def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int]]:
+    """Prompt token ids: the first `cfg.prompt_tokens` of the first `cfg.prompts` evaluation windows,
+    or the lines of `cfg.prompts_file` (resolved against `base_dir`).
+
+    Raises:
+        UserError: the prompts file is missing or has no non-empty line.
+    """
+    from converter.errors import UserError
+
+    if cfg.prompts_file is None:
+        return [[int(t) for t in row[: cfg.prompt_tokens]] for row in windows.input_ids[: cfg.prompts]]
+    path = Path(cfg.prompts_file) if Path(cfg.prompts_file).is_absolute() else base_dir / cfg.prompts_file
+    if not path.is_file():
+        raise UserError(f"parity.generation.prompts_file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines[: cfg.prompts]]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"parity.generation.prompts_file {path}: no non-empty prompt")
+    return prompts

@@ -118,3 +118,12 @@ def dynamic_shapes(layout: KvLayout, batch: bool, sequence: bool) -> tuple:
     s = auto if sequence else static
     past = {0: b, 1: static, 2: auto, 3: static}
     return ({0: b, 1: s}, {0: b, 1: auto}, tuple(dict(past) for _ in range(2 * layout.num_layers)))
+
+
+def graph_io_names(model_path: Path) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) names of an ONNX graph, initializers excluded: what the manifest records."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers], [v.name for v in graph.output]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from converter.engine_options import EngineOptions
 from converter.errors import UserError
@@ -49,6 +49,20 @@ class TextData(_Section):
     num_samples: int = Field(default=64, ge=1, description="Windows used (at most).")
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
+
+
+class Calibration(TextData):
+    """Calibration text, plus decode steps for KV-cache graphs (used only with `export.kv_cache`)."""
+
+    decode_windows: int = Field(default=8, ge=0, description="Windows also calibrated as greedy decode steps.")
+    decode_steps: int = Field(default=32, ge=0, description="One-token decode steps per such window.")
+
+    @model_validator(mode="after")
+    def _steps_fit_the_window(self) -> "Calibration":
+        if self.decode_steps >= self.seq_len:
+            raise ValueError(f"decode_steps {self.decode_steps} must be smaller than seq_len {self.seq_len} "
+                             "(each decode window is a prefix prefill plus the steps)")
+        return self
 
 
 class Smoothing(_Section):
@@ -148,6 +162,8 @@ class Thresholds(_Section):
     min_min_cosine: float | None = Field(default=0.30, ge=-1, le=1)
     min_top1_agreement: float | None = Field(default=0.80, ge=0, le=1)
     max_kl: float | None = Field(default=0.15, ge=0)
+    min_token_agreement: float | None = Field(
+        default=0.80, ge=0, le=1, description="Greedy generation: mean share of positions where INT8 and FP32 agree.")
 
 
 class PolygraphyCheck(_Section):
@@ -158,10 +174,21 @@ class PolygraphyCheck(_Section):
     int8_atol: float = Field(default=1.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
 
 
+class Generation(_Section):
+    """Generation parity: greedy tokens of the FP32 original (PyTorch) vs the INT8 artifact."""
+
+    enabled: bool = True
+    prompts: int = Field(default=8, ge=1, description="Prompts: prefixes of the first evaluation windows.")
+    prompt_tokens: int = Field(default=32, ge=1, description="Tokens of each evaluation window used as prompt.")
+    prompts_file: str | None = Field(default=None, description="Text file, one prompt per line (instead of windows).")
+    max_new_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt (EOS ignored).")
+
+
 class Parity(_Section):
     eval: TextData
     thresholds: Thresholds = Thresholds()
     polygraphy: PolygraphyCheck = PolygraphyCheck()
+    generation: Generation = Generation()
 
 
 class DynamicBatching(_Section):
@@ -189,7 +216,7 @@ class Output(_Section):
 class Recipe(_Section):
     schema_version: Literal[1]
     source: Source
-    calibration: TextData
+    calibration: Calibration
     smoothing: Smoothing = Smoothing()
     quantization: Quantization = Quantization()
     export: Export = Export()
