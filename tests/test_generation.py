@@ -24,6 +24,7 @@ def kv_artifact(tiny_checkpoints, tmp_path_factory):
     data["export"] = {"kv_cache": True}
     data["calibration"].update(decode_windows=4, decode_steps=8)
     data["parity"]["generation"] = {"prompts": 3, "prompt_tokens": 12, "max_new_tokens": 10}
+    data["parity"]["thresholds"] = {"min_token_agreement": 0.8}
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "out", "--json", "--quiet")
