@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from converter import kvcache
 from converter.progress import note, track
 from converter.quantize import INT8_MAX, TINY_AMAX, QuantPlan, quantize_weight
 from converter.recipe import Export
@@ -51,27 +52,38 @@ class QdqResult:
 
 
 def export_fp32(model: torch.nn.Module, path: Path, cfg: Export) -> Path:
-    """Export the float model to ONNX with dynamic batch/sequence axes as the recipe asks."""
-    wrapper = _LogitsOnly(model).eval()
-    vocab = model.config.vocab_size
-    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    axes = {}
-    if cfg.dynamic_axes.batch:
-        axes[0] = torch.export.Dim("batch")
-    if cfg.dynamic_axes.sequence:
-        axes[1] = torch.export.Dim("sequence")
-    dynamic = {name: dict(axes) for name in INPUT_NAMES}
+    """Export the float model to ONNX with dynamic batch/sequence axes as the recipe asks.
+
+    With `cfg.kv_cache` the graph also takes and returns the key/value cache (converter/kvcache.py).
+    """
+    if cfg.kv_cache:
+        layout = kvcache.model_kv_layout(model.config)
+        wrapper = kvcache.KvWrapper(model, _WRAPPED).eval()
+        example = kvcache.example_inputs(model.config, layout)
+        dynamic = kvcache.dynamic_shapes(layout, cfg.dynamic_axes.batch, cfg.dynamic_axes.sequence)
+        input_names, output_names = kvcache.io_names(layout.num_layers)
+    else:
+        wrapper = _LogitsOnly(model).eval()
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        example = (ids, torch.ones_like(ids))
+        axes = {}
+        if cfg.dynamic_axes.batch:
+            axes[0] = torch.export.Dim("batch")
+        if cfg.dynamic_axes.sequence:
+            axes[1] = torch.export.Dim("sequence")
+        dynamic = {name: dict(axes) for name in INPUT_NAMES}
+        input_names, output_names = list(INPUT_NAMES), list(OUTPUT_NAMES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
             wrapper,
-            (example, torch.ones_like(example)),
+            example,
             str(path),
             dynamo=True,
             optimize=False,  # keeps `<linear>.weight` initializers by name for the QDQ surgery
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            input_names=input_names,
+            output_names=output_names,
             dynamic_shapes=dynamic,
             opset_version=cfg.opset,
             # An intermediate file, so always external: serializing a 550 MB model inline costs the

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from converter.data import Windows
+from converter.kvcache import KvLayout, prefill_feed
 from converter.progress import track
 from converter.recipe import PolygraphyCheck, Thresholds
 
@@ -52,6 +53,7 @@ class ParityReport:
     comparator: list[ComparatorCheck]
     thresholds: dict
     failures: list[str] = field(default_factory=list)
+    generation: dict | None = None  # converter.generation.GenerationMetrics.to_dict(), decoders only
 
     @property
     def passed(self) -> bool:
@@ -64,6 +66,7 @@ class ParityReport:
             "metrics": asdict(self.metrics),
             "thresholds": self.thresholds,
             "comparator": [asdict(c) for c in self.comparator],
+            "generation": self.generation,
         }
 
 
@@ -107,33 +110,43 @@ class _Accumulator:
         )
 
 
-def evaluate(reference, candidate, windows: Windows, batch_size: int) -> ParityMetrics:
+def evaluate(reference, candidate, windows: Windows, batch_size: int, layout: KvLayout | None = None) -> ParityMetrics:
     """Run both runners on every evaluation window and accumulate the parity metrics.
 
     Args:
         reference, candidate: Polygraphy-style runners returning {"logits": (B, T, V)}.
+        layout: the candidate graph's KV cache: every window is then a prefill with an empty past.
     """
     acc = _Accumulator()
     total = math.ceil(len(windows.input_ids) / batch_size)
     with reference, candidate:
         for ids, mask in track(windows.batches(batch_size), "evaluate", total=total):
-            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            feed = prefill_feed(ids.numpy(), mask.numpy(), layout)
             ref = torch.from_numpy(np.asarray(reference.infer(feed)["logits"]))
             cand = torch.from_numpy(np.asarray(candidate.infer(feed)["logits"]))
             acc.add(ids, ref, cand)
     return acc.metrics(len(windows.input_ids))
 
 
-def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, cfg: PolygraphyCheck) -> list[ComparatorCheck]:
-    """Polygraphy's comparator: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX."""
+def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, cfg: PolygraphyCheck,
+                      layout: KvLayout | None = None) -> list[ComparatorCheck]:
+    """Polygraphy's comparator: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX.
+
+    With a KV-cache graph every sample is a prefill (empty past); only `logits` are compared (the
+    returned cache is the keys/values of the same prefill, checked through the logits of decode steps
+    by generation parity).
+    """
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SimpleCompareFunc
 
-    feeds = [
-        {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        for ids, mask in windows.batches(1)
-    ][: cfg.samples]
+    feeds = [prefill_feed(ids.numpy(), mask.numpy(), layout) for ids, mask in windows.batches(1)][: cfg.samples]
     results = Comparator.run([torch_runner, fp32_runner, int8_runner], data_loader=feeds)
+    if layout is not None:  # keep only the logits of every run
+        from polygraphy.comparator.struct import IterationResult
+
+        for _, iterations in results:
+            iterations[:] = [IterationResult({"logits": it["logits"]}, runtime=it.runtime, runner_name=it.runner_name)
+                             for it in iterations]
     checks = []
     for name, pair, stat, atol in (
         ("export_fidelity", (0, 1), "max", cfg.export_atol),
@@ -158,15 +171,18 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
     return checks
 
 
-def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: Thresholds) -> list[str]:
+def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: Thresholds,
+                     generation: dict | None = None) -> list[str]:
     """One line per missed threshold (empty when everything passes)."""
     failures = []
+    gen_rules = (("token_agreement", generation["token_agreement"], t.min_token_agreement, ">="),) if generation else ()
     rules = (
         ("ppl_ratio", metrics.ppl_ratio, t.max_ppl_ratio, "<="),
         ("mean_cosine", metrics.mean_cosine, t.min_mean_cosine, ">="),
         ("min_cosine", metrics.min_cosine, t.min_min_cosine, ">="),
         ("top1_agreement", metrics.top1_agreement, t.min_top1_agreement, ">="),
         ("kl_mean", metrics.kl_mean, t.max_kl, "<="),
+        *gen_rules,
     )
     for name, value, limit, op in rules:
         if limit is None:

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from converter import cache, package, triton
-from converter.archs import arch_spec, block_linear_names
+from converter import cache, kvcache, package, triton
+from converter.archs import arch_spec, block_linear_names, spec_for
 from converter.calibrate import activation_ranges, collect_input_amax
 from converter.data import token_windows
 from converter.errors import ParityFailure
-from converter.export import INPUT_NAMES, OUTPUT_NAMES, export_fp32, insert_qdq
+from converter.export import export_fp32, insert_qdq
+from converter.generation import generation_parity, generation_prompts
 from converter.load import TOKENIZER_FILES, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
 from converter.progress import note
@@ -144,6 +145,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     with stages.run("load"):
         loaded = load(recipe)
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True)
+        if r.export.kv_cache:  # the graph will also run decode steps: calibrate them too
+            calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
         keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
@@ -166,6 +169,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
+    inputs, outputs = kvcache.graph_io_names(qdq.path)
     manifest = {
         "schema_version": 1,
         "name": r.output.name,
@@ -174,13 +178,15 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
         "model": {"file": MODEL_FILE, "format": MODEL_FORMATS[level], "activation_quantization": level,
-                  "opset": r.export.opset,
-                  "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES), "external_data": qdq.external_data,
+                  "opset": r.export.opset, "inputs": inputs, "outputs": outputs, "kv_cache": r.export.kv_cache,
+                  "external_data": qdq.external_data,
                   "quantized_linears": len(plan.linears), "float_linears": plan.excluded},
         "source": {"path": r.source.path, "architecture": loaded.architecture,
                    "sha256": loaded.checkpoint_sha256, "files": loaded.files},
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
-                        "available_windows": calib.total_windows, "tokens": front["calibration_tokens"]},
+                        "available_windows": calib.total_windows, "tokens": front["calibration_tokens"],
+                        "decode_windows": calib.decode_windows, "decode_steps": calib.decode_steps,
+                        "decode_tokens": calib.decode_windows * calib.decode_steps},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
         **{k: front[k] for k in ("smoothing", "fallback", "quantization", "layers")},
         "targets": targets,
@@ -286,7 +292,7 @@ def _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_wind
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
         if report is None:
-            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path, build), fp32_path)
+            report = _parity(recipe, loaded, eval_windows, target.runner(qdq.path, build), fp32_path)
             cache.save_parity(store, key, report)
     return {"build": build.to_dict(), "parity": report.to_dict()}
 
@@ -306,17 +312,27 @@ def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets:
     write_report(staging, f"{r.output.name} {version}", front["layers"], front["channels"])
 
 
-def _parity(recipe: LoadedRecipe, checkpoint: Path, windows, candidate, fp32_path: Path) -> ParityReport:
+def _parity(recipe: LoadedRecipe, loaded, windows, candidate, fp32_path: Path) -> ParityReport:
     r = recipe.recipe
-    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch")
-    metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size)
+    checkpoint = loaded.path
+    layout = kvcache.graph_kv_layout(fp32_path)  # None: a logits-only graph
+    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", layout=layout)
+    metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size, layout)
     checks = comparator_checks(
-        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch"),
+        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", layout=layout),
         onnxruntime_runner(fp32_path, name="fp32-onnxruntime"),
         candidate,
         windows,
         r.parity.polygraphy,
+        layout,
     )
+    generation = None
+    if r.parity.generation.enabled and spec_for(loaded.architecture).kind == "decoder":
+        cfg = r.parity.generation
+        prompts = generation_prompts(windows, cfg, loaded.tokenizer, recipe.base_dir)
+        with candidate:
+            generation = generation_parity(load_reference(checkpoint, r.source), candidate.infer, layout, prompts,
+                                           cfg.max_new_tokens).to_dict()
     thresholds = r.parity.thresholds
     return ParityReport(metrics=metrics, comparator=checks, thresholds=thresholds.model_dump(),
-                        failures=check_thresholds(metrics, checks, thresholds))
+                        failures=check_thresholds(metrics, checks, thresholds, generation), generation=generation)

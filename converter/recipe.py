@@ -51,6 +51,20 @@ class TextData(_Section):
     seed: int = 0
 
 
+class Calibration(TextData):
+    """Calibration text, plus decode steps for KV-cache graphs (used only with `export.kv_cache`)."""
+
+    decode_windows: int = Field(default=8, ge=0, description="Windows also calibrated as greedy decode steps.")
+    decode_steps: int = Field(default=32, ge=0, description="One-token decode steps per such window.")
+
+    @model_validator(mode="after")
+    def _steps_fit_the_window(self) -> "Calibration":
+        if self.decode_steps >= self.seq_len:
+            raise ValueError(f"decode_steps {self.decode_steps} must be smaller than seq_len {self.seq_len} "
+                             "(each decode window is a prefix prefill plus the steps)")
+        return self
+
+
 class Smoothing(_Section):
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), folded into the preceding layer."""
 
@@ -157,6 +171,11 @@ class Export(_Section):
     external_data: Literal["auto", "always", "never"] = Field(
         default="auto", description="auto: external data only when the model is over 2 GB."
     )
+    kv_cache: bool = Field(
+        default=False,
+        description="Decoders: the graph also takes past_key_values.{i}.key/value and returns "
+        "present.{i}.key/value, so one graph serves prefill (empty past) and one-token decode steps.",
+    )
 
 
 class Thresholds(_Section):
@@ -167,6 +186,10 @@ class Thresholds(_Section):
     min_min_cosine: float | None = Field(default=0.30, ge=-1, le=1)
     min_top1_agreement: float | None = Field(default=0.80, ge=0, le=1)
     max_kl: float | None = Field(default=0.15, ge=0)
+    min_token_agreement: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Greedy generation: mean share of positions where INT8 and FP32 agree (null: reported only; "
+        "greedy continuations of small random models diverge easily, so a recipe sets its own).")
 
 
 class PolygraphyCheck(_Section):
@@ -177,10 +200,21 @@ class PolygraphyCheck(_Section):
     int8_atol: float = Field(default=1.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
 
 
+class Generation(_Section):
+    """Generation parity: greedy tokens of the FP32 original (PyTorch) vs the INT8 artifact."""
+
+    enabled: bool = True
+    prompts: int = Field(default=8, ge=1, description="Prompts: prefixes of the first evaluation windows.")
+    prompt_tokens: int = Field(default=32, ge=1, description="Tokens of each evaluation window used as prompt.")
+    prompts_file: str | None = Field(default=None, description="Text file, one prompt per line (instead of windows).")
+    max_new_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt (EOS ignored).")
+
+
 class Parity(_Section):
     eval: TextData
     thresholds: Thresholds = Thresholds()
     polygraphy: PolygraphyCheck = PolygraphyCheck()
+    generation: Generation = Generation()
 
 
 class DynamicBatching(_Section):
@@ -208,7 +242,7 @@ class Output(_Section):
 class Recipe(_Section):
     schema_version: Literal[1]
     source: Source
-    calibration: TextData
+    calibration: Calibration
     smoothing: Smoothing = Smoothing()
     quantization: Quantization = Quantization()
     export: Export = Export()

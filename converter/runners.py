@@ -22,11 +22,16 @@ G_LOGGER.module_severity = G_LOGGER.CRITICAL
 
 
 class TorchRunner(BaseRunner):
-    """Runs an HF causal LM (or a lazy loader of one) in PyTorch on CPU; returns `logits`."""
+    """Runs an HF causal LM (or a lazy loader of one) in PyTorch on CPU; returns `logits`.
 
-    def __init__(self, model, name: str | None = None):
+    With a KV layout it takes the same `past_key_values.*` inputs as a KV-cache graph (so one feed
+    serves both); a non-empty past goes into an HF DynamicCache.
+    """
+
+    def __init__(self, model, name: str | None = None, layout=None):
         super().__init__(name=name, prefix="torch-runner")
         self._model = model
+        self.layout = layout
 
     def activate_impl(self):
         self.model = self._model() if callable(self._model) and not isinstance(self._model, torch.nn.Module) else self._model
@@ -36,16 +41,35 @@ class TorchRunner(BaseRunner):
         meta = TensorMetadata()
         meta.add("input_ids", np.int64, ("batch", "sequence"))
         meta.add("attention_mask", np.int64, ("batch", "sequence"))
+        if self.layout is not None:
+            from converter.kvcache import past_names
+
+            for name in past_names(self.layout.num_layers):
+                meta.add(name, np.float32, ("batch", self.layout.kv_heads, "past_sequence", self.layout.head_dim))
         return meta
 
     def infer_impl(self, feed_dict):
         with torch.no_grad():
             ids = torch.from_numpy(np.asarray(feed_dict["input_ids"]))
             mask = torch.from_numpy(np.asarray(feed_dict["attention_mask"]))
+            cache = self._cache(feed_dict)
             start = time.perf_counter()
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                use_cache=cache is not None).logits
             self.inference_time = time.perf_counter() - start
         return OrderedDict(logits=logits.numpy())
+
+    def _cache(self, feed_dict):
+        if self.layout is None:
+            return None
+        from transformers import DynamicCache
+
+        from converter.kvcache import past_names
+
+        past = [torch.from_numpy(np.asarray(feed_dict[n])) for n in past_names(self.layout.num_layers)]
+        if past[0].shape[2] == 0:  # a prefill
+            return None
+        return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
 
     def deactivate_impl(self):
         del self.model
