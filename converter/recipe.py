@@ -148,6 +148,9 @@ class Fallback(_Section):
     target_ppl_ratio: float | None = Field(default=None, gt=0, description="INT8 / float perplexity.")
     max_float_mac_share: float = Field(default=0.10, ge=0, le=1, description="Budget of linear MACs in float.")
     samples: int = Field(default=4, ge=1, description="Calibration windows scored per candidate.")
+    candidates: int | None = Field(
+        default=48, ge=1, description="Linears scored end to end: those with the largest W8A8 output error "
+        "of their own (one cheap pass); null scores every quantized linear (one model pass each).")
 
 
 class Quantization(_Section):
