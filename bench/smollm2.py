@@ -51,6 +51,7 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
     import torch
 
     from converter.export import export_fp32
+    from converter.kvcache import graph_kv_layout, prefill_feed
     from converter.load import load_reference
     from converter.recipe import Export, load_recipe
 
@@ -66,15 +67,17 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
             options.intra_op_num_threads = threads
             sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(0)).numpy()
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        # a KV-cache artifact runs the window as a prefill (empty past tensors)
+        feeds = {name: prefill_feed(ids, np.ones_like(ids), graph_kv_layout(path))
+                 for name, path in {"fp32": fp32_path, **int8_paths}.items()}
         times = {name: [] for name in sessions}
-        for session in sessions.values():  # warm-up
+        for name, session in sessions.items():  # warm-up
             for _ in range(3):
-                session.run(None, feed)
+                session.run(None, feeds[name])
         for _ in range(iters):
             for name, session in sessions.items():
                 start = time.perf_counter()
-                session.run(None, feed)
+                session.run(None, feeds[name])
                 times[name].append((time.perf_counter() - start) * 1000)
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {"batch": 1, "sequence": seq, "threads": threads, "iterations": iters, "median_ms": medians,

@@ -72,8 +72,11 @@ def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_s
     from converter.package import tool_versions
 
     r = recipe.recipe
-    return digest("parity", CACHE_FORMAT, tool_versions(), target, build, model_sha256, checkpoint_sha256, eval_sha256,
-                  r.parity.eval.batch_size, r.parity.polygraphy.samples)
+    prompts = r.parity.generation.prompts_file
+    prompts_path = recipe.path(prompts) if prompts else None
+    prompts_sha = hashlib.sha256(prompts_path.read_bytes()).hexdigest() if prompts_path and prompts_path.is_file() else None
+    return digest("parity", CACHE_FORMAT, prompts_sha, tool_versions(), target, build, model_sha256, checkpoint_sha256, eval_sha256,
+                  r.parity.eval.batch_size, r.parity.polygraphy.samples, r.parity.generation.model_dump(mode="json"))
 
 
 class StageCache:
@@ -183,7 +186,7 @@ def load_smoothed(cache: StageCache, key: str, model: torch.nn.Module):
 def _plan_to_entry(plan) -> tuple[dict, dict]:
     meta = {"excluded": plan.excluded, "linears": [
         {"name": q.name, "in_features": q.in_features, "out_features": q.out_features,
-         "act_amax": q.act_amax, "weight_rel_error": q.weight_rel_error} for q in plan.linears.values()]}
+         "act_amax": q.act_amax, "weight_rel_error": q.weight_rel_error, "act_mode": q.act_mode} for q in plan.linears.values()]}
     tensors = {}
     for q in plan.linears.values():
         tensors[f"{q.name}.act_scale"] = q.act_scale
@@ -241,7 +244,8 @@ def load_export(cache: StageCache, key: str, qdq_path: Path, fp32_path: Path):
 
 def save_parity(cache: StageCache, key: str, report) -> None:
     cache.put("parity", key, {}, {"metrics": asdict(report.metrics),
-                                  "comparator": [asdict(c) for c in report.comparator]})
+                                  "comparator": [asdict(c) for c in report.comparator],
+                                  "generation": report.generation})
 
 
 def load_parity(cache: StageCache, key: str, recipe):
@@ -261,5 +265,6 @@ def load_parity(cache: StageCache, key: str, recipe):
         # Polygraphy's verdict with rtol 0 is `stat <= atol`; re-judged here against the new atol.
         checks.append(ComparatorCheck(**{**c, "runners": tuple(c["runners"]), "atol": atol, "passed": value <= atol}))
     metrics = ParityMetrics(**meta["metrics"])
+    generation = meta.get("generation")
     return ParityReport(metrics=metrics, comparator=checks, thresholds=cfg.thresholds.model_dump(),
-                        failures=check_thresholds(metrics, checks, cfg.thresholds))
+                        failures=check_thresholds(metrics, checks, cfg.thresholds, generation), generation=generation)

@@ -44,16 +44,21 @@ def run_hooked(model, names, windows: Windows, batch_size: int, description: str
 
     The head (the lm_head of a causal LM, a fifth of a 135M decoder's FLOPs and a 50 MB logits tensor
     per 256-token window) never runs: when it is hooked, the forward pass stops once its input is
-    recorded. Returns (batches, tokens).
+    recorded. Windows with `decode_steps` also run greedy decode steps (converter/decode_calib.py),
+    which need the head's logits. Returns (batches, tokens), decoded tokens included.
     """
+    from converter.decode_calib import decode_pass
+
     # Modules outside the base model (lm_head, classifier); none when the model is its own base (BertModel).
     base = model.base_model
     head = set() if base is model else {n for n, _ in model.named_modules() if n and not n.startswith(model.base_model_prefix)}
+    recording = {"on": True, "decoding": False}
 
     def make_hook(name: str):
         def hook(_module, args):
-            on_input(name, args[0].detach())
-            if name in head:  # the head runs last: its input is all we need, not the logits
+            if recording["on"]:
+                on_input(name, args[0].detach())
+            if name in head and not recording["decoding"]:  # the head runs last: its input is all we need
                 raise _HeadReached
 
         return hook
@@ -70,6 +75,9 @@ def run_hooked(model, names, windows: Windows, batch_size: int, description: str
                 pass
             batches += 1
             tokens += ids.numel()
+        if windows.decode_steps and windows.decode_windows:
+            recording["decoding"] = True
+            tokens += decode_pass(model, windows, batch_size, recording)
     finally:
         for h in handles:
             h.remove()

@@ -1,4 +1,5 @@
-"""Command line: `convert.py RECIPE ...`, `convert.py inspect DIR`, `convert.py verify DIR`.
+"""Command line: `convert.py RECIPE ...`, `convert.py inspect DIR`, `convert.py verify DIR`,
+`convert.py generate DIR --prompt TEXT`.
 
 Exit codes: 0 success, 1 user error (one line, no traceback), 2 parity failure, 3 internal error
 (with traceback). Progress and tables go to stderr; `--json` prints one JSON document on stdout.
@@ -15,7 +16,7 @@ from pathlib import Path
 from converter.errors import ParityFailure, UserError
 
 EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
-SUBCOMMANDS = ("inspect", "verify", "targets", "triton", "matrix")
+SUBCOMMANDS = ("inspect", "verify", "generate", "targets", "triton", "matrix")
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -89,6 +90,11 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
             table.add_row("  top-1 agreement", f"{m['top1_agreement']:.4f}")
         if m["kl_mean"] is not None:
             table.add_row("  KL mean", f"{m['kl_mean']:.5f}")
+        g = v["parity"].get("generation")
+        if g:
+            table.add_row(f"  greedy token agreement ({g['new_tokens']} tokens)",
+                          f"{g['token_agreement']:.4f} (prefix {g['prefix_agreement']:.4f})")
+            table.add_row("  first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]))
         for c in v["parity"]["comparator"]:
             value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
             table.add_row(f"  polygraphy {c['name']}", f"{c['error_stat']} {value:.3g} ({'ok' if c['passed'] else 'FAIL'})")
@@ -175,6 +181,37 @@ def _cmd_verify(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _cmd_generate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="convert.py generate", description="Greedy-generate from an artifact's INT8 "
+                                "model with ONNX Runtime, streaming text to stdout.")
+    p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default 32 (stops early at EOS)")
+    p.add_argument("--json", action="store_true", help="print one JSON record (tokens, text, tokens/s) instead")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+    _read_manifest(args.artifact)
+    from converter.generation import generate_record
+
+    def echo(piece: str) -> None:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    record = generate_record(args.artifact, args.prompt, args.max_new_tokens, echo)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        sys.stdout.write("\n")
+        rate = f"{record['tokens_per_s']:.1f} tokens/s" if record["tokens_per_s"] else "n/a"
+        print(f"{record['new_tokens']} tokens, first after {record['first_token_s']:.3f} s, then {rate}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_triton(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="convert.py triton", description="Assemble or update a Triton model "
                                 "repository from published artifacts (nothing is rebuilt).")
@@ -213,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from converter.targets_cli import cmd_targets
 
-    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "targets": cmd_targets, "triton": _cmd_triton,
+    commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "generate": _cmd_generate, "targets": cmd_targets,
+                "triton": _cmd_triton,
                 "matrix": _cmd_matrix}
     try:
         if argv and argv[0] in commands:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,11 +21,20 @@ class Windows:
         input_ids: (N, T) int64, non-overlapping windows in corpus order (or seeded sample order).
         sha256: digest of the corpus bytes and of the settings that cut it.
         total_windows: how many windows the corpus held before `num_samples` was applied.
+        decode_windows, decode_steps: calibration of a KV-cache graph also runs the first
+            `decode_windows` windows as greedy one-token decode steps (converter/decode_calib.py).
     """
 
     input_ids: torch.Tensor
     sha256: str
     total_windows: int
+    decode_windows: int = 0
+    decode_steps: int = 0
+
+    def with_decode(self, windows: int, steps: int) -> "Windows":
+        """These windows plus decode-step calibration (the digest changes with the settings)."""
+        digest = hashlib.sha256(f"{self.sha256}:decode:{windows}:{steps}".encode()).hexdigest()
+        return replace(self, sha256=digest, decode_windows=min(windows, len(self.input_ids)), decode_steps=steps)
 
     def batches(self, batch_size: int):
         """Yield (input_ids, attention_mask) batches; every window is full, so the mask is ones."""

@@ -1,8 +1,9 @@
 """Recipe section `engine`: how GPU engines (TensorRT) and programs (MIGraphX) are built.
 
-The artifact's inputs are `input_ids` / `attention_mask` of shape (batch, sequence); each range is
-one optimization profile dimension (min, opt, max). The graph has no past-key-value inputs, so there
-is no past-length range: a KV-cache export would add one here.
+The artifact's inputs are `input_ids` (batch, sequence) and `attention_mask`; each range is one
+optimization profile dimension (min, opt, max). A KV-cache graph (`export.kv_cache`) also takes
+`past_key_values.*` (batch, kv_heads, past_sequence, head_dim), and its attention_mask covers
+past + current tokens, so its profile range is the sum of the two ranges.
 """
 
 from __future__ import annotations
@@ -30,11 +31,21 @@ class DimRange(_Section):
         return self
 
 
+class PastRange(DimRange):
+    """Past length of a KV-cache graph: 0 is a prefill (zero-length past tensors)."""
+
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+
+
 class EngineOptions(_Section):
     """Build settings shared by the TensorRT and MIGraphX targets."""
 
     batch: DimRange = DimRange(min=1, opt=1, max=8)
     sequence: DimRange = DimRange(min=1, opt=256, max=2048)
+    past_sequence: PastRange = Field(
+        default=PastRange(min=0, opt=256, max=2048),
+        description="KV-cache graphs: cached tokens (0 = prefill); unused without a cache.")
     workspace_mb: int = Field(default=4096, ge=16, description="TensorRT workspace memory-pool limit.")
     builder_optimization_level: int = Field(default=3, ge=0, le=5, description="TensorRT: 0 fastest build .. 5 most tactics.")
     hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = Field(

@@ -19,10 +19,11 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from converter import kvcache
 from converter.archs import ArchSpec, arch_spec
 from converter.encoder import ModelIO, OutputOf, model_io
 from converter.progress import note, track
-from converter.quantize import QuantPlan, quantize_weight
+from converter.quantize import INT8_MAX, TINY_AMAX, QuantPlan, quantize_weight
 from converter.recipe import Export
 
 INPUT_NAMES = ("input_ids", "attention_mask")  # a decoder's; see converter.encoder.model_io
@@ -44,19 +45,27 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
     """Export the float model to ONNX with dynamic batch/sequence axes as the recipe asks.
 
     The graph's inputs and output follow the model kind (`converter.encoder.model_io`): a decoder
-    exports `logits` without a cache; an encoder its table entry's output.
+    exports `logits`, and with `cfg.kv_cache` also takes and returns the key/value cache
+    (converter/kvcache.py); an encoder exports its table entry's output.
     """
     io: ModelIO = model_io(spec or arch_spec(model), model.config)
-    wrapper = OutputOf(model, io).eval()
-    vocab = model.config.vocab_size
-    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    args = tuple(torch.from_numpy(v) for v in io.feed(example, torch.ones_like(example)).values())
-    axes = {}
-    if cfg.dynamic_axes.batch:
-        axes[0] = torch.export.Dim("batch")
-    if cfg.dynamic_axes.sequence:
-        axes[1] = torch.export.Dim("sequence")
-    dynamic = {"inputs": tuple(dict(axes) for _ in io.inputs)}  # the wrapper takes *inputs
+    if cfg.kv_cache and io.kind == "decoder":
+        layout = kvcache.model_kv_layout(model.config)
+        wrapper = kvcache.KvWrapper(model, _WRAPPED).eval()
+        args = kvcache.example_inputs(model.config, layout)
+        dynamic = kvcache.dynamic_shapes(layout, cfg.dynamic_axes.batch, cfg.dynamic_axes.sequence)
+        input_names, output_names = kvcache.io_names(layout.num_layers)
+    else:
+        wrapper = OutputOf(model, io).eval()
+        example = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        args = tuple(torch.from_numpy(v) for v in io.feed(example, torch.ones_like(example)).values())
+        axes = {}
+        if cfg.dynamic_axes.batch:
+            axes[0] = torch.export.Dim("batch")
+        if cfg.dynamic_axes.sequence:
+            axes[1] = torch.export.Dim("sequence")
+        dynamic = {"inputs": tuple(dict(axes) for _ in io.inputs)}  # the wrapper takes *inputs
+        input_names, output_names = list(io.inputs), list(io.outputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -66,8 +75,8 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
             str(path),
             dynamo=True,
             optimize=False,  # keeps `<linear>.weight` initializers by name for the QDQ surgery
-            input_names=list(io.inputs),
-            output_names=list(io.outputs),
+            input_names=input_names,
+            output_names=output_names,
             dynamic_shapes=dynamic,
             opset_version=cfg.opset,
             # An intermediate file, so always external: serializing a 550 MB model inline costs the
@@ -103,8 +112,87 @@ def _const(name: str, array: np.ndarray) -> ir.Value:
                     const_value=ir.tensor(array, name=name))
 
 
+def _node(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, outputs: list[str], **attrs) -> ir.Node:
+    attributes = [ir.AttrInt64(k, v) for k, v in attrs.items()]
+    node = ir.Node("", op, inputs, attributes=attributes, name=name, outputs=[ir.Value(name=o) for o in outputs])
+    graph.insert_before(before, [node])
+    return node
+
+
+def _drop_weight_transpose(graph: ir.Graph, old_b: ir.Value) -> None:
+    """Remove the float weight and its Transpose once the MatMul no longer reads them."""
+    transpose = old_b.producer()
+    if transpose is not None and not old_b.uses():
+        source = transpose.inputs[0]
+        graph.remove(transpose, safe=True)
+        if source is not None and source.is_initializer() and not source.uses():
+            graph.initializers.pop(source.name)
+
+
+def _quantize_matmul_dynamic(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.Tensor, quant) -> None:
+    """O2/O1: the input is quantized at run time and the MatMul becomes an integer MatMul:
+
+        O2: DynamicQuantizeLinear(x) -> (x_u8, s_x, zp_x); MatMulInteger(x_u8, W_s8, zp_x)
+        O1: s_x = max(ReduceMax(|x|, -1), tiny) / 127 per token; x_s8 = Cast(Clip(Round(x / s_x)))
+            MatMulInteger(x_s8, W_s8)
+    then Cast(int32 -> float) * s_x * s_w (s_w per output channel). ONNX Runtime runs the O2 pattern
+    as one DynamicQuantizeMatMul kernel and O1's MatMulInteger as an int8 GEMM.
+    """
+    w_int8 = quantize_weight(weight, quant.weight_scale).T.contiguous().numpy()  # (in, out)
+    w_q = _const(f"{name}.weight_quantized", w_int8)
+    w_s = _const(f"{name}.weight_scale", quant.weight_scale.numpy().astype(np.float32))
+    for value in (w_q, w_s):
+        graph.register_initializer(value)
+    x = matmul.inputs[0]
+    if quant.act_mode == "dynamic_per_tensor":
+        dq = _node(graph, matmul, "DynamicQuantizeLinear", [x], f"{name}/input_quantize",
+                   [f"{name}.input_quantized", f"{name}.input_scale", f"{name}.input_zero_point"])
+        x_q, x_s, x_zp = dq.outputs
+        acc = _node(graph, matmul, "MatMulInteger", [x_q, w_q, x_zp], f"{name}/matmul_integer",
+                    [f"{name}.accumulator"]).outputs[0]
+    else:
+        consts = {k: _const(f"{name}.{k}", np.array(v, dtype=d)) for k, v, d in (
+            ("reduce_axes", [-1], np.int64), ("tiny_amax", TINY_AMAX, np.float32),
+            ("qmax", INT8_MAX, np.float32), ("qmin", -INT8_MAX, np.float32))}
+        for value in consts.values():
+            graph.register_initializer(value)
+        absx = _node(graph, matmul, "Abs", [x], f"{name}/input_abs", [f"{name}.input_abs"]).outputs[0]
+        amax = _node(graph, matmul, "ReduceMax", [absx, consts["reduce_axes"]], f"{name}/input_amax",
+                     [f"{name}.input_amax"], keepdims=1).outputs[0]
+        amax = _node(graph, matmul, "Max", [amax, consts["tiny_amax"]], f"{name}/input_amax_floor",
+                     [f"{name}.input_amax_floored"]).outputs[0]
+        x_s = _node(graph, matmul, "Div", [amax, consts["qmax"]], f"{name}/input_scale",
+                    [f"{name}.input_scale"]).outputs[0]
+        scaled = _node(graph, matmul, "Div", [x, x_s], f"{name}/input_scaled", [f"{name}.input_scaled"]).outputs[0]
+        rounded = _node(graph, matmul, "Round", [scaled], f"{name}/input_round", [f"{name}.input_rounded"]).outputs[0]
+        clipped = _node(graph, matmul, "Clip", [rounded, consts["qmin"], consts["qmax"]], f"{name}/input_clip",
+                        [f"{name}.input_clipped"]).outputs[0]
+        x_q = _node(graph, matmul, "Cast", [clipped], f"{name}/input_quantize", [f"{name}.input_quantized"],
+                    to=ir.DataType.INT8.value).outputs[0]
+        acc = _node(graph, matmul, "MatMulInteger", [x_q, w_q], f"{name}/matmul_integer",
+                    [f"{name}.accumulator"]).outputs[0]
+    acc_f = _node(graph, matmul, "Cast", [acc], f"{name}/accumulator_float", [f"{name}.accumulator_float"],
+                  to=ir.DataType.FLOAT.value).outputs[0]
+    if quant.act_mode == "dynamic_per_tensor":  # the order ORT's MatMulIntegerToFloat fusion matches
+        scale = _node(graph, matmul, "Mul", [x_s, w_s], f"{name}/output_scale", [f"{name}.output_scale"]).outputs[0]
+        y = _node(graph, matmul, "Mul", [acc_f, scale], f"{name}/rescale", [f"{name}.output"]).outputs[0]
+    else:  # a per-token scale times the per-channel one would be a (tokens, out) tensor: apply each in turn
+        y = _node(graph, matmul, "Mul", [acc_f, x_s], f"{name}/input_rescale", [f"{name}.input_rescaled"]).outputs[0]
+        y = _node(graph, matmul, "Mul", [y, w_s], f"{name}/weight_rescale", [f"{name}.output"]).outputs[0]
+    old_b, old_y = matmul.inputs[1], matmul.outputs[0]
+    out_name = old_y.name
+    ir.convenience.replace_all_uses_with(old_y, y, replace_graph_outputs=True)
+    graph.remove(matmul, safe=True)
+    old_y.name = None
+    y.name, y.type, y.shape = out_name, old_y.type, old_y.shape  # the lm_head's is the `logits` output
+    _drop_weight_transpose(graph, old_b)
+
+
 def _quantize_matmul(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.Tensor, plan: QuantPlan) -> None:
     quant = plan.linears[name]
+    if quant.act_mode != "static":
+        _quantize_matmul_dynamic(graph, matmul, name, weight, quant)
+        return
     w_int8 = quantize_weight(weight, quant.weight_scale).T.contiguous().numpy()  # (in, out)
     inits = [
         _const(f"{name}.weight_quantized", w_int8),
@@ -126,12 +214,7 @@ def _quantize_matmul(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.
     old_b = matmul.inputs[1]
     matmul.replace_input_with(0, dq.outputs[0])
     matmul.replace_input_with(1, dq_w.outputs[0])
-    transpose = old_b.producer()
-    if transpose is not None and not old_b.uses():
-        source = transpose.inputs[0]
-        graph.remove(transpose, safe=True)
-        if source is not None and source.is_initializer() and not source.uses():
-            graph.initializers.pop(source.name)
+    _drop_weight_transpose(graph, old_b)
 
 
 def _gemm_to_matmul(graph: ir.Graph, weights: dict[str, str]) -> int:

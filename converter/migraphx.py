@@ -53,14 +53,22 @@ def _graph_inputs(model_path: Path) -> list[str]:
 
 def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
     """What a MIGraphX target builds: what `--dry-run` prints and records."""
+    from converter.kvcache import graph_kv_layout, past_names
+
     gfx_arch, gpu = MIGRAPHX_GPUS[target]
     batch, sequence = options.batch.opt, options.sequence.opt
+    input_dims = {name: [batch, sequence] for name in _graph_inputs(model_path) if not name.startswith("past_")}
+    layout = graph_kv_layout(model_path)
+    if layout is not None:  # KV-cache graph: one program at opt past length (0 = a prefill program)
+        past = options.past_sequence.opt
+        input_dims["attention_mask"] = [batch, past + sequence]
+        input_dims.update({name: [batch, layout.kv_heads, past, layout.head_dim] for name in past_names(layout.num_layers)})
     return {
         "backend": "migraphx",
         "gpu": gpu,
         "compute_capability": None,
         "gfx_arch": gfx_arch,
-        "input_dims": {name: [batch, sequence] for name in _graph_inputs(model_path)},
+        "input_dims": input_dims,
         "compile_target": "gpu",
         "offload_copy": True,
         "fast_math": options.migraphx_fast_math,

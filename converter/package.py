@@ -134,6 +134,15 @@ def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
     for c in report["comparator"]:
         value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
         rows.append((f"Polygraphy {c['name']} ({c['error_stat']} abs diff)", f"{value:.4g}", f"<= {c['atol']}"))
+    g = report.get("generation")
+    if g:
+        n = g["new_tokens"]
+        rows += [
+            (f"greedy token agreement, {n} new tokens x {g['prompts']} prompts", f"{g['token_agreement']:.4f}",
+             f">= {t.get('min_token_agreement')}"),
+            ("greedy prefix agreement (first divergence / N)", f"{g['prefix_agreement']:.4f}", ""),
+            ("first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]), f"{n} = none"),
+        ]
     lines = [
         f"# Parity report: {name} {version}",
         "",

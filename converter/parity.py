@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from converter.data import Windows
+from converter.kvcache import KvLayout, prefill_feed
 from converter.progress import track
 from converter.recipe import PolygraphyCheck, Thresholds
 
@@ -56,6 +57,7 @@ class ParityReport:
     comparator: list[ComparatorCheck]
     thresholds: dict
     failures: list[str] = field(default_factory=list)
+    generation: dict | None = None  # converter.generation.GenerationMetrics.to_dict(), decoders only
 
     @property
     def passed(self) -> bool:
@@ -68,6 +70,7 @@ class ParityReport:
             "metrics": asdict(self.metrics),
             "thresholds": self.thresholds,
             "comparator": [asdict(c) for c in self.comparator],
+            "generation": self.generation,
         }
 
 
@@ -111,17 +114,18 @@ class _Accumulator:
         )
 
 
-def evaluate(reference, candidate, windows: Windows, batch_size: int) -> ParityMetrics:
+def evaluate(reference, candidate, windows: Windows, batch_size: int, layout: KvLayout | None = None) -> ParityMetrics:
     """Run both runners on every evaluation window and accumulate the parity metrics.
 
     Args:
         reference, candidate: Polygraphy-style runners returning {"logits": (B, T, V)}.
+        layout: the candidate graph's KV cache: every window is then a prefill with an empty past.
     """
     acc = _Accumulator()
     total = math.ceil(len(windows.input_ids) / batch_size)
     with reference, candidate:
         for ids, mask in track(windows.batches(batch_size), "evaluate", total=total):
-            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            feed = prefill_feed(ids.numpy(), mask.numpy(), layout)
             ref = torch.from_numpy(np.asarray(reference.infer(feed)["logits"]))
             cand = torch.from_numpy(np.asarray(candidate.infer(feed)["logits"]))
             acc.add(ids, ref, cand)
@@ -129,11 +133,14 @@ def evaluate(reference, candidate, windows: Windows, batch_size: int) -> ParityM
 
 
 def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, cfg: PolygraphyCheck,
-                      io=None) -> list[ComparatorCheck]:
+                      io=None, layout: KvLayout | None = None) -> list[ComparatorCheck]:
     """Polygraphy's comparator: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX.
 
     Args:
         io: the graph's inputs and output (`converter.encoder.ModelIO`); None: a decoder's.
+        layout: a KV-cache graph's cache layout: every sample is then a prefill (empty past) and
+            only `logits` are compared (the returned cache is the keys/values of the same prefill,
+            checked through the logits of decode steps by generation parity).
     """
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SimpleCompareFunc
@@ -141,8 +148,15 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
     from converter.encoder import ModelIO
 
     io = io or ModelIO("decoder", ("input_ids", "attention_mask"), "logits")
-    feeds = [io.feed(ids, mask) for ids, mask in windows.batches(1)][: cfg.samples]
+    feeds = [{**io.feed(ids, mask), **(layout.empty_past(len(ids)) if layout is not None else {})}
+             for ids, mask in windows.batches(1)][: cfg.samples]
     results = Comparator.run([torch_runner, fp32_runner, int8_runner], data_loader=feeds)
+    if layout is not None:  # keep only the logits of every run
+        from polygraphy.comparator.struct import IterationResult
+
+        for _, iterations in results:
+            iterations[:] = [IterationResult({"logits": it["logits"]}, runtime=it.runtime, runner_name=it.runner_name)
+                             for it in iterations]
     checks = []
     for name, pair, stat, atol in (
         ("export_fidelity", (0, 1), "max", cfg.export_atol),
@@ -167,15 +181,18 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
     return checks
 
 
-def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: Thresholds) -> list[str]:
+def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: Thresholds,
+                     generation: dict | None = None) -> list[str]:
     """One line per missed threshold (empty when everything passes)."""
     failures = []
+    gen_rules = (("token_agreement", generation["token_agreement"], t.min_token_agreement, ">="),) if generation else ()
     rules = (
         ("ppl_ratio", metrics.ppl_ratio, t.max_ppl_ratio, "<="),
         ("mean_cosine", metrics.mean_cosine, t.min_mean_cosine, ">="),
         ("min_cosine", metrics.min_cosine, t.min_min_cosine, ">="),
         ("top1_agreement", metrics.top1_agreement, t.min_top1_agreement, ">="),
         ("kl_mean", metrics.kl_mean, t.max_kl, "<="),
+        *gen_rules,
     )
     for name, value, limit, op in rules:
         if limit is None or value is None:  # not enforced, or not measured for this model kind

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from converter import cache, package, triton
+from converter import cache, kvcache, package, triton
 from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
 from converter.calibrate import activation_ranges, collect_input_amax
 from converter.data import token_windows
 from converter.encoder import checkpoint_io, evaluate_encoder
 from converter.errors import ParityFailure, UserError
 from converter.export import export_fp32, insert_qdq
+from converter.generation import generation_parity, generation_prompts
 from converter.load import TOKENIZER_FILES, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
 from converter.progress import note
@@ -47,6 +48,7 @@ from converter.targets import TARGETS
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 FRONT_STAGES = ("calibrate", "smooth", "quantize", "export")
 MODEL_FILE = "model.onnx"
+MODEL_FORMATS = {"O3": "onnx-qdq-w8a8", "O2": "onnx-dynamic-w8a8-per-tensor", "O1": "onnx-dynamic-w8a8-per-token"}
 REPORT_FILES = ("parity_report.json", "parity_report.md", package.MANIFEST, "report")
 
 
@@ -146,6 +148,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
         wrap = _special_tokens(loaded.tokenizer) if io.kind == "encoder" else None
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
+        if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
+            calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
         keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
@@ -156,12 +160,19 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, staging, fp32_path)
     del loaded.model
     gc.collect()
-    with stages.run("check"):  # whatever the targets; after the model is freed (the builder needs memory)
-        checks = tensorrt_checks(qdq.path, r.engine, strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
+    level = r.quantization.activations.level
+    with stages.run("check") as record:  # whatever the targets; after the model is freed (the builder needs memory)
+        if level == "O3":
+            checks = tensorrt_checks(qdq.path, r.engine,
+                                     strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
+        else:  # the recipe only allows the CPU target with dynamic activations
+            record.ran = False
+            checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
     targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
+    inputs, outputs = kvcache.graph_io_names(qdq.path)
     manifest = {
         "schema_version": 1,
         "name": r.output.name,
@@ -169,14 +180,17 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         "build": build_info,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
-        "model": {"file": MODEL_FILE, "format": "onnx-qdq-w8a8", "opset": r.export.opset,
-                  "kind": io.kind, "inputs": list(io.inputs), "outputs": list(io.outputs),
+        "model": {"file": MODEL_FILE, "format": MODEL_FORMATS[level], "activation_quantization": level,
+                  "opset": r.export.opset, "kind": io.kind, "inputs": inputs, "outputs": outputs,
+                  "kv_cache": r.export.kv_cache and io.kind == "decoder",
                   "external_data": qdq.external_data,
                   "quantized_linears": len(plan.linears), "float_linears": plan.excluded},
         "source": {"path": r.source.path, "architecture": loaded.architecture,
                    "sha256": loaded.checkpoint_sha256, "files": loaded.files},
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
-                        "available_windows": calib.total_windows, "tokens": front["calibration_tokens"]},
+                        "available_windows": calib.total_windows, "tokens": front["calibration_tokens"],
+                        "decode_windows": calib.decode_windows, "decode_steps": calib.decode_steps,
+                        "decode_tokens": calib.decode_windows * calib.decode_steps},
         "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
         **{k: front[k] for k in ("smoothing", "fallback", "quantization", "layers")},
         "targets": targets,
@@ -292,7 +306,7 @@ def _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_wind
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
         if report is None:
-            report = _parity(recipe, loaded.path, eval_windows, target.runner(qdq.path, build), fp32_path)
+            report = _parity(recipe, loaded, eval_windows, target.runner(qdq.path, build), fp32_path)
             cache.save_parity(store, key, report)
     return {"build": build.to_dict(), "parity": report.to_dict()}
 
@@ -312,22 +326,32 @@ def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets:
     write_report(staging, f"{r.output.name} {version}", front["layers"], front["channels"])
 
 
-def _parity(recipe: LoadedRecipe, checkpoint: Path, windows, candidate, fp32_path: Path) -> ParityReport:
+def _parity(recipe: LoadedRecipe, loaded, windows, candidate, fp32_path: Path) -> ParityReport:
     r = recipe.recipe
+    checkpoint = loaded.path
     io = checkpoint_io(checkpoint, spec_from_recipe(r.architecture))
-    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io)
+    layout = kvcache.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
+    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io, layout=layout)
     if io.kind == "encoder":  # pooled-embedding cosine (or logits agreement of a classifier)
         metrics = evaluate_encoder(reference, candidate, windows, r.parity.eval.batch_size, io)
     else:
-        metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size)
+        metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size, layout)
     checks = comparator_checks(
-        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io),
+        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io, layout=layout),
         onnxruntime_runner(fp32_path, name="fp32-onnxruntime"),
         candidate,
         windows,
         r.parity.polygraphy,
         io,
+        layout,
     )
+    generation = None
+    if r.parity.generation.enabled and io.kind == "decoder":
+        cfg = r.parity.generation
+        prompts = generation_prompts(windows, cfg, loaded.tokenizer, recipe.base_dir)
+        with candidate:
+            generation = generation_parity(load_reference(checkpoint, r.source), candidate.infer, layout, prompts,
+                                           cfg.max_new_tokens).to_dict()
     thresholds = r.parity.thresholds
     return ParityReport(metrics=metrics, comparator=checks, thresholds=thresholds.model_dump(),
-                        failures=check_thresholds(metrics, checks, thresholds))
+                        failures=check_thresholds(metrics, checks, thresholds, generation), generation=generation)

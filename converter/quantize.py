@@ -1,7 +1,10 @@
-"""Stage *quantize*: static W8A8 scales, and the PyTorch fake-quant model with the same arithmetic.
+"""Stage *quantize*: W8A8 scales, and the PyTorch fake-quant model with the same arithmetic.
 
 Weights: int8, symmetric, one scale per output channel (scale = max|W_row| / 127).
-Activations: int8, symmetric, one STATIC scale per tensor (scale = calibrated abs-max / 127).
+Activations, by level (see recipe.ActivationQuant):
+  O3 static: int8, symmetric, one calibrated scale per tensor (scale = range / 127);
+  O2 dynamic per tensor: ONNX DynamicQuantizeLinear (uint8, asymmetric, from the tensor's min/max);
+  O1 dynamic per token: int8, symmetric, scale = max|x_token| / 127 for every token.
 The functions below are the single definition of that arithmetic: the ONNX exporter writes the
 int8 weights they produce, and the fake-quant reference computes with them.
 """
@@ -18,6 +21,8 @@ from converter.recipe import Quantization
 
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights use [-127, 127] so the range is the same on both sides
+TINY_AMAX = 1e-30  # keeps a per-token scale positive for an all-zero token
+ACT_MODES = ("static", "dynamic_per_tensor", "dynamic_per_token")
 
 
 def weight_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -42,6 +47,44 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return torch.clamp(torch.round(x / scale), INT8_MIN, INT8_MAX) * scale
 
 
+def fake_quantize_dynamic_per_tensor(x: torch.Tensor) -> torch.Tensor:
+    """What MatMulInteger sees after ONNX DynamicQuantizeLinear, dequantized: uint8, the range
+    [min(0, x_min), max(0, x_max)] over the whole tensor, zero point rounded and saturated."""
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    if float(scale) == 0.0:
+        return torch.zeros_like(x)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    return (q - zero_point) * scale
+
+
+def per_token_scales(x: torch.Tensor) -> torch.Tensor:
+    """(..., 1) symmetric int8 scales, one per token (last axis reduced); all-zero tokens get a tiny
+    positive scale, as the exported graph computes it."""
+    return torch.clamp(x.abs().amax(dim=-1, keepdim=True), min=TINY_AMAX) / INT8_MAX
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 with one scale per token, as the exported O1 graph computes it."""
+    scale = per_token_scales(x)
+    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX) * scale
+
+
+def act_mode(level: str) -> str:
+    """The activation mode of a recipe level (O1/O2/O3)."""
+    return {"O3": "static", "O2": "dynamic_per_tensor", "O1": "dynamic_per_token"}[level]
+
+
+def fake_quantize_input(x: torch.Tensor, mode: str, scale: torch.Tensor) -> torch.Tensor:
+    """A linear's input as the exported graph quantizes it (`scale` is used by `static` only)."""
+    if mode == "static":
+        return fake_quantize_activation(x, scale)
+    if mode == "dynamic_per_tensor":
+        return fake_quantize_dynamic_per_tensor(x)
+    return fake_quantize_per_token(x)
+
+
 @dataclass(frozen=True)
 class LinearQuant:
     """Static quantization parameters of one linear."""
@@ -53,9 +96,11 @@ class LinearQuant:
     act_scale: torch.Tensor  # () float32
     weight_scale: torch.Tensor  # (out,) float32
     weight_rel_error: float  # ||W - dequant(quant(W))|| / ||W||
+    act_mode: str = "static"  # one of ACT_MODES; dynamic modes ignore act_scale
 
     def summary(self) -> dict:
         return {
+            "act_mode": self.act_mode,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "act_amax": self.act_amax,
@@ -98,6 +143,7 @@ def plan_quantization(
         rel_err = float((lin.weight - w_deq).norm() / lin.weight.norm().clamp(min=1e-12))
         amax = act_ranges[name]
         linears[name] = LinearQuant(
+            act_mode=act_mode(cfg.activations.level),
             name=name,
             in_features=lin.in_features,
             out_features=lin.out_features,
@@ -118,10 +164,11 @@ class FakeQuantLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(w_int8.float() * quant.weight_scale.view(-1, 1), requires_grad=False)
         self.bias = linear.bias
         self.register_buffer("act_scale", quant.act_scale.clone())
+        self.act_mode = quant.act_mode
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quantize_activation(x, self.act_scale), self.weight, self.bias)
+        return F.linear(fake_quantize_input(x, self.act_mode, self.act_scale), self.weight, self.bias)
 
 
 @torch.no_grad()

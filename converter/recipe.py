@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from converter.engine_options import EngineOptions
 from converter.errors import UserError
@@ -49,6 +49,20 @@ class TextData(_Section):
     num_samples: int = Field(default=64, ge=1, description="Windows used (at most).")
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
+
+
+class Calibration(TextData):
+    """Calibration text, plus decode steps for KV-cache graphs (used only with `export.kv_cache`)."""
+
+    decode_windows: int = Field(default=8, ge=0, description="Windows also calibrated as greedy decode steps.")
+    decode_steps: int = Field(default=32, ge=0, description="One-token decode steps per such window.")
+
+    @model_validator(mode="after")
+    def _steps_fit_the_window(self) -> "Calibration":
+        if self.decode_steps >= self.seq_len:
+            raise ValueError(f"decode_steps {self.decode_steps} must be smaller than seq_len {self.seq_len} "
+                             "(each decode window is a prefix prefill plus the steps)")
+        return self
 
 
 class Smoothing(_Section):
@@ -87,10 +101,21 @@ class WeightQuant(_Section):
 
 
 class ActivationQuant(_Section):
+    """Activation quantization: the SmoothQuant paper's levels are
+
+    O3: `mode: static, granularity: per_tensor` (default): one calibrated scale per tensor, baked
+        into the graph; the only level TensorRT and MIGraphX targets accept.
+    O2: `mode: dynamic, granularity: per_tensor`: ONNX DynamicQuantizeLinear (uint8, asymmetric, one
+        scale per tensor computed at run time); CPU target only.
+    O1: `mode: dynamic, granularity: per_token`: a symmetric int8 scale per token computed at run
+        time; CPU target only.
+    """
+
     dtype: Literal["int8"] = "int8"
-    symmetric: Literal[True] = True
-    granularity: Literal["per_tensor"] = "per_tensor"
-    mode: Literal["static"] = "static"
+    symmetric: Literal[True] = Field(default=True, description="Static and per-token levels; O2 follows "
+                                     "ONNX DynamicQuantizeLinear, which is asymmetric uint8.")
+    granularity: Literal["per_tensor", "per_token"] = "per_tensor"
+    mode: Literal["static", "dynamic"] = "static"
     range: Literal["absmax", "percentile", "mse"] = Field(
         default="absmax",
         description="absmax: never clip; percentile: clip at that percentile of |x|; mse: the clip "
@@ -101,6 +126,19 @@ class ActivationQuant(_Section):
         default_factory=dict, description="Per-linear method by name or fnmatch pattern, e.g. {'*.down_proj': mse}."
     )
 
+    @model_validator(mode="after")
+    def _per_token_is_dynamic(self) -> ActivationQuant:
+        if self.granularity == "per_token" and self.mode == "static":
+            raise ValueError("per_token granularity needs mode: dynamic (O1); static scales are per_tensor (O3)")
+        return self
+
+    @property
+    def level(self) -> Literal["O1", "O2", "O3"]:
+        """The SmoothQuant paper's name for this granularity."""
+        if self.mode == "static":
+            return "O3"
+        return "O1" if self.granularity == "per_token" else "O2"
+
 
 class Fallback(_Section):
     """Sensitivity analysis: keep the most sensitive linears in float until a target is met."""
@@ -110,6 +148,9 @@ class Fallback(_Section):
     target_ppl_ratio: float | None = Field(default=None, gt=0, description="INT8 / float perplexity.")
     max_float_mac_share: float = Field(default=0.10, ge=0, le=1, description="Budget of linear MACs in float.")
     samples: int = Field(default=4, ge=1, description="Calibration windows scored per candidate.")
+    candidates: int | None = Field(
+        default=48, ge=1, description="Linears scored end to end: those with the largest W8A8 output error "
+        "of their own (one cheap pass); null scores every quantized linear (one model pass each).")
 
 
 class Quantization(_Section):
@@ -133,6 +174,11 @@ class Export(_Section):
     external_data: Literal["auto", "always", "never"] = Field(
         default="auto", description="auto: external data only when the model is over 2 GB."
     )
+    kv_cache: bool = Field(
+        default=False,
+        description="Decoders: the graph also takes past_key_values.{i}.key/value and returns "
+        "present.{i}.key/value, so one graph serves prefill (empty past) and one-token decode steps.",
+    )
 
 
 class Thresholds(_Section):
@@ -143,6 +189,10 @@ class Thresholds(_Section):
     min_min_cosine: float | None = Field(default=0.30, ge=-1, le=1)
     min_top1_agreement: float | None = Field(default=0.80, ge=0, le=1)
     max_kl: float | None = Field(default=0.15, ge=0)
+    min_token_agreement: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Greedy generation: mean share of positions where INT8 and FP32 agree (null: reported only; "
+        "greedy continuations of small random models diverge easily, so a recipe sets its own).")
 
 
 class PolygraphyCheck(_Section):
@@ -153,10 +203,21 @@ class PolygraphyCheck(_Section):
     int8_atol: float = Field(default=1.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
 
 
+class Generation(_Section):
+    """Generation parity: greedy tokens of the FP32 original (PyTorch) vs the INT8 artifact."""
+
+    enabled: bool = True
+    prompts: int = Field(default=8, ge=1, description="Prompts: prefixes of the first evaluation windows.")
+    prompt_tokens: int = Field(default=32, ge=1, description="Tokens of each evaluation window used as prompt.")
+    prompts_file: str | None = Field(default=None, description="Text file, one prompt per line (instead of windows).")
+    max_new_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt (EOS ignored).")
+
+
 class Parity(_Section):
     eval: TextData
     thresholds: Thresholds = Thresholds()
     polygraphy: PolygraphyCheck = PolygraphyCheck()
+    generation: Generation = Generation()
 
 
 class DynamicBatching(_Section):
@@ -228,7 +289,7 @@ class Output(_Section):
 class Recipe(_Section):
     schema_version: Literal[1]
     source: Source
-    calibration: TextData
+    calibration: Calibration
     smoothing: Smoothing = Smoothing()
     quantization: Quantization = Quantization()
     export: Export = Export()
@@ -250,6 +311,20 @@ class Recipe(_Section):
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; known: {sorted(TARGETS)}")
         return targets
+
+    @model_validator(mode="after")
+    def _dynamic_on_cpu_only(self) -> Recipe:
+        from converter.targets import TARGETS
+
+        level = self.quantization.activations.level
+        gpu = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        if level != "O3" and gpu:
+            raise ValueError(
+                f"dynamic activation quantization ({level}) exports ONNX dynamic-quantization ops that only the "
+                f"cpu-onnxruntime target runs; {', '.join(gpu)} need static per-tensor scales "
+                "(quantization.activations: {mode: static, granularity: per_tensor}, O3)"
+            )
+        return self
 
 
 class LoadedRecipe(BaseModel):

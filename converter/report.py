@@ -13,7 +13,7 @@ import torch
 
 from converter.calibrate import ActStats, run_hooked
 from converter.data import Windows
-from converter.quantize import QuantPlan, fake_quantize_activation
+from converter.quantize import QuantPlan, fake_quantize_input
 
 REPORT_DIR = "report"
 COLUMNS = (
@@ -34,7 +34,8 @@ def activation_errors(model, plan: QuantPlan, windows: Windows, samples: int, ba
     sums = {n: [0.0, 0.0] for n in plan.linears}
 
     def record(name, x):
-        err = fake_quantize_activation(x, plan.linears[name].act_scale) - x
+        quant = plan.linears[name]
+        err = fake_quantize_input(x, quant.act_mode, quant.act_scale) - x
         sums[name][0] += float(err.pow(2).sum())
         sums[name][1] += float(x.pow(2).sum())
 

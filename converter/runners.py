@@ -25,15 +25,18 @@ class TorchRunner(BaseRunner):
     """Runs an HF model (or a lazy loader of one) in PyTorch on CPU; returns the graph's output.
 
     `io` (`converter.encoder.ModelIO`) names the inputs and the output; None: a causal LM's
-    (input_ids, attention_mask) -> logits.
+    (input_ids, attention_mask) -> logits. With a KV layout (decoders) it also takes the
+    `past_key_values.*` inputs of a KV-cache graph (so one feed serves both); a non-empty past goes
+    into an HF DynamicCache.
     """
 
-    def __init__(self, model, name: str | None = None, io=None):
+    def __init__(self, model, name: str | None = None, io=None, layout=None):
         from converter.encoder import ModelIO
 
         super().__init__(name=name, prefix="torch-runner")
         self._model = model
         self.io = io or ModelIO("decoder", ("input_ids", "attention_mask"), "logits")
+        self.layout = layout
 
     def activate_impl(self):
         self.model = self._model() if callable(self._model) and not isinstance(self._model, torch.nn.Module) else self._model
@@ -43,15 +46,36 @@ class TorchRunner(BaseRunner):
         meta = TensorMetadata()
         for name in self.io.inputs:
             meta.add(name, np.int64, ("batch", "sequence"))
+        if self.layout is not None:
+            from converter.kvcache import past_names
+
+            for name in past_names(self.layout.num_layers):
+                meta.add(name, np.float32, ("batch", self.layout.kv_heads, "past_sequence", self.layout.head_dim))
         return meta
 
     def infer_impl(self, feed_dict):
         with torch.no_grad():
             inputs = {name: torch.from_numpy(np.asarray(feed_dict[name])) for name in self.io.inputs}
+            kwargs = self.io.forward_kwargs()
+            cache = self._cache(feed_dict)
+            if cache is not None:
+                kwargs.update(past_key_values=cache, use_cache=True)
             start = time.perf_counter()
-            out = getattr(self.model(**inputs, **self.io.forward_kwargs()), self.io.output)
+            out = getattr(self.model(**inputs, **kwargs), self.io.output)
             self.inference_time = time.perf_counter() - start
         return OrderedDict({self.io.output: out.numpy()})
+
+    def _cache(self, feed_dict):
+        if self.layout is None:
+            return None
+        from transformers import DynamicCache
+
+        from converter.kvcache import past_names
+
+        past = [torch.from_numpy(np.asarray(feed_dict[n])) for n in past_names(self.layout.num_layers)]
+        if past[0].shape[2] == 0:  # a prefill
+            return None
+        return DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])), config=self.model.config)
 
     def deactivate_impl(self):
         del self.model

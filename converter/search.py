@@ -21,9 +21,10 @@ from converter.calibrate import run_hooked, collect_input_amax
 from converter.data import Windows
 from converter.progress import track
 from converter.quantize import (
+    act_mode,
     activation_scale,
     apply_fake_quant,
-    fake_quantize_activation,
+    fake_quantize_input,
     plan_quantization,
     quantize_weight,
     weight_scales,
@@ -51,13 +52,14 @@ def subset(windows: Windows, samples: int) -> Windows:
 
 
 @torch.no_grad()
-def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], col_scales: torch.Tensor) -> float:
+def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], col_scales: torch.Tensor, mode: str = "static") -> float:
     """Relative squared error of W8A8 (x / s) @ (W * s)^T against float x @ W^T, summed over weights.
 
-    x: (tokens, C_in); weights: [(C_out, C_in)]; col_scales: (C_in,).
+    x: (tokens, C_in); weights: [(C_out, C_in)]; col_scales: (C_in,); mode: the activation mode
+    (quantize.ACT_MODES; a static range is the abs-max of `x / s`).
     """
     xs = x / col_scales
-    xq = fake_quantize_activation(xs, activation_scale(float(xs.abs().max())))
+    xq = fake_quantize_input(xs, mode, activation_scale(float(xs.abs().max())))
     err = ref = 0.0
     for w in weights:
         ws = w * col_scales
@@ -70,8 +72,10 @@ def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], col_scales: torch.T
 
 
 @torch.no_grad()
-def per_group_alphas(model, spec: ArchSpec, cfg: Smoothing, act_amax, windows: Windows, batch_size: int) -> AlphaSearch:
-    """Choose each group's alpha by its balance linears' W8A8 output error."""
+def per_group_alphas(model, spec: ArchSpec, cfg: Smoothing, act_amax, windows: Windows, batch_size: int,
+                     mode: str = "static") -> AlphaSearch:
+    """Choose each group's alpha by its balance linears' W8A8 output error (activations quantized
+    as `mode` does: per-token modes see each captured token row separately)."""
     groups = [(k, root, g) for k, root, g in iter_groups(model, spec, cfg) if balance_names(k, g)[0] in act_amax]
     first = {balance_names(k, g)[0] for k, _, g in groups}
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in first}
@@ -86,7 +90,7 @@ def per_group_alphas(model, spec: ArchSpec, cfg: Smoothing, act_amax, windows: W
         errors = []
         for alpha in cfg.alpha_grid:
             result = group_scales(root, group, act_amax[names[0]], alpha, layout)
-            errors.append(float("inf") if isinstance(result, str) else w8a8_error(x, weights, result[1]))
+            errors.append(float("inf") if isinstance(result, str) else w8a8_error(x, weights, result[1], mode))
         search.errors[key] = errors
         search.chosen[key] = cfg.alpha_grid[min(range(len(errors)), key=errors.__getitem__)]
     return search
@@ -131,7 +135,7 @@ def choose_alphas(model, spec: ArchSpec, cfg: Smoothing, quant: Quantization, li
     if not cfg.enabled or cfg.search == "off":
         return cfg, None, None
     if cfg.search == "per_group":
-        search = per_group_alphas(model, spec, cfg, act_amax, windows, batch_size)
+        search = per_group_alphas(model, spec, cfg, act_amax, windows, batch_size, act_mode(quant.activations.level))
         return cfg, search.chosen, search
     search = global_alpha(model, spec, cfg, quant, linears, quantized, act_amax, windows, batch_size)
     return cfg.model_copy(update={"alpha": search.chosen["*"]}), None, search

@@ -4,6 +4,10 @@ Each quantized linear's sensitivity is how much the fake-quant model's error (me
 distribution against float, on calibration windows) drops when that linear alone goes back to float.
 The most sensitive linears are then kept in float, one at a time, until the recipe's target is met,
 never exceeding the budget on the share of linear MACs left in float.
+
+Scoring a linear costs one model pass over the windows, so by default only the `candidates` linears
+with the largest local error (their own W8A8 output against float, all measured in one hooked pass)
+are scored; the rest keep a sensitivity of None in the report.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from converter.calibrate import run_hooked
 from converter.data import Windows
 from converter.progress import track
-from converter.quantize import QuantPlan, apply_fake_quant
+from converter.quantize import QuantPlan, apply_fake_quant, fake_quantize_input, quantize_weight
 from converter.recipe import Fallback
 
 
@@ -33,7 +38,8 @@ class FallbackReport:
 
     base: Errors
     final: Errors
-    sensitivity: dict[str, float]  # linear -> KL drop when it alone is float (larger = more sensitive)
+    sensitivity: dict[str, float | None]  # linear -> KL drop when it alone is float; None: not scored
+    local_error: dict[str, float] = field(default_factory=dict)  # linear -> its own W8A8 output rel. error
     fallback: list[str] = field(default_factory=list)
     float_mac_share: float = 0.0
     target_met: bool = False
@@ -85,6 +91,25 @@ def _swap(model, name: str, module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def local_errors(model, plan: QuantPlan, windows: Windows, batch_size: int) -> dict[str, float]:
+    """||W8A8(x) - x W^T||^2 / ||x W^T||^2 of every planned linear on its own float input (one pass)."""
+    sums = {n: [0.0, 0.0] for n in plan.linears}
+    deq = {}
+
+    def record(name, x):
+        quant, weight = plan.linears[name], model.get_submodule(name).weight
+        if name not in deq:
+            deq[name] = quantize_weight(weight, quant.weight_scale).float() * quant.weight_scale.view(-1, 1)
+        y = F.linear(x, weight)
+        err = F.linear(fake_quantize_input(x, quant.act_mode, quant.act_scale), deq[name]) - y
+        sums[name][0] += float(err.pow(2).sum())
+        sums[name][1] += float(y.pow(2).sum())
+
+    run_hooked(model, list(plan.linears), windows, batch_size, "local error", record)
+    return {n: e / max(t, 1e-30) for n, (e, t) in sums.items()}
+
+
+@torch.no_grad()
 def sensitivity_fallback(model, plan: QuantPlan, windows: Windows, batch_size: int, cfg: Fallback) -> FallbackReport:
     """Rank quantized linears by sensitivity and keep the most sensitive in float until the target.
 
@@ -99,15 +124,19 @@ def sensitivity_fallback(model, plan: QuantPlan, windows: Windows, batch_size: i
     score = _Scorer(model, sample, batch_size)
     quantized = apply_fake_quant(copy.deepcopy(model), plan)
     base = score(quantized)
-    sensitivity = {}
-    for name in track(list(plan.linears), "sensitivity"):
+    macs = {n: q.in_features * q.out_features for n, q in plan.linears.items()}
+    budget = cfg.max_float_mac_share * sum(macs.values())
+    local = local_errors(model, plan, sample, batch_size)
+    fits = [n for n in plan.linears if macs[n] <= budget]  # a linear over the budget alone is never a candidate
+    scored = sorted(fits, key=local.get, reverse=True)[: cfg.candidates or len(fits)]
+    sensitivity: dict[str, float | None] = {n: None for n in plan.linears}
+    for name in track([n for n in plan.linears if n in scored], "sensitivity"):
         fake = _swap(quantized, name, model.get_submodule(name))
         sensitivity[name] = base.kl - score(quantized).kl
         _swap(quantized, name, fake)
-    macs = {n: q.in_features * q.out_features for n, q in plan.linears.items()}
-    budget = cfg.max_float_mac_share * sum(macs.values())
-    report = FallbackReport(base=base, final=base, sensitivity=sensitivity, target_met=_met(base, cfg))
-    for name in sorted(sensitivity, key=sensitivity.get, reverse=True):
+    report = FallbackReport(base=base, final=base, sensitivity=sensitivity, local_error=local,
+                            target_met=_met(base, cfg))
+    for name in sorted(scored, key=sensitivity.get, reverse=True):
         if report.target_met:
             break
         if sensitivity[name] <= 0 or sum(macs[n] for n in report.fallback) + macs[name] > budget:

@@ -68,24 +68,39 @@ def installed_tensorrt_version() -> str | None:
     return None
 
 
+def _axis_ranges(name: str, rank: int, options: EngineOptions, kv_graph: bool) -> list:
+    """The recipe range of each axis of one input (None: the axis is expected to be static)."""
+    from converter.engine_options import DimRange
+    from converter.kvcache import PAST_PREFIX
+
+    if name.startswith(f"{PAST_PREFIX}."):  # (batch, kv_heads, past_sequence, head_dim)
+        return [options.batch, None, options.past_sequence, None][:rank]
+    if name == "attention_mask" and kv_graph:  # covers the cached and the current tokens
+        s, p = options.sequence, options.past_sequence
+        return [options.batch, DimRange(min=s.min + p.min, opt=s.opt + p.opt, max=s.max + p.max)][:rank]
+    return [getattr(options, axis) for axis in PROFILE_AXES][:rank] + [None] * max(0, rank - len(PROFILE_AXES))
+
+
 def profile_shapes(model_path: Path, options: EngineOptions) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shapes per graph input: recipe ranges on dynamic axes, exported sizes on static ones.
 
     Raises:
-        UserError: a dynamic axis beyond (batch, sequence) has no range in the recipe.
+        UserError: a dynamic axis beyond (batch, sequence, past_sequence) has no range in the recipe.
     """
     import onnx
 
+    from converter.kvcache import PAST_PREFIX
+
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    kv_graph = any(v.name.startswith(f"{PAST_PREFIX}.") for v in inputs)
     shapes = {}
-    for value in graph.input:
-        if value.name in initializers:
-            continue
+    for value in inputs:
         dims = value.type.tensor_type.shape.dim
+        ranges = _axis_ranges(value.name, len(dims), options, kv_graph)
         per_axis = []  # (min, opt, max) per axis
-        for axis, dim in enumerate(dims):
-            rng = getattr(options, PROFILE_AXES[axis]) if axis < len(PROFILE_AXES) else None
+        for axis, (dim, rng) in enumerate(zip(dims, ranges)):
             if dim.HasField("dim_value"):
                 per_axis.append((dim.dim_value,) * 3)
             elif rng is None:

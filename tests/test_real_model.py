@@ -70,3 +70,30 @@ def test_tensorrt_lint_and_parser_builder_accept_the_artifact(smollm2_artifact):
         pytest.skip(rtx["skipped"])
     assert rtx["parsed"] and rtx["built"], rtx.get("error")
     assert rtx["network"]["int8_matmul_layers"] == LINEARS and rtx["network"]["int8_quantize_layers"] == LINEARS
+
+
+def test_kv_cache_graph_and_greedy_generation_agree_with_fp32(smollm2_artifact):
+    _, manifest = smollm2_artifact
+    assert manifest["model"]["kv_cache"] and manifest["model"]["inputs"][2] == "past_key_values.0.key"
+    assert len(manifest["model"]["outputs"]) == 1 + 2 * 30
+    assert manifest["calibration"]["decode_tokens"] == 8 * 32
+    g = manifest["targets"]["cpu-onnxruntime"]["parity"]["generation"]
+    assert g["new_tokens"] == 32 and g["prompts"] == 8 and 0 <= g["token_agreement"] <= 1
+
+
+@pytest.mark.xfail(strict=True, reason="target not met yet: measured greedy token agreement 0.23 over 32 tokens")
+def test_greedy_token_agreement_target(smollm2_artifact):
+    _, manifest = smollm2_artifact
+    g = manifest["targets"]["cpu-onnxruntime"]["parity"]["generation"]
+    assert g["token_agreement"] >= 0.85, g["first_divergence"]
+
+
+def test_generate_streams_text_from_the_artifact(smollm2_artifact):
+    result, _ = smollm2_artifact
+    proc = subprocess.run([sys.executable, "convert.py", "generate", result["artifact"], "--prompt",
+                           "The license grants you the right to", "--max-new-tokens", "16", "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout)
+    assert 1 <= record["new_tokens"] <= 16 and record["text"].strip()
+    assert len(set(record["tokens"])) > 3  # real text, not one token repeated

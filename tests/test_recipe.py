@@ -58,7 +58,9 @@ def test_out_of_range_and_unsupported_values_are_rejected():
     with pytest.raises(UserError, match=r"smoothing\.alpha"):
         load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["smoothing.alpha=1.5"])
     with pytest.raises(UserError, match=r"quantization\.activations\.mode"):
-        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["quantization.activations.mode=dynamic"])
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["quantization.activations.mode=runtime"])
+    with pytest.raises(UserError, match=r"quantization\.activations: .*per_token granularity needs mode: dynamic"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["quantization.activations.granularity=per_token"])
     with pytest.raises(UserError, match=r"unknown target"):
         load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["targets=[h100-tensorrtt]"])
 

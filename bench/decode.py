@@ -1,0 +1,117 @@
+"""Decode speed with the KV cache: FP32 ONNX vs the INT8 artifact, batch 1, 2 threads.
+
+    .venv/bin/python bench/decode.py [--artifact DIR] [--runs 5] [--new-tokens 64] [--prompt-tokens 32]
+
+Without --artifact the shipped recipe is converted first (through the real CLI). The FP32 baseline
+is the original checkpoint exported with the same KV-cache graph layout. Each run prefills the same
+prompt (from the evaluation text), then times `--new-tokens` greedy one-token decode steps; runs
+alternate between the two models and the median tokens/s is reported. Writes
+bench/results/decode.json and bench/results/decode.md, which the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cli_run import run_convert
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
+RESULTS = ROOT / "bench" / "results"
+
+
+def decode_rate(session, layout, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """(decode tokens/s after the prefill, tokens), greedy, EOS ignored."""
+    from converter.generation import greedy_graph, session_step
+
+    tokens = []
+    stream = greedy_graph(session_step(session), layout, prompt, new_tokens + 1)
+    tokens.append(next(stream))  # the prefill's token: not a decode step
+    start = time.perf_counter()
+    tokens += list(stream)
+    return new_tokens / (time.perf_counter() - start), tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, help="an artifact folder (default: convert the shipped recipe)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import onnxruntime as ort
+
+    from converter.data import token_windows
+    from converter.export import export_fp32
+    from converter.kvcache import graph_kv_layout
+    from converter.load import load_reference
+    from converter.recipe import Export, load_recipe
+
+    recipe = load_recipe(RECIPE)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = args.artifact
+        if artifact is None:
+            result, _ = run_convert(RECIPE, Path(tmp) / "out", [], [])
+            artifact = Path(result["artifact"])
+        int8_path = artifact / "model.onnx"
+        if graph_kv_layout(int8_path) is None:
+            raise SystemExit(f"{int8_path} has no KV cache inputs (export.kv_cache: false)")
+        model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
+        fp32_path = export_fp32(model, Path(tmp) / "fp32.onnx", Export(kv_cache=True))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+        windows = token_windows(recipe, recipe.recipe.parity.eval, tokenizer, shuffle=False)
+        prompt = [int(t) for t in windows.input_ids[0, : args.prompt_tokens]]
+        del model
+        sessions = {}
+        for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            sessions[name] = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
+                              graph_kv_layout(path))
+        for session, layout in sessions.values():  # warm-up
+            decode_rate(session, layout, prompt, 8)
+        rates = {name: [] for name in sessions}
+        tokens = {}
+        for _ in range(args.runs):
+            for name, (session, layout) in sessions.items():
+                rate, tokens[name] = decode_rate(session, layout, prompt, args.new_tokens)
+                rates[name].append(rate)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    same = sum(a == b for a, b in zip(tokens["fp32"], tokens["int8"])) / len(tokens["fp32"])
+    results = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        "note": args.note,
+        "batch": 1, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "runs": args.runs, "tokens_per_s_median": medians, "tokens_per_s_all": rates,
+        "int8_over_fp32": medians["int8"] / medians["fp32"], "greedy_token_agreement_this_prompt": same,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "decode.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"SmolLM2-135M-Instruct decode with the KV cache, {results['machine']}, {results['date']}"
+             + (f" ({args.note})" if args.note else ""), "",
+             f"| ONNX Runtime, batch 1, {args.threads} threads, {args.prompt_tokens}-token prompt, "
+             f"{args.new_tokens} decode steps | median of {args.runs} (interleaved) | vs FP32 |", "|---|---|---|",
+             f"| FP32 ONNX (KV cache) | {medians['fp32']:.1f} tokens/s | 1.00x |",
+             f"| INT8 QDQ artifact (KV cache) | {medians['int8']:.1f} tokens/s | {results['int8_over_fp32']:.2f}x |"]
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "decode.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Greedy generation: over any runner of an ONNX graph (with or without a KV cache) and over PyTorch.
+
+Generation parity compares the tokens the FP32 original (PyTorch) and the INT8 artifact generate
+greedily from the same prompts. Definitions (per prompt, N new tokens, EOS ignored so both sides
+always produce N tokens):
+  * token agreement = (positions i < N where both generated the same token) / N. Positions after a
+    divergence still count when the two continuations line up again token for token (e.g. a
+    different word of the same token length); they are not counted as mismatches by fiat.
+  * prefix agreement = first divergence / N: the strict reading, where everything after the first
+    different token counts as wrong.
+  * first divergence = the index of the first different token, or N when all N agree.
+The reported rates are means over prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converter.kvcache import KvLayout, past_names, prefill_feed, present_names
+
+Step = Callable[[dict], dict]  # feed dict -> {"logits", "present.*"}: a runner's infer, or an ORT session
+
+
+def greedy_graph(step: Step, layout: KvLayout | None, prompt: list[int], max_new_tokens: int,
+                 eos_token_id: int | None = None) -> Iterator[int]:
+    """Yield greedy tokens one by one from an exported graph (batch 1).
+
+    With a KV layout: one prefill with empty past tensors, then one-token decode steps that feed the
+    returned `present.*` back as `past_key_values.*`. Without (a logits-only graph): the whole
+    sequence is re-run for every token.
+    """
+    ids = list(prompt)
+    past = None
+    for _ in range(max_new_tokens):
+        if layout is None:
+            x = np.array([ids], dtype=np.int64)
+            out = step({"input_ids": x, "attention_mask": np.ones_like(x)})
+        elif past is None:
+            x = np.array([ids], dtype=np.int64)
+            out = step(prefill_feed(x, np.ones_like(x), layout))
+        else:
+            out = step({"input_ids": np.array([[ids[-1]]], dtype=np.int64),
+                        "attention_mask": np.ones((1, len(ids)), dtype=np.int64), **past})
+        if layout is not None:
+            past = {p: out[q] for p, q in zip(past_names(layout.num_layers), present_names(layout.num_layers))}
+        token = int(np.asarray(out["logits"])[0, -1].argmax())
+        ids.append(token)
+        yield token
+        if eos_token_id is not None and token == eos_token_id:
+            return
+
+
+@torch.no_grad()
+def greedy_torch(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of an HF causal LM with its own KV cache (batch 1, EOS ignored)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    x = torch.tensor([prompt], dtype=torch.int64)
+    tokens = []
+    for _ in range(max_new_tokens):
+        seen = cache.get_seq_length() + x.shape[1]
+        out = model(input_ids=x, attention_mask=torch.ones(1, seen, dtype=torch.int64), past_key_values=cache,
+                    use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        x = torch.tensor([[token]], dtype=torch.int64)
+    return tokens
+
+
+def session_step(session) -> Step:
+    """An ONNX Runtime session as a `Step`."""
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed)))
+
+
+@dataclass
+class GenerationMetrics:
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int
+    token_agreement: float  # mean over prompts of matching positions / N
+    prefix_agreement: float  # mean over prompts of first divergence / N
+    first_divergence: list[int] = field(default_factory=list)  # per prompt; N = no divergence
+    reference_tokens: list[list[int]] = field(default_factory=list)
+    candidate_tokens: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_tokens(reference: list[list[int]], candidate: list[list[int]], prompt_tokens: int) -> GenerationMetrics:
+    """Agreement of two sets of greedy continuations (see the module docstring for definitions)."""
+    agree, prefix, first = [], [], []
+    for ref, cand in zip(reference, candidate, strict=True):
+        n = len(ref)
+        same = [a == b for a, b in zip(ref, cand, strict=True)]
+        diverge = same.index(False) if False in same else n
+        agree.append(sum(same) / n)
+        prefix.append(diverge / n)
+        first.append(diverge)
+    return GenerationMetrics(prompts=len(reference), prompt_tokens=prompt_tokens,
+                             new_tokens=len(reference[0]) if reference else 0,
+                             token_agreement=float(np.mean(agree)), prefix_agreement=float(np.mean(prefix)),
+                             first_divergence=first, reference_tokens=reference, candidate_tokens=candidate)
+
+
+def generation_parity(reference_model: torch.nn.Module, candidate_step: Step, layout: KvLayout | None,
+                      prompts: list[list[int]], max_new_tokens: int) -> GenerationMetrics:
+    """Greedy-generate from every prompt with the PyTorch reference and the candidate graph."""
+    from converter.progress import track
+
+    reference, candidate = [], []
+    for prompt in track(prompts, "generate", total=len(prompts)):
+        reference.append(greedy_torch(reference_model, prompt, max_new_tokens))
+        candidate.append(list(greedy_graph(candidate_step, layout, prompt, max_new_tokens)))
+    return compare_tokens(reference, candidate, len(prompts[0]) if prompts else 0)
+
+
+def stream(artifact: Path, prompt: str, max_new_tokens: int, threads: int = 0) -> Iterator[tuple[int, str]]:
+    """Yield (token id, newly decoded text) from an artifact's model.onnx, greedy, until EOS or N tokens.
+
+    Raises:
+        UserError: the folder is not an artifact, or has no model.onnx / tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    from converter.errors import UserError
+    from converter.kvcache import graph_kv_layout
+    from converter.runners import onnxruntime_session
+
+    model_path = artifact / "model.onnx"
+    if not model_path.is_file():
+        raise UserError(f"{artifact} is not an artifact (no model.onnx)")
+    if not (artifact / "tokenizer.json").is_file() and not (artifact / "tokenizer_config.json").is_file():
+        raise UserError(f"{artifact}: no tokenizer files (tokenizer.json) beside model.onnx")
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise UserError("--prompt is empty after tokenization")
+    layout = graph_kv_layout(model_path)
+    step = session_step(onnxruntime_session(model_path, threads=threads))
+    generated: list[int] = []
+    text = ""
+    for token in greedy_graph(step, layout, prompt_ids, max_new_tokens, tokenizer.eos_token_id):
+        generated.append(token)
+        # decode the whole continuation: byte-level BPE pieces only form characters together
+        full = tokenizer.decode(generated, skip_special_tokens=True)
+        yield token, full[len(text):] if full.startswith(text) else full
+        text = full
+
+
+def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo) -> dict:
+    """Run `stream`, handing each text piece to `echo`; returns the JSON record of the run."""
+    start = time.perf_counter()
+    first = None
+    tokens, pieces = [], []
+    for token, piece in stream(artifact, prompt, max_new_tokens):
+        first = first if first is not None else time.perf_counter() - start
+        tokens.append(token)
+        pieces.append(piece)
+        echo(piece)
+    total = time.perf_counter() - start
+    decode_s = total - (first or 0.0)
+    return {"artifact": str(artifact), "prompt": prompt, "tokens": tokens, "text": "".join(pieces),
+            "new_tokens": len(tokens), "seconds": round(total, 4), "first_token_s": round(first or 0.0, 4),
+            "tokens_per_s": round((len(tokens) - 1) / decode_s, 2) if len(tokens) > 1 and decode_s > 0 else None}
+
+
+def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int]]:
+    """Prompt token ids: the first `cfg.prompt_tokens` of the first `cfg.prompts` evaluation windows,
+    or the lines of `cfg.prompts_file` (resolved against `base_dir`).
+
+    Raises:
+        UserError: the prompts file is missing or has no non-empty line.
+    """
+    from converter.errors import UserError
+
+    if cfg.prompts_file is None:
+        return [[int(t) for t in row[: cfg.prompt_tokens]] for row in windows.input_ids[: cfg.prompts]]
+    path = Path(cfg.prompts_file) if Path(cfg.prompts_file).is_absolute() else base_dir / cfg.prompts_file
+    if not path.is_file():
+        raise UserError(f"parity.generation.prompts_file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines[: cfg.prompts]]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"parity.generation.prompts_file {path}: no non-empty prompt")
+    return prompts

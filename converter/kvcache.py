@@ -1,0 +1,129 @@
+"""KV-cache decoder graphs: one ONNX graph for prefill (empty past) and one-token decode steps.
+
+Inputs  `input_ids` (B, T), `attention_mask` (B, P + T), `past_key_values.{i}.key/value` (B, H_kv, P, D)
+Outputs `logits` (B, T, V), `present.{i}.key/value` (B, H_kv, P + T, D)
+B, T and P are dynamic; prefill feeds P = 0 (zero-length past tensors). The wrapper rebuilds an HF
+`DynamicCache` from the flat past tensors inside forward, so any decoder that takes the generic
+cache API exports the same way (no per-architecture code here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAST_PREFIX = "past_key_values"
+PRESENT_PREFIX = "present"
+BASE_INPUTS = ("input_ids", "attention_mask")
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"{PAST_PREFIX}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"{PRESENT_PREFIX}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of the KV-cache graph of a decoder with `num_layers` blocks."""
+    return [*BASE_INPUTS, *past_names(num_layers)], ["logits", *present_names(num_layers)]
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """Shape of one layer's key/value cache tensor: (batch, kv_heads, past, head_dim)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: np.dtype = np.dtype(np.float32)
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length past tensors for a prefill."""
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return {name: np.zeros(shape, dtype=self.dtype) for name in past_names(self.num_layers)}
+
+
+def model_kv_layout(config) -> KvLayout:
+    from converter.archs import head_layout
+
+    heads = head_layout(config)
+    return KvLayout(config.num_hidden_layers, heads.num_kv_heads, heads.head_dim)
+
+
+def graph_kv_layout(model_path: Path) -> KvLayout | None:
+    """The KV layout a graph's `past_key_values.*` inputs declare, or None for a graph without a cache."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    past = [v for v in graph.input if v.name.startswith(f"{PAST_PREFIX}.")]
+    if not past:
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in past[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or dims[1] is None or dims[3] is None:
+        raise RuntimeError(f"{model_path.name}: {past[0].name} has dims {dims}, expected (batch, heads, past, head_dim)")
+    dtype = np.dtype(tensor_dtype_to_np_dtype(past[0].type.tensor_type.elem_type))
+    return KvLayout(len(past) // 2, dims[1], dims[3], dtype)
+
+
+def prefill_feed(ids: np.ndarray, mask: np.ndarray, layout: KvLayout | None) -> dict[str, np.ndarray]:
+    """The feed of a full-sequence run: ids and mask, plus empty past tensors for a KV graph."""
+    feed = {"input_ids": ids, "attention_mask": mask}
+    return feed if layout is None else {**feed, **layout.empty_past(ids.shape[0])}
+
+
+class KvWrapper(torch.nn.Module):
+    """Exports logits and the updated cache from (input_ids, attention_mask, *flat past tensors)."""
+
+    def __init__(self, model: torch.nn.Module, wrapped_attr: str):
+        super().__init__()
+        setattr(self, wrapped_attr, model)
+        self._attr = wrapped_attr
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        model = getattr(self, self._attr)
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        cache = DynamicCache(ddp_cache_data=pairs, config=model.config)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        flat = []
+        for layer in out.past_key_values.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def example_inputs(config, layout: KvLayout) -> tuple[torch.Tensor, ...]:
+    """Example tensors whose batch, sequence and past sizes differ from each other and from every
+    static size (heads, head_dim), so the exporter cannot confuse a dynamic axis with a fixed one."""
+    taken = {layout.kv_heads, layout.head_dim}
+    batch, seq, past = (next(n for n in range(start, start + 64) if n not in taken) for start in (2, 5, 7))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    kv = [torch.randn(batch, layout.kv_heads, past, layout.head_dim, generator=gen)
+          for _ in range(2 * layout.num_layers)]
+    return (ids, mask, *kv)
+
+
+def dynamic_shapes(layout: KvLayout, batch: bool, sequence: bool) -> tuple:
+    """Dim.AUTO on the dynamic axes: the exporter works out that the mask is past + sequence long."""
+    auto, static = torch.export.Dim.AUTO, torch.export.Dim.STATIC
+    b = auto if batch else static
+    s = auto if sequence else static
+    past = {0: b, 1: static, 2: auto, 3: static}
+    return ({0: b, 1: s}, {0: b, 1: auto}, tuple(dict(past) for _ in range(2 * layout.num_layers)))
+
+
+def graph_io_names(model_path: Path) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) names of an ONNX graph, initializers excluded: what the manifest records."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers], [v.name for v in graph.output]

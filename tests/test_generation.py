@@ -1,0 +1,125 @@
+"""The KV-cache artifact end to end: decode-step calibration, generation parity, `convert.py generate`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_recipe_dict
+from converter import kvcache
+from converter.calibrate import run_hooked
+from converter.data import Windows
+from converter.generation import greedy_graph, greedy_torch, session_step
+from converter.runners import onnxruntime_session
+from test_cli import run_cli
+from tiny_models import build_tiny
+
+
+@pytest.fixture(scope="module")
+def kv_artifact(tiny_checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kv-cli")
+    data = tiny_recipe_dict(tiny_checkpoints["qwen2"])
+    data["export"] = {"kv_cache": True}
+    data["calibration"].update(decode_windows=4, decode_steps=8)
+    data["parity"]["generation"] = {"prompts": 3, "prompt_tokens": 12, "max_new_tokens": 10}
+    data["parity"]["thresholds"] = {"min_token_agreement": 0.8}
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "out", "--json", "--quiet")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    artifact = tmp / "out" / result["name"] / result["version"]
+    return artifact, json.loads((artifact / "manifest.json").read_text()), result
+
+
+def test_manifest_records_kv_io_and_decode_calibration(kv_artifact):
+    artifact, manifest, _ = kv_artifact
+    inputs, outputs = kvcache.io_names(2)
+    assert manifest["model"]["inputs"] == inputs and manifest["model"]["outputs"] == outputs
+    assert manifest["model"]["kv_cache"] is True
+    cal = manifest["calibration"]
+    assert (cal["decode_windows"], cal["decode_steps"], cal["decode_tokens"]) == (4, 8, 32)
+    assert cal["tokens"] == cal["windows"] * 64 + 32  # prefill tokens + decoded tokens
+
+
+def test_generation_parity_is_reported_and_gated(kv_artifact):
+    artifact, manifest, result = kv_artifact
+    parity = manifest["targets"]["cpu-onnxruntime"]["parity"]
+    g = parity["generation"]
+    assert g["prompts"] == 3 and g["new_tokens"] == 10 and len(g["first_divergence"]) == 3
+    assert all(len(t) == 10 for t in g["reference_tokens"] + g["candidate_tokens"])
+    same = [sum(a == b for a, b in zip(r, c)) / 10 for r, c in zip(g["reference_tokens"], g["candidate_tokens"])]
+    assert g["token_agreement"] == pytest.approx(np.mean(same))
+    assert parity["thresholds"]["min_token_agreement"] == 0.8
+    assert result["targets"]["cpu-onnxruntime"]["parity"]["generation"]["token_agreement"] == g["token_agreement"]
+    assert "greedy token agreement" in (artifact / "parity_report.md").read_text()
+    # the prompts are the first 12 tokens of the evaluation windows, and the artifact's greedy
+    # tokens from them are what the INT8 graph generates in ONNX Runtime
+    step = session_step(onnxruntime_session(artifact / "model.onnx"))
+    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    from transformers import AutoTokenizer
+
+    from conftest import EVALUATION_TEXT
+
+    ids = AutoTokenizer.from_pretrained(str(artifact))(EVALUATION_TEXT.read_text(), add_special_tokens=False)["input_ids"]
+    assert list(greedy_graph(step, layout, ids[:12], 10)) == g["candidate_tokens"][0]
+
+
+def test_triton_config_carries_the_cache_tensors(kv_artifact):
+    artifact, manifest, _ = kv_artifact
+    from converter.triton import CONFIG, parse_config
+
+    folder = artifact / "triton" / f"{manifest['name']}-cpu-onnxruntime"
+    config = parse_config((folder / CONFIG).read_text(), "kv")
+    dims = {t.name: list(t.dims) for t in [*config.input, *config.output]}
+    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    assert config.max_batch_size == 8  # every tensor has a dynamic batch axis
+    assert dims["past_key_values.1.value"] == [layout.kv_heads, -1, layout.head_dim]
+    assert dims["present.0.key"] == [layout.kv_heads, -1, layout.head_dim]
+    assert dims["attention_mask"] == [-1] and dims["logits"] == [-1, 320]
+
+
+def test_generate_streams_the_artifacts_greedy_tokens(kv_artifact):
+    artifact, _, _ = kv_artifact
+    from transformers import AutoTokenizer
+
+    code, stdout, stderr = run_cli("generate", artifact, "--prompt", "Licensed under the", "--max-new-tokens", 7,
+                                   "--json")
+    assert code == 0, stderr
+    record = json.loads(stdout)
+    tok = AutoTokenizer.from_pretrained(str(artifact))
+    prompt = tok("Licensed under the", add_special_tokens=False)["input_ids"]
+    step = session_step(onnxruntime_session(artifact / "model.onnx"))
+    expected = list(greedy_graph(step, kvcache.graph_kv_layout(artifact / "model.onnx"), prompt, 7, tok.eos_token_id))
+    assert record["tokens"] == expected and record["new_tokens"] == len(expected)
+    assert record["text"] == tok.decode(expected, skip_special_tokens=True)
+    code, stdout, _ = run_cli("generate", artifact, "--prompt", "Licensed under the", "--max-new-tokens", 7)
+    assert code == 0 and stdout == "Licensed under the" + record["text"] + "\n"
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "x"], ["--prompt", "x", "--max-new-tokens", "0"]])
+def test_generate_bad_input_is_one_line_exit_1(tmp_path, kv_artifact, argv):
+    target = tmp_path if argv[-1] == "x" else kv_artifact[0]
+    code, stdout, stderr = run_cli("generate", target, *argv)
+    assert code == 1 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_decode_calibration_records_the_models_own_greedy_steps():
+    model = build_tiny("llama")
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(2))
+    windows = Windows(ids, "t", 1).with_decode(1, 5)
+    seen = []
+    batches, tokens = run_hooked(model, ["lm_head"], windows, 1, "t", lambda n, x: seen.append(x.clone()))
+    assert (batches, tokens) == (1, 20 + 5)
+    assert [tuple(x.shape[:2]) for x in seen] == [(1, 20)] + [(1, 1)] * 5  # prefill, then only the steps
+    # the decode steps read the model's own greedy continuation of the 15-token prefix
+    continuation = greedy_torch(model, ids[0, :15].tolist(), 5)
+    full = torch.tensor([ids[0, :15].tolist() + continuation])  # step k feeds generated token k at 15 + k
+    with torch.no_grad():
+        hidden = model.model(input_ids=full).last_hidden_state  # (1, 20, C): lm_head input = final norm output
+    torch.testing.assert_close(torch.cat(seen[1:], dim=1), hidden[:, 15:], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # and those differ from the corpus tokens' activations
+        assert (hidden[:, 15:] - model.model(input_ids=ids).last_hidden_state[:, 15:]).abs().max() > 1e-2
+    assert windows.sha256 != Windows(ids, "t", 1).with_decode(1, 6).sha256  # settings reach the cache key

@@ -1,0 +1,150 @@
+"""KV-cache graphs (export.kv_cache) and greedy generation on tiny models."""
+
+import collections
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from converter import kvcache
+from converter.archs import arch_spec, block_linear_names
+from converter.calibrate import collect_input_amax
+from converter.data import Windows
+from converter.export import export_fp32, insert_qdq
+from converter.generation import compare_tokens, greedy_graph, greedy_torch, session_step
+from converter.quantize import apply_fake_quant, plan_quantization
+from converter.recipe import Export, Quantization, Smoothing
+from converter.runners import onnxruntime_session
+from converter.smooth import smooth
+from converter.targets import build_onnxruntime
+from tiny_models import build_tiny
+
+KV = Export(kv_cache=True)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "llama-tied"])
+def kv_exported(request, tmp_path_factory):
+    """(model, plan, no-cache fp32, kv fp32, kv int8, no-cache int8, folder), smoothed, lm_head int8 too."""
+    tmp = tmp_path_factory.mktemp(f"kv-{request.param}")
+    model = build_tiny(request.param)
+    spec = arch_spec(model)
+    names = block_linear_names(model, spec)
+    windows = Windows(torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(1)), "t", 8)
+    smooth(model, collect_input_amax(model, names, windows, 4).amax, Smoothing(alpha=0.5), spec)
+    plan = plan_quantization(model, names, collect_input_amax(model, names, windows, 4).absmax_ranges(),
+                             Quantization(exclude=[]))
+    plain = export_fp32(model, tmp / "plain.fp32.onnx", Export())
+    kv_fp32 = export_fp32(model, tmp / "kv.fp32.onnx", KV)
+    kv_int8 = insert_qdq(kv_fp32, tmp / "kv.onnx", model, plan, KV)
+    plain_int8 = insert_qdq(plain, tmp / "plain.onnx", model, plan, Export())
+    return model, plan, plain, kv_fp32, kv_int8, plain_int8, tmp
+
+
+def test_kv_graph_io_names_and_dynamic_axes(kv_exported):
+    model, *_, kv_int8, _, _ = kv_exported
+    graph = onnx.load(str(kv_int8.path)).graph
+    layers = model.config.num_hidden_layers
+    inputs, outputs = kvcache.io_names(layers)
+    assert [v.name for v in graph.input] == inputs and [v.name for v in graph.output] == outputs
+    assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
+    dims = [d.dim_value or None for d in graph.input[2].type.tensor_type.shape.dim]
+    layout = kvcache.model_kv_layout(model.config)
+    assert dims == [None, layout.kv_heads, None, layout.head_dim]  # batch and past length dynamic
+    assert kvcache.graph_kv_layout(kv_int8.path) == layout
+
+
+def test_kv_graph_quantizes_the_same_matmuls(kv_exported):
+    _, plan, _, _, kv_int8, plain_int8, tmp = kv_exported
+    assert kv_int8.quantized_matmuls == plain_int8.quantized_matmuls == len(plan.linears)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(kv_int8.path)).graph.node)
+    assert ops["QuantizeLinear"] == len(plan.linears) and ops["DequantizeLinear"] == 2 * len(plan.linears)
+    report = build_onnxruntime("cpu-onnxruntime", kv_int8.path, tmp, plan)
+    assert report.unfused_linears == [] and report.fused_linears == len(plan.linears)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_prefill_then_decode_matches_no_cache_logits(kv_exported, which):
+    _, _, plain, kv_fp32, kv_int8, plain_int8, _ = kv_exported
+    kv_path, plain_path = (kv_fp32, plain) if which == "fp32" else (kv_int8.path, plain_int8.path)
+    kv, full = onnxruntime_session(kv_path), onnxruntime_session(plain_path)
+    layout = kvcache.graph_kv_layout(kv_path)
+    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(5)).numpy()
+    ref = full.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]  # (2, 21, V)
+    step = session_step(kv)
+    out = step(kvcache.prefill_feed(ids[:, :13], np.ones((2, 13), np.int64), layout))
+    assert out["present.0.key"].shape == (2, layout.kv_heads, 13, layout.head_dim)
+    got = [out["logits"]]
+    for t in range(13, 21):  # one-token decode steps feeding the cache back
+        past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
+        out = step({"input_ids": ids[:, t : t + 1], "attention_mask": np.ones((2, t + 1), np.int64), **past})
+        got.append(out["logits"])
+    got = np.concatenate(got, axis=1)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-4
+    assert np.abs(got[:, 13:] - ref[:, 12:-1]).max() > 1e-2  # a step off by one position would show
+
+
+def test_ort_int8_greedy_tokens_equal_pytorch_fake_quant(kv_exported):
+    model, plan, _, _, kv_int8, _, _ = kv_exported
+    fq = apply_fake_quant(copy.deepcopy(model), plan)
+    step = session_step(onnxruntime_session(kv_int8.path))
+    layout = kvcache.graph_kv_layout(kv_int8.path)
+    prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (3, 11, 24)]
+    ort_tokens = [list(greedy_graph(step, layout, p, 20)) for p in prompts]
+    fq_tokens = [greedy_torch(fq, p, 20) for p in prompts]
+    assert ort_tokens == fq_tokens
+    assert all(len(t) == 20 for t in ort_tokens)
+    assert len({tuple(t) for t in ort_tokens}) == len(prompts)  # the prompts really steer generation
+
+
+def test_greedy_graph_without_cache_equals_with_cache(kv_exported):
+    _, _, _, _, kv_int8, plain_int8, _ = kv_exported
+    prompt = list(range(40, 57))
+    with_cache = list(greedy_graph(session_step(onnxruntime_session(kv_int8.path)),
+                                   kvcache.graph_kv_layout(kv_int8.path), prompt, 12))
+    without = list(greedy_graph(session_step(onnxruntime_session(plain_int8.path)), None, prompt, 12))
+    assert with_cache == without
+
+
+def test_compare_tokens_definitions():
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    cand = [[1, 2, 9, 4], [5, 6, 7, 8]]
+    m = compare_tokens(ref, cand, prompt_tokens=10)
+    assert m.first_divergence == [2, 4]
+    assert m.token_agreement == pytest.approx((3 / 4 + 1) / 2)  # position 3 lines up again: counted
+    assert m.prefix_agreement == pytest.approx((2 / 4 + 1) / 2)  # strict: everything after index 2 wrong
+
+
+def test_tensorrt_profile_covers_past_and_mask_lengths(kv_exported):
+    from converter.engine_options import EngineOptions
+    from converter.tensorrt import profile_shapes
+
+    *_, kv_int8, _, _ = kv_exported
+    options = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1, "opt": 1, "max": 64},
+                            past_sequence={"min": 0, "opt": 32, "max": 448})
+    shapes = profile_shapes(kv_int8.path, options)
+    layout = kvcache.graph_kv_layout(kv_int8.path)
+    assert shapes["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 64]}
+    assert shapes["attention_mask"] == {"min": [1, 1], "opt": [2, 33], "max": [4, 512]}  # past + current
+    h, d = layout.kv_heads, layout.head_dim
+    assert shapes["past_key_values.1.value"] == {"min": [1, h, 0, d], "opt": [2, h, 32, d], "max": [4, h, 448, d]}
+
+
+@pytest.mark.skipif(not __import__("converter.tensorrt_rtx", fromlist=["rtx_available"]).rtx_available(),
+                    reason="TensorRT-RTX packages not installed")
+@pytest.mark.parametrize("past_opt", [0, 16])
+def test_tensorrt_parser_and_builder_accept_the_kv_graph(kv_exported, past_opt):
+    """Zero-length past (prefill) and a decode step both parse and build; every linear stays int8."""
+    from converter.engine_options import EngineOptions
+    from converter.tensorrt_rtx import accept
+
+    _, plan, _, _, kv_int8, _, _ = kv_exported
+    options = EngineOptions(sequence={"min": 1, "opt": 1 if past_opt else 16, "max": 64},
+                            past_sequence={"min": 0, "opt": past_opt, "max": 64})
+    result = accept(kv_int8.path, options)
+    assert result["parsed"] and result["built"], result.get("error")
+    assert result["network"]["int8_matmul_layers"] == len(plan.linears)
+    assert result["profiles"][0]["past_key_values.0.key"]["opt"][2] == past_opt
