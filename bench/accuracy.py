@@ -1,0 +1,239 @@
+"""Accuracy side by side: our W8A8 levels against ONNX Runtime's own quantizers, on two texts.
+
+    .venv/bin/python bench/accuracy.py [--peer-windows 8] [--skip-peers] [--only NAME ...]
+
+Protocol (issue 3): SmolLM2-135M-Instruct; calibration = the GPL-3 text in 256-token windows;
+evaluation = perplexity over 256-token windows of the Apache-2.0 text (the calibration domain:
+license English) and of the synthetic clinical reports (out of domain). Every perplexity here is
+measured the same way, with ONNX Runtime on the exported graph, against the FP32 ONNX export.
+
+Ours: `convert.py` on a shipped recipe with `--set` overrides (one subprocess per row); the
+clinical recipe differs from the default one by its calibration text and its sensitivity fallback.
+Peers: `onnxruntime.quantization.quantize_static` (QDQ, S8S8 symmetric, per-channel weights) with
+MinMax and Percentile calibration, as documented and with MatMul outputs left unquantized, plus
+`quantize_dynamic`; ORT's SmoothQuant option is tried and reported if it does not install.
+Prints one Markdown table and writes bench/results/accuracy.{json,md}, which the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from cli_run import run_convert
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
+CLINICAL = ROOT / "recipes" / "smollm2-135m-clinical-cpu.yaml"
+RESULTS = ROOT / "bench" / "results"
+TEXTS = {"license (in domain)": "data/apache-2.0.txt", "clinical": "data/clinical-reports.txt"}
+NO_GATES = [f"parity.thresholds.{k}=null" for k in
+            ("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl")]
+O1 = "quantization.activations={mode: dynamic, granularity: per_token}"
+O2 = "quantization.activations={mode: dynamic, granularity: per_tensor}"
+FALLBACK = ["quantization.fallback.enabled=true", "quantization.fallback.target_kl=null",
+            "quantization.fallback.target_ppl_ratio=1.005"]
+OURS = {  # name -> (recipe, overrides), most telling first; generation parity off: this is about perplexity
+    "ours O3 static, + clinical calibration text + fallback (smollm2-135m-clinical-cpu.yaml)": (CLINICAL, []),
+    "ours O1 dynamic per-token, no smoothing (CPU only)": (RECIPE, [O1, "smoothing.enabled=false"]),
+    "ours O3 static, SmoothQuant 0.8 (smollm2-135m-cpu.yaml)": (RECIPE, []),
+    "ours O3 static, SmoothQuant 0.8 + fallback (<= 10% MACs float)": (RECIPE, FALLBACK),
+    "ours O2 dynamic per-tensor, SmoothQuant 0.8 (CPU only)": (RECIPE, [O2]),
+}
+
+def windows(recipe, file: str, tokenizer, limit: int | None = None):
+    from converter.data import token_windows
+
+    data = recipe.recipe.parity.eval.model_copy(update={"files": [file], "num_samples": limit or 10_000})
+    return token_windows(recipe, data, tokenizer, shuffle=False).input_ids.numpy()
+
+
+def _feed(session, ids: np.ndarray) -> dict:
+    """input_ids/attention_mask, plus empty past tensors if the graph takes a KV cache."""
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for meta in session.get_inputs():
+        if meta.name not in feed:  # past_key_values.*: (batch, heads, past=0, head_dim)
+            dims = [d if isinstance(d, int) else 0 for d in meta.shape]
+            dims[0] = ids.shape[0]
+            feed[meta.name] = np.zeros(dims, dtype=np.float32)
+    return feed
+
+
+def session(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def perplexity(sess, texts: dict[str, np.ndarray]) -> dict[str, float]:
+    out = {}
+    for name, ids in texts.items():
+        nll = count = 0.0
+        for row in ids:
+            logits = sess.run(["logits"], _feed(sess, row[None]))[0][0].astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+            count += len(row) - 1
+        out[name] = math.exp(nll / count)
+    return out
+
+
+class _Reader:
+    """ORT CalibrationDataReader over calibration windows (one window per call)."""
+
+    def __init__(self, ids: np.ndarray, input_names: list[str]):
+        self.rows, self.names = list(ids), input_names
+
+    def get_next(self):
+        if not self.rows:
+            return None
+        row = self.rows.pop(0)[None]
+        feed = {"input_ids": row, "attention_mask": np.ones_like(row)}
+        return {k: v for k, v in feed.items() if k in self.names}
+
+
+def peers(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, dict]:
+    """Quantize the FP32 export with ORT's own tools; returns name -> {path | error, seconds, peak}."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    names = [i.name for i in session(fp32).get_inputs()]
+    common = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                  per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+    no_output = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
+    configs = {
+        "ORT quantize_static MinMax, MatMul outputs float": (CalibrationMethod.MinMax, no_output),
+        "ORT quantize_static Percentile 99.999, MatMul outputs float": (
+            CalibrationMethod.Percentile, {**no_output, "CalibPercentile": 99.999}),
+    }
+    out = {}
+    for index, (name, (method, extra)) in enumerate(configs.items()):
+        path = work / f"peer{index}.onnx"
+        start = time.perf_counter()
+        quantize_static(str(fp32), str(path), _Reader(calib, names), calibrate_method=method,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **extra}, **common)
+        out[name] = {"path": path, "seconds": time.perf_counter() - start}
+        gc.collect()
+        print(f"{name}: quantized in {out[name]['seconds']:.0f} s", file=sys.stderr)
+    path = work / "peer_dynamic.onnx"
+    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=True)
+    out["ORT quantize_dynamic (per-tensor dynamic, no smoothing)"] = {"path": path, "seconds": None}
+    try:  # ORT's SmoothQuant option delegates to neural-compressor
+        import neural_compressor.adaptor  # noqa: F401
+        out["ORT quantize_static + SmoothQuant"] = {"error": "neural-compressor imports, but this row is not wired"}
+    except Exception as exc:  # noqa: BLE001 - any import failure is the finding
+        out["ORT quantize_static + SmoothQuant"] = {"error": f"not available: {type(exc).__name__}: {exc}"[:160]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer-windows", type=int, default=8,
+                        help="calibration windows for ORT's quantizers (they keep every tensor in memory)")
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--only", nargs="*", help="run only the rows of ours whose name contains one of these "
+                        "(none: peers only)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from converter.export import export_fp32
+    from converter.load import load
+    from converter.recipe import Export, load_recipe
+
+    recipe = load_recipe(RECIPE)
+    loaded = load(recipe)
+    texts = {name: windows(recipe, file, loaded.tokenizer) for name, file in TEXTS.items()}
+    calib = windows(recipe, "data/gpl-3.0.txt", loaded.tokenizer)
+    rows: dict[str, dict] = {}
+    protocol = {"calibration": "gpl-3.0.txt, all 256-token windows (ORT peers: the first "
+                               f"{args.peer_windows}, their calibrators keep every tensor in memory)",
+                "evaluation": {name: f"{file}, {len(texts[name])} windows of 256 tokens" for name, file in TEXTS.items()}}
+
+    def save(complete: bool) -> str:
+        """Write what is measured so far (a long run that is stopped keeps its finished rows)."""
+        for row in rows.values():
+            if "ppl" in row:
+                row["ratio"] = {t: row["ppl"][t] / rows["FP32 ONNX"]["ppl"][t] for t in TEXTS}
+        results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                   "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+                   "protocol": protocol, "complete": complete, "rows": rows,
+                   "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "accuracy.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        table = markdown(results)
+        (RESULTS / "accuracy.md").write_text(table)
+        return table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        fp32 = work / "fp32" / "model.onnx"
+        fp32.parent.mkdir()
+        export_fp32(loaded.model, fp32, Export())
+        del loaded
+        gc.collect()
+        fp32_session = session(fp32)
+        reference = perplexity(fp32_session, texts)
+        rows["FP32 ONNX"] = {"ppl": reference}
+        del fp32_session
+        print(f"FP32: {reference}", file=sys.stderr)
+        for index, (name, (recipe_path, overrides)) in enumerate(OURS.items()):
+            if args.only is not None and not any(key in name for key in args.only):
+                continue
+            result, wall = run_convert(recipe_path, work / f"ours{index}", overrides + NO_GATES +
+                                       ["parity.polygraphy.int8_atol=1000", "parity.generation.enabled=false"],
+                                       ["--no-cache"])
+            build = result["targets"]["cpu-onnxruntime"]
+            manifest = json.loads((Path(result["artifact"]) / "manifest.json").read_text())
+            fallback = manifest.get("fallback") or {}
+            sess = session(Path(result["artifact"]) / "model.onnx")
+            rows[name] = {"ppl": perplexity(sess, texts),
+                          "int8_linears": build["fused_linears"], "float_mac_share": fallback.get("float_mac_share", 0.0),
+                          "float_linears": fallback.get("fallback", []), "convert_s": wall}
+            print(f"{name}: {rows[name]['ppl']}", file=sys.stderr)
+            save(complete=False)
+        if not args.skip_peers:
+            for name, peer in peers(fp32, calib[: args.peer_windows], work).items():
+                if "error" in peer:
+                    rows[name] = {"error": peer["error"]}
+                    continue
+                sess = session(peer["path"])
+                rows[name] = {"ppl": perplexity(sess, texts), "quantize_s": peer["seconds"]}
+                print(f"{name}: {rows[name]['ppl']}", file=sys.stderr)
+                save(complete=False)
+    print(save(complete=True))
+
+
+def markdown(results: dict) -> str:
+    texts = list(TEXTS)
+    lines = [f"SmolLM2-135M-Instruct, {results['machine']}, {results['date']}"
+             f"{'' if results['complete'] else ' (partial run: the rows measured so far)'}. "
+             f"Calibration: {results['protocol']['calibration']}.", "",
+             f"| configuration | ppl {texts[0]} | vs FP32 | ppl {texts[1]} | vs FP32 | MACs in float |",
+             "|---|---|---|---|---|---|"]
+    for name, row in results["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | {row['error']} | | | | |")
+            continue
+        share = row.get("float_mac_share")
+        lines.append(f"| {name} | {row['ppl'][texts[0]]:.2f} | {row['ratio'][texts[0]]:.3f} | "
+                     f"{row['ppl'][texts[1]]:.2f} | {row['ratio'][texts[1]]:.3f} | "
+                     f"{'' if share is None else f'{share:.1%}'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
