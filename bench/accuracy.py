@@ -11,7 +11,8 @@ Ours: `convert.py` on a shipped recipe with `--set` overrides (one subprocess pe
 clinical recipe differs from the default one by its calibration text and its sensitivity fallback.
 Peers: `onnxruntime.quantization.quantize_static` (QDQ, S8S8 symmetric, per-channel weights) with
 MinMax and Percentile calibration, as documented and with MatMul outputs left unquantized, plus
-`quantize_dynamic`; ORT's SmoothQuant option is tried and reported if it does not install.
+`quantize_dynamic`, all after ORT's `quant_pre_process`; ORT's SmoothQuant option is tried and
+reported if it does not install.
 Prints one Markdown table and writes bench/results/accuracy.{json,md}, which the README quotes.
 """
 
@@ -111,6 +112,16 @@ def peers(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, dict]:
     """Quantize the FP32 export with ORT's own tools; returns name -> {path | error, seconds, peak}."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # ORT's documented first step: shape inference and graph optimization, which folds each weight's
+    # Transpose into a constant so the quantizers see (and per-channel quantize) the MatMul weights
+    processed = work / "preprocessed" / "model.onnx"
+    processed.parent.mkdir()
+    quant_pre_process(str(fp32), str(processed), skip_symbolic_shape=True,  # its sympy pass fails on this export
+                      save_as_external_data=True, all_tensors_to_one_file=True,
+                      external_data_location="model.onnx.data")
+    fp32 = processed
     names = [i.name for i in session(fp32).get_inputs()]
     common = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                   per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True)
@@ -146,6 +157,8 @@ def main() -> None:
     parser.add_argument("--peer-windows", type=int, default=8,
                         help="calibration windows for ORT's quantizers (they keep every tensor in memory)")
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of bench/results/accuracy.json that this run does not re-measure")
     parser.add_argument("--only", nargs="*", help="run only the rows of ours whose name contains one of these "
                         "(none: peers only)")
     args = parser.parse_args()
@@ -159,6 +172,8 @@ def main() -> None:
     texts = {name: windows(recipe, file, loaded.tokenizer) for name, file in TEXTS.items()}
     calib = windows(recipe, "data/gpl-3.0.txt", loaded.tokenizer)
     rows: dict[str, dict] = {}
+    if args.keep and (RESULTS / "accuracy.json").is_file():
+        rows.update(json.loads((RESULTS / "accuracy.json").read_text())["rows"])
     protocol = {"calibration": "gpl-3.0.txt, all 256-token windows (ORT peers: the first "
                                f"{args.peer_windows}, their calibrators keep every tensor in memory)",
                 "evaluation": {name: f"{file}, {len(texts[name])} windows of 256 tokens" for name, file in TEXTS.items()}}
