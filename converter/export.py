@@ -26,8 +26,6 @@ from converter.progress import note, track
 from converter.quantize import INT8_MAX, TINY_AMAX, QuantPlan, quantize_weight
 from converter.recipe import Export
 
-INPUT_NAMES = ("input_ids", "attention_mask")  # a decoder's; see converter.encoder.model_io
-OUTPUT_NAMES = ("logits",)
 _WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
 _TWO_GB = 2 * 1024**3
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
