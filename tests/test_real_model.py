@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, convert_shipped
 
 pytestmark = pytest.mark.slow
 LINEARS = 30 * 7 + 1
@@ -14,14 +14,7 @@ LINEARS = 30 * 7 + 1
 
 @pytest.fixture(scope="module")
 def smollm2_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("real")
-    proc = subprocess.run(
-        [sys.executable, "convert.py", "recipes/smollm2-135m-cpu.yaml", "--output-dir", str(out), "--json", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    return result, json.loads((out / result["name"] / result["version"] / "manifest.json").read_text())
+    return convert_shipped("recipes/smollm2-135m-cpu.yaml", tmp_path_factory.mktemp("real"))
 
 
 def test_every_linear_runs_as_int8_kernel(smollm2_artifact):
