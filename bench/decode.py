@@ -54,7 +54,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from converter.data import token_windows
-    from converter.export import export_fp32
+    from converter.export import export_fp32, float_graph
     from converter.kvcache import graph_kv_layout
     from converter.load import load_reference
     from converter.recipe import Export, load_recipe
@@ -69,7 +69,9 @@ def main() -> None:
         if graph_kv_layout(int8_path) is None:
             raise SystemExit(f"{int8_path} has no KV cache inputs (export.kv_cache: false)")
         model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
-        fp32_path = export_fp32(model, Path(tmp) / "fp32.onnx", Export(kv_cache=True))
+        # the artifact's graph passes (constant folding, RMSNorm fusable), nothing quantized
+        raw = export_fp32(model, Path(tmp) / "fp32.raw.onnx", Export(kv_cache=True))
+        fp32_path = float_graph(raw, Path(tmp) / "fp32.onnx", model, Export(kv_cache=True))
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
@@ -82,8 +84,12 @@ def main() -> None:
             options.intra_op_num_threads = args.threads
             sessions[name] = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
                               graph_kv_layout(path))
-        for session, layout in sessions.values():  # warm-up
-            decode_rate(session, layout, prompt, 8)
+        # Settle before timing: flush the freshly written model files (their write-back otherwise
+        # competes for the CPU: INT8 runs right after a conversion climbed from 80 to 104 tokens/s)
+        # and warm each session with one full-length run.
+        os.sync()
+        for session, layout in sessions.values():
+            decode_rate(session, layout, prompt, args.new_tokens)
         rates = {name: [] for name in sessions}
         tokens = {}
         for _ in range(args.runs):

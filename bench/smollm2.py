@@ -50,7 +50,7 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
     import onnxruntime as ort
     import torch
 
-    from converter.export import export_fp32
+    from converter.export import export_fp32, float_graph
     from converter.kvcache import graph_kv_layout, prefill_feed
     from converter.load import load_reference
     from converter.recipe import Export, load_recipe
@@ -59,7 +59,8 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
-        export_fp32(model, fp32_path, Export())
+        raw = export_fp32(model, Path(tmp) / "fp32.raw.onnx", Export())
+        float_graph(raw, fp32_path, model, Export())  # the artifact's graph passes, no Q/DQ
         del model
         sessions = {}
         for name, path in {"fp32": fp32_path, **int8_paths}.items():

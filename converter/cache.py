@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 2  # bump when what an entry holds changes
+CACHE_FORMAT = 3  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div)
 ENV_DIR = "CONVERTER_CACHE_DIR"
 _META = "meta.json"
 

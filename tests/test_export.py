@@ -189,3 +189,21 @@ def test_tied_lm_head_quantized(tmp_path, smoothing):
     with torch.no_grad():
         ref = apply_fake_quant(copy.deepcopy(model), plan)(ids).logits.numpy()
     assert np.abs(out - ref).max() < 1e-5
+
+
+def test_rms_norms_reach_onnxruntime_as_one_fused_kernel_each(exported, tmp_path):
+    """RMSNorm's rsqrt exports as Sqrt -> Reciprocal -> Mul, which ORT does not fuse; the artifact
+    carries it as Sqrt -> Div so every norm runs as one SimplifiedLayerNormalization kernel."""
+    import onnxruntime as ort
+
+    arch, model, _, _, int8_path, _ = exported
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    if norms == 0:
+        pytest.skip(f"{arch} has no RMSNorm")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(int8_path)).graph.node)
+    assert ops["Reciprocal"] == 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    fused = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert fused["SimplifiedLayerNormalization"] + fused["SkipSimplifiedLayerNormalization"] == norms
