@@ -173,12 +173,20 @@ def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo) -> d
             "tokens_per_s": round((len(tokens) - 1) / decode_s, 2) if len(tokens) > 1 and decode_s > 0 else None}
 
 
+def chat_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as one user message in the tokenizer's chat template, ready for the reply."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int]]:
     """Prompt token ids: the first `cfg.prompt_tokens` of the first `cfg.prompts` evaluation windows,
-    or the lines of `cfg.prompts_file` (resolved against `base_dir`).
+    or the lines of `cfg.prompts_file` (resolved against `base_dir`), each wrapped in the chat
+    template with `cfg.chat_template`.
 
     Raises:
-        UserError: the prompts file is missing or has no non-empty line.
+        UserError: the prompts file is missing or has no non-empty line, or a chat template is asked
+            for and the tokenizer has none.
     """
     from converter.errors import UserError
 
@@ -188,7 +196,12 @@ def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int
     if not path.is_file():
         raise UserError(f"parity.generation.prompts_file {path} does not exist")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines[: cfg.prompts]]
+    if cfg.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("parity.generation.chat_template: the checkpoint's tokenizer has no chat template")
+        prompts = [chat_prompt(tokenizer, line) for line in lines[: cfg.prompts]]
+    else:
+        prompts = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines[: cfg.prompts]]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise UserError(f"parity.generation.prompts_file {path}: no non-empty prompt")

@@ -210,6 +210,8 @@ class Generation(_Section):
     prompts: int = Field(default=8, ge=1, description="Prompts: prefixes of the first evaluation windows.")
     prompt_tokens: int = Field(default=32, ge=1, description="Tokens of each evaluation window used as prompt.")
     prompts_file: str | None = Field(default=None, description="Text file, one prompt per line (instead of windows).")
+    chat_template: bool = Field(default=False, description="Wrap each prompts_file line as a user message with the "
+                                "tokenizer's chat template (instruction-tuned checkpoints).")
     max_new_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt (EOS ignored).")
 
 

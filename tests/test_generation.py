@@ -123,3 +123,40 @@ def test_decode_calibration_records_the_models_own_greedy_steps():
     with torch.no_grad():  # and those differ from the corpus tokens' activations
         assert (hidden[:, 15:] - model.model(input_ids=ids).last_hidden_state[:, 15:]).abs().max() > 1e-2
     assert windows.sha256 != Windows(ids, "t", 1).with_decode(1, 6).sha256  # settings reach the cache key
+
+
+def _word_tokenizer(chat_template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "USER", "BOT", "EOT", "what", "is", "a", "cyst", "?", "nodule"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="EOT")
+    tok.chat_template = chat_template
+    return tok
+
+
+def test_prompts_file_lines_are_wrapped_in_the_chat_template(tmp_path):
+    from converter.generation import generation_prompts
+    from converter.recipe import Generation
+
+    (tmp_path / "prompts.txt").write_text("what is a cyst ?\n\nnodule\n")
+    template = ("{% for m in messages %}USER {{ m['content'] }} EOT {% endfor %}"
+                "{% if add_generation_prompt %}BOT{% endif %}")
+    tok = _word_tokenizer(template)
+    plain = generation_prompts(None, Generation(prompts_file="prompts.txt"), tok, tmp_path)
+    chat = generation_prompts(None, Generation(prompts_file="prompts.txt", chat_template=True), tok, tmp_path)
+    assert plain == [[4, 5, 6, 7, 8], [9]]  # blank lines skipped
+    assert chat == [[1, 4, 5, 6, 7, 8, 3, 2], [1, 9, 3, 2]]
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_a_user_error(tmp_path):
+    from converter.errors import UserError
+    from converter.generation import generation_prompts
+    from converter.recipe import Generation
+
+    (tmp_path / "prompts.txt").write_text("what is a cyst ?\n")
+    with pytest.raises(UserError, match="no chat template"):
+        generation_prompts(None, Generation(prompts_file="prompts.txt", chat_template=True), _word_tokenizer(None),
+                           tmp_path)
