@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -94,6 +95,39 @@ def perplexity(sess, texts: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def jittered(path: Path, out: Path, factor: float) -> bool:
+    """Write `path` with every static activation scale multiplied by `factor` (1 +- a few 1e-6: no
+    meaningful change). False when the graph has none (dynamic activations)."""
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    scales = [v for name, v in model.graph.initializers.items() if name.endswith(".input_scale")]
+    for value in scales:
+        value.const_value = ir.tensor((value.const_value.numpy() * np.float32(factor)).astype(np.float32),
+                                      name=value.name)
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    ir.save(model, out)
+    return bool(scales)
+
+
+def rounding_spread(path: Path, texts: dict[str, np.ndarray], reference: dict[str, float], realizations: int,
+                    work: Path) -> dict[str, list[float]] | None:
+    """Perplexity ratios of `realizations` copies of a static artifact whose activation scales differ
+    by parts per million. Such a change moves a handful of activations across a rounding boundary;
+    the spread of the ratios is the resolution of this protocol for that configuration."""
+    ratios: dict[str, list[float]] = {t: [] for t in texts}
+    for j in range(1, realizations + 1):
+        out = work / f"jitter{j}.onnx"
+        if not jittered(path, out, 1.0 + (-1) ** j * ((j + 1) // 2) * 1e-6):
+            return None
+        for t, ppl in perplexity(session(out), texts).items():
+            ratios[t].append(ppl / reference[t])
+        out.unlink()
+    return ratios
+
+
 class _Reader:
     """ORT CalibrationDataReader over calibration windows (one window per call)."""
 
@@ -159,6 +193,9 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--keep", action="store_true",
                         help="keep the rows of bench/results/accuracy.json that this run does not re-measure")
+    parser.add_argument("--spread", type=int, default=0, metavar="K",
+                        help="also measure each static row of ours on K copies whose activation scales differ "
+                        "by parts per million (the protocol's resolution)")
     parser.add_argument("--only", nargs="*", help="run only the rows of ours whose name contains one of these "
                         "(none: peers only)")
     args = parser.parse_args()
@@ -218,6 +255,9 @@ def main() -> None:
             rows[name] = {"ppl": perplexity(sess, texts),
                           "int8_linears": build["fused_linears"], "float_mac_share": fallback.get("float_mac_share", 0.0),
                           "float_linears": fallback.get("fallback", []), "convert_s": wall}
+            if args.spread:
+                rows[name]["rounding_spread"] = rounding_spread(Path(result["artifact"]) / "model.onnx", texts,
+                                                                reference, args.spread, work)
             print(f"{name}: {rows[name]['ppl']}", file=sys.stderr)
             save(complete=False)
         if not args.skip_peers:
@@ -247,6 +287,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {row['ppl'][texts[0]]:.2f} | {row['ratio'][texts[0]]:.3f} | "
                      f"{row['ppl'][texts[1]]:.2f} | {row['ratio'][texts[1]]:.3f} | "
                      f"{'' if share is None else f'{share:.1%}'} |")
+    spreads = {name: row["rounding_spread"] for name, row in results["rows"].items() if row.get("rounding_spread")}
+    if spreads:
+        lines += ["", "Rounding spread: the same artifact with its activation scales changed by parts per million, "
+                  "ratio vs FP32, median [min, max]:", "",
+                  "| configuration | realizations | " + " | ".join(texts) + " |", "|---|---|" + "---|" * len(texts)]
+        for name, spread in spreads.items():
+            cells = [f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]" for v in spread.values()]
+            lines.append(f"| {name} | {len(spread[texts[0]])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,7 @@ def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dic
     import numpy as np
     import onnxruntime as ort
 
+    os.sync()  # freshly written model files: their write-back competes for the CPU (see bench/decode.py)
     sessions = {}
     for name, path in paths.items():
         options = ort.SessionOptions()

@@ -151,6 +151,9 @@ class Fallback(_Section):
     candidates: int | None = Field(
         default=48, ge=1, description="Linears scored end to end: those with the largest W8A8 output error "
         "of their own (one cheap pass); null scores every quantized linear (one model pass each).")
+    rank: Literal["sensitivity", "sensitivity_per_mac"] = Field(
+        default="sensitivity", description="Order in which scored linears fall back: by their KL drop, or by "
+        "KL drop per MAC (more small projections for the budget of one large one).")
 
 
 class Quantization(_Section):

@@ -136,7 +136,8 @@ def sensitivity_fallback(model, plan: QuantPlan, windows: Windows, batch_size: i
         _swap(quantized, name, fake)
     report = FallbackReport(base=base, final=base, sensitivity=sensitivity, local_error=local,
                             target_met=_met(base, cfg))
-    for name in sorted(scored, key=sensitivity.get, reverse=True):
+    per_mac = cfg.rank == "sensitivity_per_mac"
+    for name in sorted(scored, key=lambda n: sensitivity[n] / macs[n] if per_mac else sensitivity[n], reverse=True):
         if report.target_met:
             break
         if sensitivity[name] <= 0 or sum(macs[n] for n in report.fallback) + macs[name] > budget:

@@ -71,3 +71,18 @@ def test_without_moves_linears_to_float():
     smaller = without(plan, [PLANTED])
     assert PLANTED not in smaller.linears and smaller.excluded[-1] == PLANTED
     assert len(smaller.linears) == len(plan.linears) - 1
+
+
+def test_per_mac_rank_spends_the_budget_on_the_most_kl_per_mac():
+    model, plan, windows = planted_model()
+    macs = {n: q.in_features * q.out_features for n, q in plan.linears.items()}
+    orders = {}
+    for rank in ("sensitivity", "sensitivity_per_mac"):
+        cfg = Fallback(enabled=True, target_kl=0.0, max_float_mac_share=1.0, candidates=None, rank=rank)
+        report = sensitivity_fallback(model, plan, windows, 2, cfg)
+        s = report.sensitivity
+        key = (lambda n: s[n] / macs[n]) if rank == "sensitivity_per_mac" else s.get
+        assert report.fallback == sorted((n for n in s if s[n] > 0), key=key, reverse=True)
+        orders[rank] = report.fallback
+    assert orders["sensitivity"] != orders["sensitivity_per_mac"]
+    assert len({macs[n] for n in orders["sensitivity"]}) > 1  # the two keys can only differ with mixed sizes
