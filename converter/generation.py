@@ -176,7 +176,7 @@ def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo) -> d
 def chat_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of `text` as one user message in the tokenizer's chat template, ready for the reply."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in recent transformers
 
 
 def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int]]:
