@@ -95,36 +95,32 @@ def perplexity(sess, texts: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def jittered(path: Path, out: Path, factor: float) -> bool:
-    """Write `path` with every static activation scale multiplied by `factor` (1 +- a few 1e-6: no
-    meaningful change). False when the graph has none (dynamic activations)."""
-    import onnx_ir as ir
-
-    model = ir.load(path)
-    scales = [v for name, v in model.graph.initializers.items() if name.endswith(".input_scale")]
-    for value in scales:
-        value.const_value = ir.tensor((value.const_value.numpy() * np.float32(factor)).astype(np.float32),
-                                      name=value.name)
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
-    ir.save(model, out)
-    return bool(scales)
-
-
 def rounding_spread(path: Path, texts: dict[str, np.ndarray], reference: dict[str, float], realizations: int,
                     work: Path) -> dict[str, list[float]] | None:
     """Perplexity ratios of `realizations` copies of a static artifact whose activation scales differ
-    by parts per million. Such a change moves a handful of activations across a rounding boundary;
-    the spread of the ratios is the resolution of this protocol for that configuration."""
+    by parts per million (factors 1 +- j * 1e-6). Such a change moves a handful of activations across
+    a rounding boundary; the spread of the ratios is the resolution of this protocol for that
+    configuration. None for a graph without static scales (dynamic activations)."""
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    scales = {v.name: (v, v.const_value.numpy()) for name, v in model.graph.initializers.items()
+              if name.endswith(".input_scale")}
+    if not scales:
+        return None
+    for value in model.graph.initializers.values():  # write copies with every tensor inline
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     ratios: dict[str, list[float]] = {t: [] for t in texts}
+    out = work / "jittered.onnx"
     for j in range(1, realizations + 1):
-        out = work / f"jitter{j}.onnx"
-        if not jittered(path, out, 1.0 + (-1) ** j * ((j + 1) // 2) * 1e-6):
-            return None
+        factor = np.float32(1.0 + (-1) ** j * ((j + 1) // 2) * 1e-6)
+        for name, (value, original) in scales.items():
+            value.const_value = ir.tensor((original * factor).astype(np.float32), name=name)
+        ir.save(model, out)
         for t, ppl in perplexity(session(out), texts).items():
             ratios[t].append(ppl / reference[t])
-        out.unlink()
+    out.unlink()
     return ratios
 
 

@@ -302,14 +302,13 @@ def _rsqrt_as_div(graph: ir.Graph) -> int:
             mul = use.node
             if mul.op_type != "Mul":
                 continue
-            div = ir.Node("", "Div", [mul.inputs[1 - use.idx], sqrt.outputs[0]], name=f"{mul.name}/as_div")
-            graph.insert_before(mul, div)
             out = mul.outputs[0]
-            ir.convenience.replace_all_uses_with(out, div.outputs[0])
-            if out.is_graph_output():
-                graph.outputs[graph.outputs.index(out)] = div.outputs[0]
-            div.outputs[0].name, div.outputs[0].type, div.outputs[0].shape = out.name, out.type, out.shape
+            div = _node(graph, mul, "Div", [mul.inputs[1 - use.idx], sqrt.outputs[0]], f"{mul.name}/as_div",
+                        [f"{out.name}.div"]).outputs[0]
+            ir.convenience.replace_all_uses_with(out, div, replace_graph_outputs=True)
             graph.remove(mul, safe=True)
+            name, out.name = out.name, None
+            div.name, div.type, div.shape = name, out.type, out.shape
             rewritten += 1
         if not recip.outputs[0].uses():
             graph.remove(recip, safe=True)

@@ -53,11 +53,12 @@ def _graph_inputs(model_path: Path) -> list[str]:
 
 def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
     """What a MIGraphX target builds: what `--dry-run` prints and records."""
-    from converter.kvcache import graph_kv_layout, past_names
+    from converter.kvcache import PAST_PREFIX, graph_kv_layout, past_names
 
     gfx_arch, gpu = MIGRAPHX_GPUS[target]
     batch, sequence = options.batch.opt, options.sequence.opt
-    input_dims = {name: [batch, sequence] for name in _graph_inputs(model_path) if not name.startswith("past_")}
+    input_dims = {name: [batch, sequence] for name in _graph_inputs(model_path)
+                  if not name.startswith(f"{PAST_PREFIX}.")}
     layout = graph_kv_layout(model_path)
     if layout is not None:  # KV-cache graph: one program at opt past length (0 = a prefill program)
         past = options.past_sequence.opt

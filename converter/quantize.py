@@ -37,6 +37,11 @@ def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
 
 
+def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(out, in) float32: the int8 weight dequantized, what the QDQ graph's weight DequantizeLinear yields."""
+    return quantize_weight(weight, scales).float() * scales.view(-1, 1)
+
+
 def activation_scale(amax: float) -> torch.Tensor:
     """Scalar float32 scale for a per-tensor static range (1.0 if the input was always zero)."""
     return torch.tensor(amax / INT8_MAX if amax > 0 else 1.0, dtype=torch.float32)
@@ -139,7 +144,7 @@ def plan_quantization(
     for name in quantized:
         lin = model.get_submodule(name)
         w_scale = weight_scales(lin.weight)
-        w_deq = quantize_weight(lin.weight, w_scale).float() * w_scale.view(-1, 1)
+        w_deq = fake_quantize_weight(lin.weight, w_scale)
         rel_err = float((lin.weight - w_deq).norm() / lin.weight.norm().clamp(min=1e-12))
         amax = act_ranges[name]
         linears[name] = LinearQuant(
@@ -160,8 +165,7 @@ class FakeQuantLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, quant: LinearQuant):
         super().__init__()
-        w_int8 = quantize_weight(linear.weight, quant.weight_scale)
-        self.weight = torch.nn.Parameter(w_int8.float() * quant.weight_scale.view(-1, 1), requires_grad=False)
+        self.weight = torch.nn.Parameter(fake_quantize_weight(linear.weight, quant.weight_scale), requires_grad=False)
         self.bias = linear.bias
         self.register_buffer("act_scale", quant.act_scale.clone())
         self.act_mode = quant.act_mode

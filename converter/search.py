@@ -25,8 +25,8 @@ from converter.quantize import (
     activation_scale,
     apply_fake_quant,
     fake_quantize_input,
+    fake_quantize_weight,
     plan_quantization,
-    quantize_weight,
     weight_scales,
 )
 from converter.recipe import Quantization, Smoothing
@@ -63,8 +63,7 @@ def w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], col_scales: torch.T
     err = ref = 0.0
     for w in weights:
         ws = w * col_scales
-        scales = weight_scales(ws)
-        wq = quantize_weight(ws, scales).float() * scales.view(-1, 1)
+        wq = fake_quantize_weight(ws, weight_scales(ws))
         y = x @ w.T
         err += float((xq @ wq.T - y).pow(2).sum())
         ref += float(y.pow(2).sum())

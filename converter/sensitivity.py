@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from converter.calibrate import run_hooked
 from converter.data import Windows
 from converter.progress import track
-from converter.quantize import QuantPlan, apply_fake_quant, fake_quantize_input, quantize_weight
+from converter.quantize import QuantPlan, apply_fake_quant, fake_quantize_input, fake_quantize_weight
 from converter.recipe import Fallback
 
 
@@ -99,7 +99,7 @@ def local_errors(model, plan: QuantPlan, windows: Windows, batch_size: int) -> d
     def record(name, x):
         quant, weight = plan.linears[name], model.get_submodule(name).weight
         if name not in deq:
-            deq[name] = quantize_weight(weight, quant.weight_scale).float() * quant.weight_scale.view(-1, 1)
+            deq[name] = fake_quantize_weight(weight, quant.weight_scale)
         y = F.linear(x, weight)
         err = F.linear(fake_quantize_input(x, quant.act_mode, quant.act_scale), deq[name]) - y
         sums[name][0] += float(err.pow(2).sum())
