@@ -9,6 +9,7 @@ cache API exports the same way (no per-architecture code here).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,32 @@ import torch
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
 BASE_INPUTS = ("input_ids", "attention_mask")
+
+
+def graph_signature(model_path: Path) -> tuple[tuple, tuple]:
+    """(inputs, outputs) `onnx.ValueInfoProto`s of a graph, initializers excluded, without its weights.
+
+    Read once per version of the file (path, inode, mtime, size): the pipeline, the targets and
+    Triton all ask for the same graph's signature, and an inline model's weights are most of its bytes.
+    """
+    stat = Path(model_path).stat()
+    return _read_signature(str(model_path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_signature(path: str, inode: int, mtime_ns: int, size: int) -> tuple[tuple, tuple]:
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+
+    def detached(value):  # a copy: a sub-message would keep the whole loaded model alive
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(value)
+        return copy
+
+    return (tuple(detached(v) for v in graph.input if v.name not in initializers),
+            tuple(detached(v) for v in graph.output))
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -57,11 +84,9 @@ def model_kv_layout(config) -> KvLayout:
 
 def graph_kv_layout(model_path: Path) -> KvLayout | None:
     """The KV layout a graph's `past_key_values.*` inputs declare, or None for a graph without a cache."""
-    import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    past = [v for v in graph.input if v.name.startswith(f"{PAST_PREFIX}.")]
+    past = [v for v in graph_signature(model_path)[0] if v.name.startswith(f"{PAST_PREFIX}.")]
     if not past:
         return None
     dims = [d.dim_value if d.HasField("dim_value") else None for d in past[0].type.tensor_type.shape.dim]
@@ -122,8 +147,5 @@ def dynamic_shapes(layout: KvLayout, batch: bool, sequence: bool) -> tuple:
 
 def graph_io_names(model_path: Path) -> tuple[list[str], list[str]]:
     """(inputs, outputs) names of an ONNX graph, initializers excluded: what the manifest records."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    return [v.name for v in graph.input if v.name not in initializers], [v.name for v in graph.output]
+    inputs, outputs = graph_signature(model_path)
+    return [v.name for v in inputs], [v.name for v in outputs]

@@ -42,22 +42,13 @@ def visible_gfx_archs() -> list[str]:
     return archs
 
 
-def _graph_inputs(model_path: Path) -> list[str]:
-    """The model's (batch, sequence) inputs: input_ids, attention_mask, and token_type_ids for encoders."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    return [v.name for v in graph.input if v.name not in initializers]
-
-
 def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
     """What a MIGraphX target builds: what `--dry-run` prints and records."""
-    from converter.kvcache import PAST_PREFIX, graph_kv_layout, past_names
+    from converter.kvcache import PAST_PREFIX, graph_io_names, graph_kv_layout, past_names
 
     gfx_arch, gpu = MIGRAPHX_GPUS[target]
     batch, sequence = options.batch.opt, options.sequence.opt
-    input_dims = {name: [batch, sequence] for name in _graph_inputs(model_path)
+    input_dims = {name: [batch, sequence] for name in graph_io_names(model_path)[0]
                   if not name.startswith(f"{PAST_PREFIX}.")}
     layout = graph_kv_layout(model_path)
     if layout is not None:  # KV-cache graph: one program at opt past length (0 = a prefill program)

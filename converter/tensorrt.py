@@ -87,13 +87,9 @@ def profile_shapes(model_path: Path, options: EngineOptions) -> dict[str, dict[s
     Raises:
         UserError: a dynamic axis beyond (batch, sequence, past_sequence) has no range in the recipe.
     """
-    import onnx
+    from converter.kvcache import PAST_PREFIX, graph_signature
 
-    from converter.kvcache import PAST_PREFIX
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers]
+    inputs = graph_signature(model_path)[0]
     kv_graph = any(v.name.startswith(f"{PAST_PREFIX}.") for v in inputs)
     shapes = {}
     for value in inputs:

@@ -77,17 +77,16 @@ def graph_io(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     Raises:
         TritonConfigError: an element type Triton cannot carry.
     """
-    import onnx
+    from converter.kvcache import graph_signature
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
+    inputs, outputs = graph_signature(model_path)
 
     def spec(value) -> TensorSpec:
         t = value.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         return TensorSpec(value.name, _triton_dtype(t.elem_type, f"{model_path.name}: {value.name}"), dims)
 
-    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
+    return [spec(v) for v in inputs], [spec(v) for v in outputs]
 
 
 def effective_max_batch_size(spec: ModelSpec, requested: int) -> int:
