@@ -62,17 +62,6 @@ def windows(recipe, file: str, tokenizer, limit: int | None = None):
     return token_windows(recipe, data, tokenizer, shuffle=False).input_ids.numpy()
 
 
-def _feed(session, ids: np.ndarray) -> dict:
-    """input_ids/attention_mask, plus empty past tensors if the graph takes a KV cache."""
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for meta in session.get_inputs():
-        if meta.name not in feed:  # past_key_values.*: (batch, heads, past=0, head_dim)
-            dims = [d if isinstance(d, int) else 0 for d in meta.shape]
-            dims[0] = ids.shape[0]
-            feed[meta.name] = np.zeros(dims, dtype=np.float32)
-    return feed
-
-
 def session(path: Path, threads: int = 2):
     import onnxruntime as ort
 
@@ -81,12 +70,17 @@ def session(path: Path, threads: int = 2):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def perplexity(sess, texts: dict[str, np.ndarray]) -> dict[str, float]:
+def perplexity(path: Path, texts: dict[str, np.ndarray]) -> dict[str, float]:
+    """Perplexity of the graph at `path` on each text, every window a prefill (an empty past for a KV graph)."""
+    from converter.kvcache import graph_kv_layout, prefill_feed
+
+    sess, layout = session(path), graph_kv_layout(path)
     out = {}
     for name, ids in texts.items():
         nll = count = 0.0
         for row in ids:
-            logits = sess.run(["logits"], _feed(sess, row[None]))[0][0].astype(np.float64)
+            feed = prefill_feed(row[None], np.ones_like(row[None]), layout)
+            logits = sess.run(["logits"], feed)[0][0].astype(np.float64)
             logits -= logits.max(-1, keepdims=True)
             logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
             nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
@@ -118,7 +112,7 @@ def rounding_spread(path: Path, texts: dict[str, np.ndarray], reference: dict[st
         for name, (value, original) in scales.items():
             value.const_value = ir.tensor((original * factor).astype(np.float32), name=name)
         ir.save(model, out)
-        for t, ppl in perplexity(session(out), texts).items():
+        for t, ppl in perplexity(out, texts).items():
             ratios[t].append(ppl / reference[t])
     out.unlink()
     return ratios
@@ -233,10 +227,8 @@ def main() -> None:
         export_fp32(loaded.model, fp32, Export())
         del loaded
         gc.collect()
-        fp32_session = session(fp32)
-        reference = perplexity(fp32_session, texts)
+        reference = perplexity(fp32, texts)
         rows["FP32 ONNX"] = {"ppl": reference}
-        del fp32_session
         print(f"FP32: {reference}", file=sys.stderr)
         for index, (name, (recipe_path, overrides)) in enumerate(OURS.items()):
             if args.only is not None and not any(key in name for key in args.only):
@@ -247,8 +239,7 @@ def main() -> None:
             build = result["targets"]["cpu-onnxruntime"]
             manifest = json.loads((Path(result["artifact"]) / "manifest.json").read_text())
             fallback = manifest.get("fallback") or {}
-            sess = session(Path(result["artifact"]) / "model.onnx")
-            rows[name] = {"ppl": perplexity(sess, texts),
+            rows[name] = {"ppl": perplexity(Path(result["artifact"]) / "model.onnx", texts),
                           "int8_linears": build["fused_linears"], "float_mac_share": fallback.get("float_mac_share", 0.0),
                           "float_linears": fallback.get("fallback", []), "convert_s": wall}
             if args.spread:
@@ -261,8 +252,7 @@ def main() -> None:
                 if "error" in peer:
                     rows[name] = {"error": peer["error"]}
                     continue
-                sess = session(peer["path"])
-                rows[name] = {"ppl": perplexity(sess, texts), "quantize_s": peer["seconds"]}
+                rows[name] = {"ppl": perplexity(peer["path"], texts), "quantize_s": peer["seconds"]}
                 print(f"{name}: {rows[name]['ppl']}", file=sys.stderr)
                 save(complete=False)
     print(save(complete=True))

@@ -22,3 +22,11 @@ def run_convert(recipe: Path, out: Path, overrides: list[str], flags: list[str])
     if proc.returncode != 0:
         raise SystemExit(f"convert.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout), wall
+
+
+def shipped_artifact(artifact: Path | None, recipe: Path, work: Path) -> Path:
+    """`artifact` when given, else the artifact that converting `recipe` into `work` publishes."""
+    if artifact is not None:
+        return artifact
+    result, _ = run_convert(recipe, work / "out", [], [])
+    return Path(result["artifact"])

@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import run_convert
+from cli_run import shipped_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -61,10 +61,7 @@ def main() -> None:
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.artifact
-        if artifact is None:
-            result, _ = run_convert(RECIPE, Path(tmp) / "out", [], [])
-            artifact = Path(result["artifact"])
+        artifact = shipped_artifact(args.artifact, RECIPE, Path(tmp))
         int8_path = artifact / "model.onnx"
         if graph_kv_layout(int8_path) is None:
             raise SystemExit(f"{int8_path} has no KV cache inputs (export.kv_cache: false)")

@@ -23,7 +23,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import run_convert
+from cli_run import shipped_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -53,10 +53,7 @@ def main() -> None:
     r = recipe.recipe
     n = args.max_new_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.artifact
-        if artifact is None:
-            result, _ = run_convert(RECIPE, Path(tmp) / "out", [], [])
-            artifact = Path(result["artifact"])
+        artifact = shipped_artifact(args.artifact, RECIPE, Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
         windows = token_windows(recipe, r.parity.eval, tokenizer, shuffle=False)
         prompt_sets = {
