@@ -24,14 +24,24 @@ def artifact_bytes(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
 
 
+def cached_run(tmp, recipe, out: str, *overrides: str) -> tuple[int, dict, str]:
+    """convert.py into tmp/out with the shared stage cache and `--set` overrides.
+
+    Returns (exit code, JSON result, stderr)."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / out, "--quiet", "--json",
+                                   "--cache-dir", tmp / "cache", *sets)
+    return code, json.loads(stdout) if stdout.strip() else {}, stderr
+
+
 @pytest.fixture(scope="module")
 def first_run(tiny_checkpoints, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["qwen3"])))
-    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "first", "--quiet", "--json", "--cache-dir", tmp / "cache")
+    code, result, stderr = cached_run(tmp, recipe, "first")
     assert code == 0, stderr
-    return tmp, recipe, json.loads(stdout)
+    return tmp, recipe, result
 
 
 def test_first_run_computes_and_stores_every_stage(first_run):
@@ -43,10 +53,9 @@ def test_first_run_computes_and_stores_every_stage(first_run):
 
 def test_rerun_with_other_thresholds_skips_calibration_and_gives_the_same_model(first_run):
     tmp, recipe, _ = first_run
-    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "second", "--quiet", "--json", "--cache-dir",
-                                   tmp / "cache", "--set", "parity.thresholds.max_kl=0.5")
+    code, result, stderr = cached_run(tmp, recipe, "second", "parity.thresholds.max_kl=0.5")
     assert code == 0, stderr
-    stages = stage_map(json.loads(stdout))
+    stages = stage_map(result)
     assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
     assert stages["export"] == (False, "hit") and stages["parity"] == (False, "hit")
     first, second = tmp / "first" / NAME / VERSION, tmp / "second" / NAME / VERSION
@@ -67,18 +76,16 @@ def test_rerun_with_other_thresholds_skips_calibration_and_gives_the_same_model(
 
 def test_cached_parity_is_judged_against_the_new_thresholds(first_run):
     tmp, recipe, _ = first_run
-    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "strict", "--quiet", "--json", "--cache-dir",
-                                   tmp / "cache", "--set", "parity.thresholds.max_kl=0")
+    code, result, stderr = cached_run(tmp, recipe, "strict", "parity.thresholds.max_kl=0")
     assert code == 2 and "kl_mean" in stderr
-    assert stage_map(json.loads(stdout))["parity"] == (False, "hit")
+    assert stage_map(result)["parity"] == (False, "hit")
 
 
 def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     tmp, recipe, _ = first_run
-    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "opset", "--quiet", "--json", "--cache-dir",
-                                   tmp / "cache", "--set", "export.opset=17")
+    code, result, stderr = cached_run(tmp, recipe, "opset", "export.opset=17")
     assert code == 0, stderr
-    stages = stage_map(json.loads(stdout))
+    stages = stage_map(result)
     assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
     assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
 
