@@ -48,7 +48,8 @@ O2 = "quantization.activations={mode: dynamic, granularity: per_tensor}"
 FALLBACK = ["quantization.fallback.enabled=true", "quantization.fallback.target_kl=null",
             "quantization.fallback.target_ppl_ratio=1.005"]
 OURS = {  # name -> (recipe, overrides), most telling first; generation parity off: this is about perplexity
-    "ours O3 static, + clinical calibration text + fallback (smollm2-135m-clinical-cpu.yaml)": (CLINICAL, []),
+    "ours O3 static, + clinical calibration text + per-group alpha search + fallback (smollm2-135m-clinical-cpu.yaml)": (CLINICAL, []),
+    "ours O3 static, + clinical calibration text, global alpha 0.8 + fallback": (CLINICAL, ["smoothing.search=off"]),
     "ours O1 dynamic per-token, no smoothing (CPU only)": (RECIPE, [O1, "smoothing.enabled=false"]),
     "ours O3 static, SmoothQuant 0.8 (smollm2-135m-cpu.yaml)": (RECIPE, []),
     "ours O3 static, SmoothQuant 0.8 + fallback (<= 10% MACs float)": (RECIPE, FALLBACK),
