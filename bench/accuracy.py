@@ -63,19 +63,12 @@ def windows(recipe, file: str, tokenizer, limit: int | None = None):
     return token_windows(recipe, data, tokenizer, shuffle=False).input_ids.numpy()
 
 
-def session(path: Path, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def perplexity(path: Path, texts: dict[str, np.ndarray]) -> dict[str, float]:
     """Perplexity of the graph at `path` on each text, every window a prefill (an empty past for a KV graph)."""
     from converter.kvcache import graph_kv_layout, prefill_feed
+    from converter.runners import onnxruntime_session
 
-    sess, layout = session(path), graph_kv_layout(path)
+    sess, layout = onnxruntime_session(path, threads=2), graph_kv_layout(path)
     out = {}
     for name, ids in texts.items():
         nll = count = 0.0
@@ -139,6 +132,8 @@ def peers(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, dict]:
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from converter.runners import onnxruntime_session
+
     # ORT's documented first step: shape inference and graph optimization, which folds each weight's
     # Transpose into a constant so the quantizers see (and per-channel quantize) the MatMul weights
     processed = work / "preprocessed" / "model.onnx"
@@ -147,7 +142,7 @@ def peers(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, dict]:
                       save_as_external_data=True, all_tensors_to_one_file=True,
                       external_data_location="model.onnx.data")
     fp32 = processed
-    names = [i.name for i in session(fp32).get_inputs()]
+    names = [i.name for i in onnxruntime_session(fp32).get_inputs()]
     common = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                   per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True)
     no_output = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}

@@ -51,13 +51,12 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    import onnxruntime as ort
-
     from converter.data import token_windows
-    from converter.export import export_fp32, float_graph
+    from converter.export import float_graph
     from converter.kvcache import graph_kv_layout
     from converter.load import load_reference
     from converter.recipe import Export, load_recipe
+    from converter.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,8 +66,7 @@ def main() -> None:
             raise SystemExit(f"{int8_path} has no KV cache inputs (export.kv_cache: false)")
         model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
         # the artifact's graph passes (constant folding, RMSNorm fusable), nothing quantized
-        raw = export_fp32(model, Path(tmp) / "fp32.raw.onnx", Export(kv_cache=True))
-        fp32_path = float_graph(raw, Path(tmp) / "fp32.onnx", model, Export(kv_cache=True))
+        fp32_path = float_graph(model, Path(tmp) / "fp32.onnx", Export(kv_cache=True))
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
@@ -77,10 +75,7 @@ def main() -> None:
         del model
         sessions = {}
         for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = args.threads
-            sessions[name] = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
-                              graph_kv_layout(path))
+            sessions[name] = (onnxruntime_session(path, threads=args.threads), graph_kv_layout(path))
         # Settle before timing: flush the freshly written model files (their write-back otherwise
         # competes for the CPU: INT8 runs right after a conversion climbed from 80 to 104 tokens/s)
         # and warm each session with one full-length run.

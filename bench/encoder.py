@@ -37,14 +37,11 @@ CONFIGS = {
 def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dict:
     """Median ms per (batch, sequence) shape for every model, runs interleaved."""
     import numpy as np
-    import onnxruntime as ort
+
+    from converter.runners import onnxruntime_session
 
     os.sync()  # freshly written model files: their write-back competes for the CPU (see bench/decode.py)
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions = {name: onnxruntime_session(path, threads=threads) for name, path in paths.items()}
     out = {}
     rng = np.random.default_rng(0)
     for batch, seq in shapes:
@@ -66,14 +63,13 @@ def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dic
 
 
 def fp32_onnx(folder: Path) -> Path:
-    from converter.export import export_fp32, float_graph
+    from converter.export import float_graph
     from converter.load import load_reference
     from converter.recipe import Export, load_recipe
 
     recipe = load_recipe(RECIPE)
     model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
-    raw = export_fp32(model, folder / "fp32.raw.onnx", Export())
-    return float_graph(raw, folder / "fp32.onnx", model, Export())  # the artifact's graph passes, no Q/DQ
+    return float_graph(model, folder / "fp32.onnx", Export())  # the artifact's graph passes, no Q/DQ
 
 
 def markdown(results: dict) -> str:

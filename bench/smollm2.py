@@ -47,26 +47,22 @@ def convert(out: Path, overrides: list[str]) -> tuple[dict, float]:
 def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int = 256) -> dict:
     """FP32 ONNX (original model) vs INT8 artifacts, batch 1, runs interleaved, medians."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
-    from converter.export import export_fp32, float_graph
+    from converter.export import float_graph
     from converter.kvcache import graph_kv_layout, prefill_feed
     from converter.load import load_reference
     from converter.recipe import Export, load_recipe
+    from converter.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
-        raw = export_fp32(model, Path(tmp) / "fp32.raw.onnx", Export())
-        float_graph(raw, fp32_path, model, Export())  # the artifact's graph passes, no Q/DQ
+        float_graph(model, fp32_path, Export())  # the artifact's graph passes, no Q/DQ
         del model
-        sessions = {}
-        for name, path in {"fp32": fp32_path, **int8_paths}.items():
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions = {name: onnxruntime_session(path, threads=threads)
+                    for name, path in {"fp32": fp32_path, **int8_paths}.items()}
         ids = torch.randint(0, 49152, (1, seq), generator=torch.Generator().manual_seed(0)).numpy()
         # a KV-cache artifact runs the window as a prefill (empty past tensors)
         feeds = {name: prefill_feed(ids, np.ones_like(ids), graph_kv_layout(path))

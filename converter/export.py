@@ -315,10 +315,12 @@ def _rsqrt_as_div(graph: ir.Graph) -> int:
     return rewritten
 
 
-def float_graph(fp32_path: Path, out_path: Path, model: torch.nn.Module, cfg: Export) -> Path:
-    """The exported FP32 graph after the same passes as the artifact, with nothing quantized: the
-    fair float baseline for speed comparisons (`insert_qdq` with an empty plan)."""
-    return insert_qdq(fp32_path, out_path, model, QuantPlan(linears={}, excluded=[]), cfg).path
+def float_graph(model: torch.nn.Module, out_path: Path, cfg: Export) -> Path:
+    """`model` exported to FP32 ONNX and put through the same passes as the artifact, with nothing
+    quantized: the fair float baseline for speed comparisons (`insert_qdq` with an empty plan).
+    The raw export is written beside `out_path` as `<stem>.raw.onnx`."""
+    raw = export_fp32(model, out_path.with_name(f"{out_path.stem}.raw.onnx"), cfg)
+    return insert_qdq(raw, out_path, model, QuantPlan(linears={}, excluded=[]), cfg).path
 
 
 def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: QuantPlan, cfg: Export) -> QdqResult:

@@ -12,7 +12,7 @@ from converter.archs import arch_spec, block_linear_names
 from converter.calibrate import collect_input_amax
 from converter.data import Windows
 from converter.encoder import model_io
-from converter.export import export_fp32, insert_qdq
+from converter.export import export_fp32, float_graph, insert_qdq
 from converter.quantize import apply_fake_quant, plan_quantization, quantize_weight
 from converter.recipe import Export, Quantization, Smoothing
 from converter.runners import onnxruntime_session
@@ -164,6 +164,18 @@ def test_external_data_when_requested(tmp_path):
     out = onnxruntime_session(tmp_path / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
     with torch.no_grad():
         assert np.abs(out - fq(ids).logits.numpy()).max() < 1e-5
+
+
+def test_float_graph_is_the_float_model_after_the_artifact_passes(tmp_path):
+    """The speed benches' FP32 baseline: no Q/DQ, RMSNorm rewritten as the artifact's is, same logits."""
+    model = build_tiny("llama")
+    path = float_graph(model, tmp_path / "fp32.onnx", Export())
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == ops["Reciprocal"] == 0 and ops["Div"] > 0
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3))
+    out = onnxruntime_session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(ids).logits.numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("smoothing", [True, False], ids=["smoothed-untied", "unsmoothed-still-tied"])
