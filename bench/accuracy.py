@@ -22,24 +22,20 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from cli_run import run_convert
+from cli_run import RESULTS, run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
 CLINICAL = ROOT / "recipes" / "smollm2-135m-clinical-cpu.yaml"
-RESULTS = ROOT / "bench" / "results"
 TEXTS = {"license (in domain)": "data/apache-2.0.txt", "clinical": "data/clinical-reports.txt"}
 NO_GATES = [f"parity.thresholds.{k}=null" for k in
             ("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl")]
@@ -206,14 +202,10 @@ def main() -> None:
         for row in rows.values():
             if "ppl" in row:
                 row["ratio"] = {t: row["ppl"][t] / rows["FP32 ONNX"]["ppl"][t] for t in TEXTS}
-        results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                   "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
-                   "protocol": protocol, "complete": complete, "rows": rows,
+        results = {**stamp(), "protocol": protocol, "complete": complete, "rows": rows,
                    "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "accuracy.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         table = markdown(results)
-        (RESULTS / "accuracy.md").write_text(table)
+        write_results("accuracy", results, table)
         return table
 
     with tempfile.TemporaryDirectory() as tmp:

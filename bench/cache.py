@@ -10,16 +10,12 @@ time under 30% of the first. Prints a Markdown table and writes bench/results/<n
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import run_convert
+from cli_run import run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TARGET_RATIO = 0.30
 # Only thresholds change; relaxed so the second run publishes whatever the model measures.
 THRESHOLD_CHANGE = ["parity.thresholds.max_kl=1.0", "parity.thresholds.max_ppl_ratio=2.0"]
@@ -30,7 +26,7 @@ def run(recipe: Path, out: Path, cache: Path, overrides: list[str]) -> tuple[dic
 
 
 def markdown(results: dict) -> str:
-    rows = [f"{results['recipe']}, {results['cores']} cores, {results['machine']}, {results['date']}", "",
+    rows = [f"{results['recipe']}, {results['machine']}, {results['date']}", "",
             "| run | wall time | stages (s; * = from cache) |", "|---|---|---|"]
     for run_ in results["runs"]:
         stages = ", ".join(f"{s['name']} {s['seconds']:.1f}{'*' if s['cache'] == 'hit' else ''}" for s in run_["stages"])
@@ -54,18 +50,14 @@ def main() -> None:
             runs.append({"label": label, "wall_s": round(wall, 2), "stages": result["stages"]})
     results = {
         "recipe": args.recipe.name,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}",
-        "cores": __import__("os").cpu_count(),
+        **stamp(),
         "runs": runs,
         "ratio": round(runs[1]["wall_s"] / runs[0]["wall_s"], 4),
         "target_ratio": TARGET_RATIO,
     }
     table = markdown(results)
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(table)
+    write_results(args.name, results, table)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Run `convert.py` the way a user or CI job does, and time it (shared by the benchmarks)."""
+"""Shared by the benchmarks: run `convert.py` the way a user or CI job does, and write results files."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def run_convert(recipe: Path, out: Path, overrides: list[str], flags: list[str]) -> tuple[dict, float]:
@@ -30,3 +34,16 @@ def shipped_artifact(artifact: Path | None, recipe: Path, work: Path) -> Path:
         return artifact
     result, _ = run_convert(recipe, work / "out", [], [])
     return Path(result["artifact"])
+
+
+def stamp() -> dict:
+    """The UTC date and the machine that every results file records."""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}"}
+
+
+def write_results(name: str, results: dict, table: str) -> None:
+    """bench/results/NAME.json (the numbers) and NAME.md (the table the README quotes)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)

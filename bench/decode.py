@@ -12,21 +12,17 @@ bench/results/decode.json and bench/results/decode.md, which the README quotes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import shipped_artifact
+from cli_run import shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
-RESULTS = ROOT / "bench" / "results"
 
 
 def decode_rate(session, layout, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
@@ -91,15 +87,12 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     same = sum(a == b for a, b in zip(tokens["fp32"], tokens["int8"])) / len(tokens["fp32"])
     results = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        **stamp(),
         "note": args.note,
         "batch": 1, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "runs": args.runs, "tokens_per_s_median": medians, "tokens_per_s_all": rates,
         "int8_over_fp32": medians["int8"] / medians["fp32"], "greedy_token_agreement_this_prompt": same,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"SmolLM2-135M-Instruct decode with the KV cache, {results['machine']}, {results['date']}"
              + (f" ({args.note})" if args.note else ""), "",
              f"| ONNX Runtime, batch 1, {args.threads} threads, {args.prompt_tokens}-token prompt, "
@@ -107,7 +100,7 @@ def main() -> None:
              f"| FP32 ONNX (KV cache) | {medians['fp32']:.1f} tokens/s | 1.00x |",
              f"| INT8 QDQ artifact (KV cache) | {medians['int8']:.1f} tokens/s | {results['int8_over_fp32']:.2f}x |"]
     table = "\n".join(lines) + "\n"
-    (RESULTS / "decode.md").write_text(table)
+    write_results("decode", results, table)
     print(table)
 
 

@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import run_convert
+from cli_run import run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "minilm-l6-cpu.yaml"
-RESULTS = ROOT / "bench" / "results"
 NO_GATES = ["parity.thresholds.min_mean_cosine=null", "parity.thresholds.min_min_cosine=null",
             "parity.polygraphy.int8_atol=1000"]
 CONFIGS = {
@@ -111,16 +108,13 @@ def main() -> None:
             print(f"{name}: cosine {m['mean_cosine']:.5f} / {m['min_cosine']:.5f}", file=sys.stderr)
         lat = latency({"fp32": fp32_onnx(Path(tmp)), **paths}, args.latency_iters, [(1, 128), (8, 128)])
     results = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        **stamp(),
         "note": args.note,
         "configs": configs,
         "latency": lat,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "minilm.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (RESULTS / "minilm.md").write_text(table)
+    write_results("minilm", results, table)
     print(table)
 
 

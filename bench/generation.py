@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import shipped_artifact
+from cli_run import shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
 QUESTIONS = ROOT / "recipes" / "data" / "clinical-questions.txt"
-RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> None:
@@ -79,14 +74,11 @@ def main() -> None:
                                         "first_divergence": metrics.first_divergence}
                 print(f"{set_name:28s} {name:30s} {metrics.token_agreement:.3f}", file=sys.stderr, flush=True)
     results = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        **stamp(),
         "recipe": RECIPE.name, "new_tokens": n,
         "prompts": {name: len(p) for name, p in prompt_sets.items()},
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "generation.json").write_text(json.dumps(results, indent=2) + "\n")
     sets = list(prompt_sets)
     lines = [f"SmolLM2-135M-Instruct greedy agreement with PyTorch FP32, {n} new tokens, {results['date']} "
              f"({RECIPE.name} artifact)", "",
@@ -96,7 +88,7 @@ def main() -> None:
         cells = [f"{row[s]['token_agreement']:.2f} / {row[s]['prefix_agreement']:.2f}" for s in sets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    (RESULTS / "generation.md").write_text(table)
+    write_results("generation", results, table)
     print(table)
 
 

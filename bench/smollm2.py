@@ -10,21 +10,16 @@ bench/results/smollm2.json and bench/results/smollm2.md, which the README quotes
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from cli_run import run_convert
+from cli_run import run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
-RESULTS = ROOT / "bench" / "results"
 NO_GATES = [f"parity.thresholds.{k}=null" for k in
             ("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl")]
 SWEEP = {
@@ -128,18 +123,15 @@ def main() -> None:
         lat = latency({"shipped recipe": artifacts[SHIPPED], "lm_head float": artifacts[HEAD_FLOAT]},
                       args.latency_iters)
     results = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}",
+        **stamp(),
         "sweep": sweep,
         "latency": lat,
         "conversion": {"runs": args.runs, "wall_s": walls, "wall_s_median": statistics.median(walls),
                        "peak_rss_mb": peaks, "peak_rss_mb_median": statistics.median(peaks),
                        "stages": result["stages"]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "smollm2.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (RESULTS / "smollm2.md").write_text(table)
+    write_results("smollm2", results, table)
     print(table)
 
 
