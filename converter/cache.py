@@ -179,8 +179,28 @@ def load_smoothed(cache: StageCache, key: str, model: torch.nn.Module):
     if hit is None:
         return None
     entry, meta = hit
-    load_model(model, str(entry / "smoothed.safetensors"))
+    weights = entry / "smoothed.safetensors"
+    _untie_as_saved(model, weights)
+    load_model(model, str(weights))
     return meta["smoothing"], ActStats(amax=load_tensors(entry), batches=meta["batches"], tokens=meta["tokens"])
+
+
+def _untie_as_saved(model: torch.nn.Module, weights: Path) -> None:
+    """Smoothing the head group unties a tied lm_head, so the saved file holds the lm_head and the
+    input embedding as two tensors; a freshly loaded (tied) model must be untied the same way
+    before those load into it."""
+    from safetensors import safe_open
+
+    from converter.smooth import untie_output_embeddings
+
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    shared = [name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    with safe_open(str(weights), framework="pt") as f:
+        saved = set(f.keys())
+    if len(shared) > 1 and all(name in saved for name in shared):
+        untie_output_embeddings(model)
 
 
 def _plan_to_entry(plan) -> tuple[dict, dict]:

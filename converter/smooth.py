@@ -117,7 +117,7 @@ def _smooth_group(root, group: SmoothGroup, act_amax, alpha, norm_offset, layout
     )
 
 
-def _untie_output_embeddings(model: torch.nn.Module) -> bool:
+def untie_output_embeddings(model: torch.nn.Module) -> bool:
     """Give a tied lm_head its own weight, so smoothing it leaves the input embedding exact."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embed is None or head.weight is not embed.weight:
@@ -175,7 +175,7 @@ def smooth(
             report.skipped.append(f"{key}: {', '.join(group.balance)} not quantized")
             continue
         if group is spec.head_group:
-            _untie_output_embeddings(model)
+            untie_output_embeddings(model)
         alpha = (alphas or {}).get(key, cfg.alpha)
         result = _smooth_group(root, group, act_amax[names[0]], alpha, spec.norm_offset, layout)
         if isinstance(result, str):

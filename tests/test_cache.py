@@ -90,6 +90,28 @@ def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
 
 
+def test_cached_smoothing_of_a_tied_lm_head_loads_into_a_fresh_model(tiny_checkpoints, tmp_path):
+    """The head group unties a tied lm_head before smoothing it: a re-run that reuses the smoothed
+    weights must untie the freshly loaded model too, and build the same model as without the cache."""
+    recipe = tmp_path / "recipe.yaml"
+    data = tiny_recipe_dict(tiny_checkpoints["llama-tied"])
+    data["smoothing"]["groups"] = ["attn_in", "mlp_in", "head_in"]
+    data["quantization"] = {"exclude": []}  # lm_head int8, so head_in smooths (and unties) it
+    recipe.write_text(yaml.safe_dump(data))
+    code, _, stderr = cached_run(tmp_path, recipe, "first")
+    assert code == 0, stderr
+    code, result, stderr = cached_run(tmp_path, recipe, "second", "quantization.activations.range=percentile")
+    assert code == 0, stderr
+    assert stage_map(result)["smooth"] == (False, "hit") and stage_map(result)["export"] == (True, "miss")
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp_path / "uncached", "--quiet", "--no-cache",
+                                   "--set", "quantization.activations.range=percentile")
+    assert code == 0, stderr
+    cached, uncached = (tmp_path / out / NAME / VERSION for out in ("second", "uncached"))
+    smoothed = json.loads((cached / "manifest.json").read_text())["smoothing"]["groups"]
+    assert any(g["group"] == "head_in" for g in smoothed)
+    assert (cached / "model.onnx").read_bytes() == (uncached / "model.onnx").read_bytes()
+
+
 def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
     import torch
 
