@@ -1,14 +1,22 @@
-"""Greedy token agreement with the FP32 original: the INT8 artifact next to FP16 and BF16 references.
+"""Greedy token agreement with the FP32 original: the INT8 artifact next to yardsticks of known precision.
 
-    .venv/bin/python bench/generation.py [--artifact DIR] [--max-new-tokens 32]
+    .venv/bin/python bench/generation.py [--artifact DIR] [--max-new-tokens 32] [--prompts 16]
 
 Without --artifact the shipped recipe is converted first (through the real CLI). The reference is
-the PyTorch FP32 checkpoint, greedy with its own KV cache; the candidates are the same checkpoint
-cast to FP16 and to BF16 (PyTorch), and the INT8 artifact in ONNX Runtime (prefill, then one-token
-decode steps through its KV cache). Two prompt sets: the recipe's generation prompts (the first 32
-tokens of evaluation windows, cut mid-sentence) and recipes/data/clinical-questions.txt in the
-chat template (how an instruction-tuned model is used). Token and prefix agreement are defined in
-converter/generation.py. Writes bench/results/generation.{json,md}, which the README quotes.
+the PyTorch FP32 checkpoint, greedy with its own KV cache. Candidates:
+  * the same checkpoint cast to FP16 and to BF16 (PyTorch);
+  * weight-only rounding ladders (PyTorch): every linear's FP32 weight, lm_head included, rounded
+    per output channel to symmetric 8-, 10- and 12-bit integers (round to nearest, no smoothing),
+    activations left in FP32: how much agreement the weight precision alone allows;
+  * the INT8 artifact with its activation QuantizeLinear/DequantizeLinear pairs removed (ONNX
+    Runtime): its own smoothed int8 weights, FP32 activations;
+  * the INT8 artifact itself (ONNX Runtime: prefill, then one-token decode steps through its KV cache).
+Two prompt sets: the evaluation text (the recipe's parity.eval files) cut into 128-token windows,
+each window's first 32 tokens a prompt (cut mid-sentence; the recipe's own 256-token windows give
+only 8 from this text), and recipes/data/clinical-questions.txt in the chat template (how an
+instruction-tuned model is used).
+Token and prefix agreement are defined in converter/generation.py. Writes
+bench/results/generation.{json,md}, which the README quotes.
 """
 
 from __future__ import annotations
@@ -22,14 +30,54 @@ from pathlib import Path
 from cli_run import shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+WEIGHT_BITS = (8, 10, 12)
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
 QUESTIONS = ROOT / "recipes" / "data" / "clinical-questions.txt"
+
+
+def rounded_weights(model, bits: int):
+    """A copy of `model` whose every nn.Linear weight (an untied copy of a tied lm_head included) is
+    rounded to symmetric `bits`-bit integers per output channel (absmax scale, round to nearest)."""
+    import torch
+
+    copied = copy.deepcopy(model)
+    top = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for module in copied.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight.detach().clone()
+                scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+                module.weight = torch.nn.Parameter((weight / scale).round().clamp(-top, top) * scale)
+    return copied
+
+
+def without_activation_qdq(src: Path, dst: Path) -> Path:
+    """`src` with every activation QuantizeLinear -> DequantizeLinear pair removed (the MatMul reads
+    the float activation again); the weights' DequantizeLinear nodes stay. Written to `dst`."""
+    import onnx_ir as ir
+
+    model = ir.load(src)
+    pairs = [(node.inputs[0].producer(), node) for node in model.graph
+             if node.op_type == "DequantizeLinear" and node.inputs[0].producer() is not None
+             and node.inputs[0].producer().op_type == "QuantizeLinear"]
+    for quant, dequant in pairs:
+        dequant.outputs[0].replace_all_uses_with(quant.inputs[0])
+        model.graph.remove([dequant, quant], safe=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for value in model.graph.initializers.values():  # bring external tensors in: ir.save writes them afresh
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    ir.save(model, dst, external_data=f"{dst.name}.data")
+    print(f"removed {len(pairs)} activation Q/DQ pairs", file=sys.stderr)
+    return dst
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, help="an artifact folder (default: convert the shipped recipe)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per set (at most 16: the evaluation "
+                        "windows and the questions file hold 16)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -50,19 +98,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = shipped_artifact(args.artifact, RECIPE, Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        windows = token_windows(recipe, r.parity.eval, tokenizer, shuffle=False)
+        short = r.parity.eval.model_copy(update={"seq_len": 128, "num_samples": args.prompts})
+        windows = token_windows(recipe, short, tokenizer, shuffle=False)
+        questions = Generation(prompts_file=str(QUESTIONS), chat_template=True, prompts=args.prompts)
+        cut = r.parity.generation.model_copy(update={"prompts": args.prompts})
         prompt_sets = {
-            "evaluation windows": generation_prompts(windows, r.parity.generation, tokenizer, recipe.base_dir),
-            "clinical questions (chat)": generation_prompts(
-                None, Generation(prompts_file=str(QUESTIONS), chat_template=True), tokenizer, ROOT),
+            "evaluation windows": generation_prompts(windows, cut, tokenizer, recipe.base_dir),
+            "clinical questions (chat)": generation_prompts(None, questions, tokenizer, ROOT),
         }
         model = load_reference(recipe.path(r.source.path), r.source)
         int8_path = artifact / "model.onnx"
-        session, layout = onnxruntime_session(int8_path, threads=args.threads), graph_kv_layout(int8_path)
+        layout = graph_kv_layout(int8_path)
+        int8 = session_step(onnxruntime_session(int8_path, threads=args.threads))
+        weights_only_path = without_activation_qdq(int8_path, Path(tmp) / "weights-only" / "model.onnx")
+        weights_only = session_step(onnxruntime_session(weights_only_path, threads=args.threads))
         candidates = {
             "PyTorch FP16": lambda p, m=copy.deepcopy(model).half(): greedy_torch(m, p, n),
             "PyTorch BF16": lambda p, m=copy.deepcopy(model).bfloat16(): greedy_torch(m, p, n),
-            "INT8 artifact (ONNX Runtime)": lambda p: list(greedy_graph(session_step(session), layout, p, n)),
+            **{f"weights rounded to int{b} per channel, no smoothing, FP32 activations (PyTorch)":
+               (lambda p, m=rounded_weights(model, b): greedy_torch(m, p, n)) for b in WEIGHT_BITS},
+            "INT8 artifact without activation Q/DQ: its int8 weights, FP32 activations (ONNX Runtime)":
+                lambda p: list(greedy_graph(weights_only, layout, p, n)),
+            "INT8 artifact (ONNX Runtime)": lambda p: list(greedy_graph(int8, layout, p, n)),
         }
         rows: dict[str, dict] = {name: {} for name in candidates}
         for set_name, prompts in prompt_sets.items():
