@@ -87,7 +87,9 @@ def fake_quantize_input(x: torch.Tensor, mode: str, scale: torch.Tensor) -> torc
         return fake_quantize_activation(x, scale)
     if mode == "dynamic_per_tensor":
         return fake_quantize_dynamic_per_tensor(x)
-    return fake_quantize_per_token(x)
+    if mode == "dynamic_per_token":
+        return fake_quantize_per_token(x)
+    raise ValueError(f"activation mode {mode!r} is not one of {ACT_MODES}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ class LinearQuant:
     weight_scale: torch.Tensor  # (out,) float32
     weight_rel_error: float  # ||W - dequant(quant(W))|| / ||W||
     act_mode: str = "static"  # one of ACT_MODES; dynamic modes ignore act_scale
+
+    def __post_init__(self) -> None:
+        if self.act_mode not in ACT_MODES:
+            raise ValueError(f"{self.name}: activation mode {self.act_mode!r} is not one of {ACT_MODES}")
 
     def summary(self) -> dict:
         return {

@@ -8,9 +8,11 @@ from converter.calibrate import collect_input_amax
 from converter.data import Windows
 from converter.quantize import (
     FakeQuantLinear,
+    LinearQuant,
     activation_scale,
     apply_fake_quant,
     fake_quantize_activation,
+    fake_quantize_input,
     plan_quantization,
     quantize_weight,
     split_by_exclusions,
@@ -51,6 +53,16 @@ def test_activation_fake_quant_saturates_and_rounds_half_even():
     x = torch.tensor([0.05, 0.15, -0.25, 100.0, -100.0])
     out = fake_quantize_activation(x, scale)
     torch.testing.assert_close(out, torch.tensor([0.0, 0.2, -0.2, 12.7, -12.8]))
+
+
+def test_an_unknown_activation_mode_is_refused_not_run_as_another():
+    x, scale = torch.tensor([0.05, 3.0]), activation_scale(12.7)
+    torch.testing.assert_close(fake_quantize_input(x, "static", scale), fake_quantize_activation(x, scale))
+    with pytest.raises(ValueError, match="'per_token'"):
+        fake_quantize_input(x, "per_token", scale)
+    with pytest.raises(ValueError, match="not one of"):
+        LinearQuant(name="fc", in_features=2, out_features=2, act_amax=1.0, act_scale=scale,
+                    weight_scale=torch.ones(2), weight_rel_error=0.0, act_mode="per_token")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
