@@ -90,13 +90,18 @@ def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
 
 
-def test_cached_smoothing_of_a_tied_lm_head_loads_into_a_fresh_model(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("arch", ["llama-tied", "gemma3", "gpt2"])
+def test_cached_smoothing_of_a_tied_lm_head_loads_into_a_fresh_model(arch, tiny_checkpoints, tmp_path):
     """The head group unties a tied lm_head before smoothing it: a re-run that reuses the smoothed
     weights must untie the freshly loaded model too, and build the same model as without the cache."""
     recipe = tmp_path / "recipe.yaml"
-    data = tiny_recipe_dict(tiny_checkpoints["llama-tied"])
+    data = tiny_recipe_dict(tiny_checkpoints[arch])
     data["smoothing"]["groups"] = ["attn_in", "mlp_in", "head_in"]
     data["quantization"] = {"exclude": []}  # lm_head int8, so head_in smooths (and unties) it
+    # a random tiny model with an int8 head misses the default gates (gemma3: top-1 0.53); the
+    # question here is the cache, and the model bytes are compared with an uncached run below
+    data["parity"]["thresholds"] = dict.fromkeys(
+        ("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl"))
     recipe.write_text(yaml.safe_dump(data))
     code, _, stderr = cached_run(tmp_path, recipe, "first")
     assert code == 0, stderr
