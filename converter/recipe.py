@@ -85,6 +85,12 @@ class Smoothing(_Section):
     )
     search_samples: int = Field(default=4, ge=1, description="Calibration windows used by the search.")
 
+    @field_validator("search", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false: `search: off` and `--set smoothing.search=off` mean "off"
+        return "off" if value is False else value
+
     @field_validator("alpha_grid")
     @classmethod
     def _grid_in_range(cls, grid: list[float]) -> list[float]:

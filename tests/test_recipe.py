@@ -82,6 +82,20 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path, write_recipe):
     assert loaded.path("/abs/x.txt") == Path("/abs/x.txt")
 
 
+def test_bare_off_means_off_though_yaml_reads_it_as_false(write_recipe):
+    from conftest import tiny_recipe_dict
+
+    data = tiny_recipe_dict(Path("model"))
+    path = write_recipe(data)
+    assert load_recipe(path, ["smoothing.search=off"]).recipe.smoothing.search == "off"
+    text = path.read_text().replace("smoothing:\n", "smoothing:\n  search: off\n")
+    path.write_text(text)
+    assert yaml.safe_load(text)["smoothing"]["search"] is False
+    assert load_recipe(path).recipe.smoothing.search == "off"
+    with pytest.raises(UserError, match="smoothing.search"):
+        load_recipe(path, ["smoothing.search=on"])  # true is not a search method
+
+
 def test_apply_overrides_does_not_mutate_input():
     raw = {"a": {"b": 1}}
     out = apply_overrides(raw, ["a.b=2", "a.c.d=x"])
