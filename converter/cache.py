@@ -56,8 +56,10 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> Stage
     layer_map = [r.architecture.model_dump(mode="json")] if r.architecture is not None else []
     calibrate = digest("calibrate", CACHE_FORMAT, tool_versions(), checkpoint_sha256, calibration_sha256,
                        r.quantization.exclude, r.calibration.batch_size, *layer_map)
-    # a global alpha search scores fake-quant models, so it reads the quantization settings too
-    searched_with = r.quantization.model_dump(mode="json") if r.smoothing.search == "global" else None
+    # an alpha search scores fake-quant outputs, so its result depends on quantization settings too:
+    # all of them for the global search (whole fake-quant models), the activation level per group
+    searched_with = {"global": r.quantization.model_dump(mode="json"),
+                     "per_group": r.quantization.activations.level}.get(r.smoothing.search)
     smooth = digest("smooth", calibrate, r.smoothing.model_dump(mode="json"), searched_with)
     export = digest("export", smooth, r.quantization.model_dump(mode="json"), r.export.model_dump(mode="json"))
     return StageKeys(calibrate, smooth, export)

@@ -249,7 +249,9 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
         else:
             smoothing, stats = smoothed  # stats: re-measured on the smoothed model
     with stages.run("quantize") as record:
-        record.cache = _cache_state(store, smoothed is not None)
+        # the plan is computed here every time (ranges, fallback, per-layer errors); it is cached only
+        # inside the export entry. A smooth hit only brings back the maxima re-measured after smoothing.
+        record.cache = _cache_state(store, False)
         if smoothed is None:
             # smoothing changed the inputs: measure the model as exported
             stats = collect_input_amax(model, quantized, calib, bs, "re-calibrate") if smoothing["groups"] else before

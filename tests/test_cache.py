@@ -88,6 +88,7 @@ def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     stages = stage_map(result)
     assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
     assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
+    assert stages["quantize"] == (True, "miss")  # the plan is recomputed, not read from the cache
 
 
 @pytest.mark.parametrize("arch", ["llama-tied", "gemma3", "gpt2"])
@@ -115,6 +116,26 @@ def test_cached_smoothing_of_a_tied_lm_head_loads_into_a_fresh_model(arch, tiny_
     smoothed = json.loads((cached / "manifest.json").read_text())["smoothing"]["groups"]
     assert any(g["group"] == "head_in" for g in smoothed)
     assert (cached / "model.onnx").read_bytes() == (uncached / "model.onnx").read_bytes()
+
+
+def test_smoothing_key_follows_what_the_alpha_search_read(tiny_checkpoints, write_recipe):
+    """A per-group search scores each alpha with the recipe's activation level, a global one with
+    the whole quantization section: their smoothing must not be reused across those changes."""
+    from converter.cache import stage_keys
+    from converter.recipe import load_recipe
+
+    path = write_recipe(tiny_recipe_dict(tiny_checkpoints["llama"]))
+    o1 = ["quantization.activations.mode=dynamic", "quantization.activations.granularity=per_token"]
+    mse = ["quantization.activations.range=mse"]
+
+    def smooth_key(search: str, extra: list[str]) -> str:
+        recipe = load_recipe(path, [f"smoothing.search={search}", *extra])
+        return stage_keys(recipe, "checkpoint", "calibration").smooth
+
+    assert smooth_key("off", o1) == smooth_key("off", []) == smooth_key("off", mse)
+    assert smooth_key("per_group", o1) != smooth_key("per_group", [])
+    assert smooth_key("per_group", mse) == smooth_key("per_group", [])  # the search reads no ranges
+    assert smooth_key("global", mse) != smooth_key("global", [])
 
 
 def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
