@@ -296,6 +296,12 @@ class Output(_Section):
     name: str = Field(pattern=_NAME_PATTERN)
     version: str = Field(pattern=_NAME_PATTERN)
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _integer_version(cls, value):
+        # YAML reads `version: 2` (and `--set output.version=2`, a CI build number) as an integer
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 class Recipe(_Section):
     schema_version: Literal[1]

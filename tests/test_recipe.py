@@ -96,6 +96,16 @@ def test_bare_off_means_off_though_yaml_reads_it_as_false(write_recipe):
         load_recipe(path, ["smoothing.search=on"])  # true is not a search method
 
 
+def test_an_integer_version_is_the_same_version_as_its_string(write_recipe):
+    from conftest import tiny_recipe_dict
+
+    path = write_recipe(tiny_recipe_dict(Path("model")))
+    assert load_recipe(path, ["output.version=12"]).recipe.output.version == "12"
+    assert load_recipe(path, ["output.version='12'"]).recipe.output.version == "12"
+    with pytest.raises(UserError, match="output.version"):
+        load_recipe(path, ["output.version=true"])
+
+
 def test_apply_overrides_does_not_mutate_input():
     raw = {"a": {"b": 1}}
     out = apply_overrides(raw, ["a.b=2", "a.c.d=x"])
