@@ -65,6 +65,19 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> Stage
     return StageKeys(calibrate, smooth, export)
 
 
+def check_key(engine: dict, strict: bool, model_sha256: str) -> str:
+    """Key of the QDQ lint + TensorRT(-RTX) acceptance of one exported model."""
+    from importlib import metadata
+
+    from converter.package import tool_versions
+
+    try:
+        rtx = metadata.version("tensorrt-rtx-cu12-bindings")
+    except metadata.PackageNotFoundError:
+        rtx = None  # the check records itself as skipped; installing the package must miss
+    return digest("check", CACHE_FORMAT, tool_versions(), rtx, engine, strict, model_sha256)
+
+
 def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_sha256: str, eval_sha256: str) -> str:
     """Key of a target's parity measurements: thresholds are not in it, they are re-applied.
 
@@ -229,6 +242,14 @@ def _model_files(path: Path) -> list[Path]:
     return [path, *[p for p in [path.with_name(f"{path.name}.data")] if p.is_file()]]
 
 
+def model_sha256(path: Path) -> str:
+    """One digest of an ONNX model's bytes: the graph file and its external data file, if any
+    (with external data the weights are not in the graph file)."""
+    from converter.load import sha256_file
+
+    return digest(*[(p.name, sha256_file(p)) for p in _model_files(path)])
+
+
 def save_export(cache: StageCache, key: str, qdq, fp32_path: Path, plan, front: dict) -> None:
     """The QDQ model, the FP32 model (parity compares against it) and what the manifest records.
 
@@ -262,6 +283,15 @@ def load_export(cache: StageCache, key: str, qdq_path: Path, fp32_path: Path):
             shutil.copyfile(cached, dest.parent / cached.name.removeprefix(prefix))
     plan = _plan_from_entry(meta["plan"], load_tensors(entry))
     return QdqResult(path=qdq_path, **meta["qdq"]), plan, meta["front"]
+
+
+def load_checks(cache: StageCache, key: str) -> dict | None:
+    hit = cache.get("check", key)
+    return None if hit is None else hit[1]["checks"]
+
+
+def save_checks(cache: StageCache, key: str, checks: dict) -> None:
+    cache.put("check", key, {}, {"checks": checks})
 
 
 def save_parity(cache: StageCache, key: str, report) -> None:

@@ -163,8 +163,13 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     level = r.quantization.activations.level
     with stages.run("check") as record:  # whatever the targets; after the model is freed (the builder needs memory)
         if level == "O3":
-            checks = tensorrt_checks(qdq.path, r.engine,
-                                     strict=any(TARGETS[t].backend == "tensorrt" for t in r.targets))
+            strict = any(TARGETS[t].backend == "tensorrt" for t in r.targets)
+            key = cache.check_key(r.engine.model_dump(mode="json"), strict, cache.model_sha256(qdq.path))
+            checks = cache.load_checks(store, key)
+            record.ran, record.cache = checks is None, _cache_state(store, checks is not None)
+            if checks is None:
+                checks = tensorrt_checks(qdq.path, r.engine, strict=strict)
+                cache.save_checks(store, key, checks)
         else:  # the recipe only allows the CPU target with dynamic activations
             record.ran = False
             checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
@@ -303,7 +308,7 @@ def _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_wind
     if target.gpu and dry_run:
         return {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
     with stages.run("parity") as record:
-        key = cache.parity_key(recipe, name, build.to_dict(), package.sha256_file(qdq.path),
+        key = cache.parity_key(recipe, name, build.to_dict(), cache.model_sha256(qdq.path),
                                loaded.checkpoint_sha256, eval_windows.sha256)
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)

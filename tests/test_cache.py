@@ -47,7 +47,7 @@ def first_run(tiny_checkpoints, tmp_path_factory):
 def test_first_run_computes_and_stores_every_stage(first_run):
     _, _, result = first_run
     stages = stage_map(result)
-    for name in ("calibrate", "smooth", "export", "parity"):
+    for name in ("calibrate", "smooth", "export", "check", "parity"):
         assert stages[name] == (True, "miss"), name
 
 
@@ -58,6 +58,7 @@ def test_rerun_with_other_thresholds_skips_calibration_and_gives_the_same_model(
     stages = stage_map(result)
     assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
     assert stages["export"] == (False, "hit") and stages["parity"] == (False, "hit")
+    assert stages["check"] == (False, "hit")
     first, second = tmp / "first" / NAME / VERSION, tmp / "second" / NAME / VERSION
     for name in MODEL_FILES:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
@@ -68,7 +69,7 @@ def test_rerun_with_other_thresholds_skips_calibration_and_gives_the_same_model(
     assert report["passed"] and report["failures"] == []
     # the front record comes back exactly: layer rows, smoothing, scales, and the report built from them
     m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (first, second))
-    for key in ("layers", "smoothing", "fallback", "quantization", "calibration"):
+    for key in ("layers", "smoothing", "fallback", "quantization", "calibration", "checks"):
         assert m1[key] == m2[key], key
     for name in ("report/quantization_report.md", "report/activation_channels.png", "report/quantization_errors.png"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
@@ -89,6 +90,7 @@ def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
     assert stages["export"] == (True, "miss") and stages["parity"] == (True, "miss")
     assert stages["quantize"] == (True, "miss")  # the plan is recomputed, not read from the cache
+    assert stages["check"] == (True, "miss")  # another model: linted and checked again
 
 
 @pytest.mark.parametrize("arch", ["llama-tied", "gemma3", "gpt2"])
@@ -136,6 +138,20 @@ def test_smoothing_key_follows_what_the_alpha_search_read(tiny_checkpoints, writ
     assert smooth_key("per_group", o1) != smooth_key("per_group", [])
     assert smooth_key("per_group", mse) == smooth_key("per_group", [])  # the search reads no ranges
     assert smooth_key("global", mse) != smooth_key("global", [])
+
+
+def test_model_digest_covers_external_data(tmp_path):
+    """With external data the weights live outside the graph file: a model whose weights alone
+    changed must not hit the check or parity entries of the old one."""
+    from converter.cache import model_sha256
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"graph")
+    alone = model_sha256(model)
+    (tmp_path / "model.onnx.data").write_bytes(b"weights v1")
+    first = model_sha256(model)
+    (tmp_path / "model.onnx.data").write_bytes(b"weights v2")
+    assert len({alone, first, model_sha256(model)}) == 3
 
 
 def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
