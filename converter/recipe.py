@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,18 @@ from converter.errors import UserError
 
 SCHEMA_VERSION = 1
 SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out", "head_in")
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads a bare on/off/yes/no as a boolean, so
+    `search: off` arrived as false; a boolean field still accepts those words (pydantic coerces them)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -84,12 +97,6 @@ class Smoothing(_Section):
         default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)], min_length=1
     )
     search_samples: int = Field(default=4, ge=1, description="Calibration windows used by the search.")
-
-    @field_validator("search", mode="before")
-    @classmethod
-    def _yaml_off(cls, value):
-        # YAML 1.1 reads a bare `off` as false: `search: off` and `--set smoothing.search=off` mean "off"
-        return "off" if value is False else value
 
     @field_validator("alpha_grid")
     @classmethod
@@ -384,7 +391,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = yaml.load(text, Loader=_YamlLoader) if text.strip() else None
     return out
 
 
@@ -414,7 +421,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     if not source.is_file():
         raise UserError(f"recipe {source} does not exist")
     try:
-        raw = yaml.safe_load(source.read_text())
+        raw = yaml.load(source.read_text(), Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {source}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
