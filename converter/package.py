@@ -22,6 +22,7 @@ MANIFEST = "manifest.json"
 REJECTED = "_rejected"  # reports of runs that failed parity: readable, never picked up as versions
 _LIBRARIES = ("torch", "transformers", "onnx", "onnx-ir", "onnxruntime", "polygraphy", "safetensors", "pydantic", "numpy")
 _LIBRARIES += ("tritonclient", "protobuf")  # they write and check the Triton configs
+_LIBRARIES += ("tensorrt-rtx-cu12-bindings",)  # TensorRT's parser and builder in the check stage
 
 
 def tool_versions() -> dict[str, str]:

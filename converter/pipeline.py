@@ -161,10 +161,11 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     del loaded.model
     gc.collect()
     level = r.quantization.activations.level
+    model_sha256 = cache.model_sha256(qdq.path)  # keys the check and every target's parity
     with stages.run("check") as record:  # whatever the targets; after the model is freed (the builder needs memory)
         if level == "O3":
             strict = any(TARGETS[t].backend == "tensorrt" for t in r.targets)
-            key = cache.check_key(r.engine.model_dump(mode="json"), strict, cache.model_sha256(qdq.path))
+            key = cache.check_key(r.engine.model_dump(mode="json"), strict, model_sha256)
             checks = cache.load_checks(store, key)
             record.ran, record.cache = checks is None, _cache_state(store, checks is not None)
             if checks is None:
@@ -174,7 +175,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             record.ran = False
             checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
     eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
-    targets = {name: _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run)
+    targets = {name: _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path,
+                             eval_windows, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
     inputs, outputs = kvcache.graph_io_names(qdq.path)
@@ -296,7 +298,8 @@ def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
     return plan, front
 
 
-def _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_windows, work, dry_run) -> dict:
+def _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path, eval_windows, work,
+            dry_run) -> dict:
     """Build one target and measure its parity (served from the cache when nothing changed)."""
     target = TARGETS[name]
     r = recipe.recipe
@@ -308,7 +311,7 @@ def _target(recipe, name, stages, store, loaded, qdq, plan, fp32_path, eval_wind
     if target.gpu and dry_run:
         return {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
     with stages.run("parity") as record:
-        key = cache.parity_key(recipe, name, build.to_dict(), cache.model_sha256(qdq.path),
+        key = cache.parity_key(recipe, name, build.to_dict(), model_sha256,
                                loaded.checkpoint_sha256, eval_windows.sha256)
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
