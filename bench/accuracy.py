@@ -92,9 +92,7 @@ def rounding_spread(path: Path, texts: dict[str, np.ndarray], reference: dict[st
               if name.endswith(".input_scale")}
     if not scales:
         return None
-    for value in model.graph.initializers.values():  # write copies with every tensor inline
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    ir.external_data.load_to_model(model)  # write copies with every tensor inline
     ratios: dict[str, list[float]] = {t: [] for t in texts}
     out = work / "jittered.onnx"
     for j in range(1, realizations + 1):

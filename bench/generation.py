@@ -55,6 +55,7 @@ def without_activation_qdq(src: Path, dst: Path) -> Path:
     """`src` with every activation QuantizeLinear -> DequantizeLinear pair removed (the MatMul reads
     the float activation again); the weights' DequantizeLinear nodes stay. Written to `dst`."""
     import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     model = ir.load(src)
     pairs = [(node.inputs[0].producer(), node) for node in model.graph
@@ -62,11 +63,9 @@ def without_activation_qdq(src: Path, dst: Path) -> Path:
              and node.inputs[0].producer().op_type == "QuantizeLinear"]
     for quant, dequant in pairs:
         dequant.outputs[0].replace_all_uses_with(quant.inputs[0])
-        model.graph.remove([dequant, quant], safe=True)
+    RemoveUnusedNodesPass()(model)  # the pairs, then their scale and zero-point initializers
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for value in model.graph.initializers.values():  # bring external tensors in: ir.save writes them afresh
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    ir.external_data.load_to_model(model)  # bring external tensors in: ir.save writes them afresh
     ir.save(model, dst, external_data=f"{dst.name}.data")
     print(f"removed {len(pairs)} activation Q/DQ pairs", file=sys.stderr)
     return dst

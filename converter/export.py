@@ -355,11 +355,9 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     _rsqrt_as_div(graph)
     _strip_export_metadata(onnx_model)
     external = _needs_external_data(model, cfg)
-    for value in graph.initializers.values():
-        # Tensors still pointing into the FP32 work file's external data: ir.save would keep the
-        # reference (into a file that is deleted) instead of writing the bytes, so load them.
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    # Tensors still pointing into the FP32 work file's external data: ir.save would keep the
+    # reference (into a file that is deleted) instead of writing the bytes, so load them.
+    ir.external_data.load_to_model(onnx_model)
     ir.save(onnx_model, out_path, external_data=f"{out_path.name}.data" if external else None)
     size = out_path.stat().st_size + (out_path.with_name(f"{out_path.name}.data").stat().st_size if external else 0)
     note(f"  QDQ inserted on {len(found)} MatMuls -> {out_path.name} ({size / 1e6:.1f} MB)")
