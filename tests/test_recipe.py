@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_recipe_dict
 
 from converter.errors import UserError
 from converter.recipe import apply_overrides, load_recipe
@@ -83,8 +84,6 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path, write_recipe):
 
 
 def test_bare_off_means_off_though_yaml_reads_it_as_false(write_recipe):
-    from conftest import tiny_recipe_dict
-
     data = tiny_recipe_dict(Path("model"))
     path = write_recipe(data)
     assert load_recipe(path, ["smoothing.search=off"]).recipe.smoothing.search == "off"
@@ -97,8 +96,6 @@ def test_bare_off_means_off_though_yaml_reads_it_as_false(write_recipe):
 
 
 def test_an_integer_version_is_the_same_version_as_its_string(write_recipe):
-    from conftest import tiny_recipe_dict
-
     path = write_recipe(tiny_recipe_dict(Path("model")))
     assert load_recipe(path, ["output.version=12"]).recipe.output.version == "12"
     assert load_recipe(path, ["output.version='12'"]).recipe.output.version == "12"
