@@ -185,30 +185,34 @@ def _cmd_generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="convert.py generate", description="Greedy-generate from an artifact's INT8 "
                                 "model with ONNX Runtime, streaming text to stdout.")
     p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user message in the tokenizer's chat template (instruct models); "
+                   "prints only the reply")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default 32 (stops early at EOS)")
-    p.add_argument("--json", action="store_true", help="print one JSON record (tokens, text, tokens/s) instead")
+    p.add_argument("--json", action="store_true", help="print one JSON record (tokens, text, timings) instead")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
     _read_manifest(args.artifact)
     from converter.generation import generate_record
 
-    def echo(piece: str) -> None:
+    lead = ["" if args.chat else args.prompt]  # a continuation follows the prompt's text; a reply stands alone
+
+    def echo(piece: str) -> None:  # the prompt goes out with the first token, once the artifact has loaded
         if not args.json:
-            sys.stdout.write(piece)
+            sys.stdout.write((lead.pop() if lead else "") + piece)
             sys.stdout.flush()
 
-    if not args.json:
-        sys.stdout.write(args.prompt)
-    record = generate_record(args.artifact, args.prompt, args.max_new_tokens, echo)
+    record = generate_record(args.artifact, args.prompt, args.max_new_tokens, echo, chat=args.chat)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         sys.stdout.write("\n")
-        rate = f"{record['tokens_per_s']:.1f} tokens/s" if record["tokens_per_s"] else "n/a"
-        print(f"{record['new_tokens']} tokens, first after {record['first_token_s']:.3f} s, then {rate}",
-              file=sys.stderr)
+        n = record["new_tokens"]
+        rate = f", then {record['tokens_per_s']:.1f} tokens/s" if record["tokens_per_s"] else ""
+        print(f"{n} token{'s' if n != 1 else ''} (prompt {len(record['prompt_tokens'])}); model loaded in "
+              f"{record['load_s']:.2f} s, first token after {record['first_token_s']:.3f} s{rate}", file=sys.stderr)
     return EXIT_OK
 
 

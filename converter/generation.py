@@ -123,11 +123,20 @@ def generation_parity(reference_model: torch.nn.Module, candidate_step: Step, la
     return compare_tokens(reference, candidate, len(prompts[0]) if prompts else 0)
 
 
-def stream(artifact: Path, prompt: str, max_new_tokens: int, threads: int = 0) -> Iterator[tuple[int, str]]:
-    """Yield (token id, newly decoded text) from an artifact's model.onnx, greedy, until EOS or N tokens.
+@dataclass
+class OpenArtifact:
+    """An artifact's tokenizer and INT8 graph, ready to generate from."""
+
+    tokenizer: object
+    step: Step
+    layout: KvLayout | None
+
+
+def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
+    """Load an artifact's tokenizer and start an ONNX Runtime session on its model.onnx.
 
     Raises:
-        UserError: the folder is not an artifact, or has no model.onnx / tokenizer.
+        UserError: the folder has no model.onnx or no tokenizer files.
     """
     from transformers import AutoTokenizer
 
@@ -141,14 +150,34 @@ def stream(artifact: Path, prompt: str, max_new_tokens: int, threads: int = 0) -
     if not (artifact / "tokenizer.json").is_file() and not (artifact / "tokenizer_config.json").is_file():
         raise UserError(f"{artifact}: no tokenizer files (tokenizer.json) beside model.onnx")
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
+    return OpenArtifact(tokenizer, session_step(onnxruntime_session(model_path, threads=threads)),
+                        graph_kv_layout(model_path))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The prompt's token ids: as text to continue, or (`chat`) as one user message in the chat template.
+
+    Raises:
+        UserError: the prompt is empty after tokenization, or `chat` with a tokenizer that has no template.
+    """
+    from converter.errors import UserError
+
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat: the artifact's tokenizer has no chat template (drop --chat to continue raw text)")
+        return chat_prompt(tokenizer, prompt)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
         raise UserError("--prompt is empty after tokenization")
-    layout = graph_kv_layout(model_path)
-    step = session_step(onnxruntime_session(model_path, threads=threads))
+    return ids
+
+
+def stream(opened: OpenArtifact, prompt: list[int], max_new_tokens: int) -> Iterator[tuple[int, str]]:
+    """Yield (token id, newly decoded text), greedy, until EOS or `max_new_tokens`."""
+    tokenizer = opened.tokenizer
     generated: list[int] = []
     text = ""
-    for token in greedy_graph(step, layout, prompt_ids, max_new_tokens, tokenizer.eos_token_id):
+    for token in greedy_graph(opened.step, opened.layout, prompt, max_new_tokens, tokenizer.eos_token_id):
         generated.append(token)
         # decode the whole continuation: byte-level BPE pieces only form characters together
         full = tokenizer.decode(generated, skip_special_tokens=True)
@@ -156,20 +185,29 @@ def stream(artifact: Path, prompt: str, max_new_tokens: int, threads: int = 0) -
         text = full
 
 
-def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo) -> dict:
-    """Run `stream`, handing each text piece to `echo`; returns the JSON record of the run."""
+def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo, chat: bool = False) -> dict:
+    """Open `artifact` and run `stream`, handing each text piece to `echo`; returns the JSON record.
+
+    Times are split: `load_s` (tokenizer and ONNX Runtime session), `first_token_s` (the prefill that
+    yields the first new token), then `tokens_per_s` over the decode steps after it.
+    """
+    start = time.perf_counter()
+    opened = open_artifact(artifact)
+    ids = prompt_ids(opened.tokenizer, prompt, chat)
+    load_s = time.perf_counter() - start
     start = time.perf_counter()
     first = None
     tokens, pieces = [], []
-    for token, piece in stream(artifact, prompt, max_new_tokens):
+    for token, piece in stream(opened, ids, max_new_tokens):
         first = first if first is not None else time.perf_counter() - start
         tokens.append(token)
         pieces.append(piece)
         echo(piece)
     total = time.perf_counter() - start
     decode_s = total - (first or 0.0)
-    return {"artifact": str(artifact), "prompt": prompt, "tokens": tokens, "text": "".join(pieces),
-            "new_tokens": len(tokens), "seconds": round(total, 4), "first_token_s": round(first or 0.0, 4),
+    return {"artifact": str(artifact), "prompt": prompt, "chat": chat, "prompt_tokens": ids, "tokens": tokens,
+            "text": "".join(pieces), "new_tokens": len(tokens), "load_s": round(load_s, 4),
+            "first_token_s": round(first or 0.0, 4), "seconds": round(total, 4),
             "tokens_per_s": round((len(tokens) - 1) / decode_s, 2) if len(tokens) > 1 and decode_s > 0 else None}
 
 

@@ -99,6 +99,33 @@ def test_generate_streams_the_artifacts_greedy_tokens(kv_artifact):
     assert code == 0 and stdout == "Licensed under the" + record["text"] + "\n"
 
 
+def test_generate_chat_answers_the_prompt_as_a_user_message(kv_artifact, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    artifact = tmp_path / "chat"
+    shutil.copytree(kv_artifact[0], artifact)
+    config = json.loads((artifact / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}Q: {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} A:{% endif %}")
+    (artifact / "tokenizer_config.json").write_text(json.dumps(config))
+    code, stdout, stderr = run_cli("generate", artifact, "--prompt", "the License", "--chat", "--max-new-tokens", 6,
+                                   "--json")
+    assert code == 0, stderr
+    record = json.loads(stdout)
+    tok = AutoTokenizer.from_pretrained(str(artifact))
+    expected_prompt = tok("Q: the License A:", add_special_tokens=False)["input_ids"]
+    assert record["chat"] is True and record["prompt_tokens"] == expected_prompt
+    step = session_step(onnxruntime_session(artifact / "model.onnx"))
+    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    assert record["tokens"] == list(greedy_graph(step, layout, expected_prompt, 6, tok.eos_token_id))
+    code, stdout, _ = run_cli("generate", artifact, "--prompt", "the License", "--chat", "--max-new-tokens", 6)
+    assert code == 0 and stdout == record["text"] + "\n"  # the reply alone: the template is not echoed
+    code, stdout, stderr = run_cli("generate", kv_artifact[0], "--prompt", "the License", "--chat")
+    assert code == 1 and stdout == "" and "no chat template" in stderr and len(stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv", [["--prompt", "x"], ["--prompt", "x", "--max-new-tokens", "0"]])
 def test_generate_bad_input_is_one_line_exit_1(tmp_path, kv_artifact, argv):
     target = tmp_path if argv[-1] == "x" else kv_artifact[0]

@@ -90,3 +90,13 @@ def test_generate_streams_text_from_the_artifact(smollm2_artifact):
     record = json.loads(proc.stdout)
     assert 1 <= record["new_tokens"] <= 16 and record["text"].strip()
     assert len(set(record["tokens"])) > 3  # real text, not one token repeated
+    proc = subprocess.run([sys.executable, "convert.py", "generate", result["artifact"], "--chat", "--prompt",
+                           "What is a pneumothorax?", "--max-new-tokens", "16", "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chat = json.loads(proc.stdout)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(result["artifact"])
+    assert chat["prompt_tokens"][0] == tok.convert_tokens_to_ids("<|im_start|>")  # SmolLM2's ChatML template
+    assert "What is a pneumothorax?" in tok.decode(chat["prompt_tokens"]) and chat["text"].strip()
