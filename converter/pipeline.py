@@ -341,13 +341,14 @@ def _parity(recipe: LoadedRecipe, loaded, windows, candidate, fp32_path: Path) -
     checkpoint = loaded.path
     io = checkpoint_io(checkpoint, spec_from_recipe(r.architecture))
     layout = kvcache.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
-    reference = TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io, layout=layout)
+    original = load_reference(checkpoint, r.source)  # once: metrics, the comparator and generation share it
+    reference = TorchRunner(original, name="fp32-pytorch", io=io, layout=layout)
     if io.kind == "encoder":  # pooled-embedding cosine (or logits agreement of a classifier)
         metrics = evaluate_encoder(reference, candidate, windows, r.parity.eval.batch_size, io)
     else:
         metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size, layout)
     checks = comparator_checks(
-        TorchRunner(lambda: load_reference(checkpoint, r.source), name="fp32-pytorch", io=io, layout=layout),
+        reference,
         onnxruntime_runner(fp32_path, name="fp32-onnxruntime"),
         candidate,
         windows,
@@ -360,8 +361,9 @@ def _parity(recipe: LoadedRecipe, loaded, windows, candidate, fp32_path: Path) -
         cfg = r.parity.generation
         prompts = generation_prompts(windows, cfg, loaded.tokenizer, recipe.base_dir)
         with candidate:
-            generation = generation_parity(load_reference(checkpoint, r.source), candidate.infer, layout, prompts,
-                                           cfg.max_new_tokens).to_dict()
+            generation = generation_parity(original, candidate.infer, layout, prompts, cfg.max_new_tokens).to_dict()
+    del original, reference
+    gc.collect()
     thresholds = r.parity.thresholds
     return ParityReport(metrics=metrics, comparator=checks, thresholds=thresholds.model_dump(),
                         failures=check_thresholds(metrics, checks, thresholds, generation), generation=generation)
