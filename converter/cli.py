@@ -143,16 +143,11 @@ def _cmd_convert(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def _read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{folder} is not an artifact (no manifest.json)")
-    return json.loads(path.read_text())
-
-
 def _cmd_inspect(argv: list[str]) -> int:
     args = _artifact_parser("inspect", "Show what an artifact holds and its metrics.").parse_args(argv)
-    manifest = _read_manifest(args.artifact)
+    from converter.package import read_manifest
+
+    manifest = read_manifest(args.artifact)
     if args.json:
         print(json.dumps({**_summary(manifest, args.artifact, "ok"), "files": manifest["files"]}, indent=2))
         return EXIT_OK
@@ -167,12 +162,12 @@ def _cmd_inspect(argv: list[str]) -> int:
 
 def _cmd_verify(argv: list[str]) -> int:
     args = _artifact_parser("verify", "Re-hash an artifact's files against its manifest.").parse_args(argv)
-    from converter.package import verify
+    from converter.package import read_manifest, verify
     from converter.triton import verify_artifact_repository
 
     problems = verify(args.artifact)
     if not problems:  # files are intact: also re-parse the Triton configs strictly against the graph
-        problems = verify_artifact_repository(args.artifact, _read_manifest(args.artifact))
+        problems = verify_artifact_repository(args.artifact, read_manifest(args.artifact))
     if args.json:
         print(json.dumps({"artifact": str(args.artifact), "ok": not problems, "problems": problems}, indent=2))
     if problems:
@@ -194,8 +189,12 @@ def _cmd_generate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
-    _read_manifest(args.artifact)
     from converter.generation import generate_record
+    from converter.package import read_manifest
+
+    kind = read_manifest(args.artifact).get("model", {}).get("kind")
+    if kind != "decoder":
+        raise UserError(f"{args.artifact} holds an {kind or 'unknown'} model: generate needs a decoder (a causal LM)")
 
     lead = ["" if args.chat else args.prompt]  # a continuation follows the prompt's text; a reply stands alone
 

@@ -100,12 +100,32 @@ def reject(staging: Path, final_dir: Path, keep: tuple[str, ...]) -> Path:
     return target
 
 
-def verify(folder: Path) -> list[str]:
-    """Re-hash an artifact; returns one line per missing, extra or changed file."""
+def read_manifest(folder: Path) -> dict:
+    """An artifact's manifest.
+
+    Raises:
+        UserError: no manifest, or one that is not a JSON object with a `files` table (damaged or
+            not ours).
+    """
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{folder} is not an artifact (no {MANIFEST})")
-    recorded = json.loads(manifest_path.read_text())["files"]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{manifest_path} is not valid JSON ({e}): the artifact is damaged") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise UserError(f"{manifest_path} has no 'files' table: not an artifact manifest")
+    return manifest
+
+
+def verify(folder: Path) -> list[str]:
+    """Re-hash an artifact; returns one line per missing, extra or changed file.
+
+    Raises:
+        UserError: see `read_manifest`.
+    """
+    recorded = read_manifest(folder)["files"]
     actual = file_hashes(folder)
     problems = [f"missing: {n}" for n in recorded if n not in actual]
     problems += [f"unexpected: {n}" for n in actual if n not in recorded]

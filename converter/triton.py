@@ -367,16 +367,14 @@ def assemble(artifacts: list[Path], repo: Path, version: int | None = None) -> d
         UserError: not an artifact, files that do not match the manifest, conflicting artifacts.
         TritonConfigError: a config that fails strict parsing or the I/O check.
     """
-    import json
-
-    from converter.package import MANIFEST, verify
+    from converter.package import read_manifest, verify
 
     groups, skipped = [], {}
     for folder in artifacts:
         problems = verify(folder)
         if problems:
             raise UserError(f"{folder}: {len(problems)} file(s) do not match the manifest: {'; '.join(problems[:5])}")
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = read_manifest(folder)
         specs, why = artifact_models(folder, manifest, version)
         groups.append(specs)
         skipped.update({f"{folder}:{target}": reason for target, reason in why.items()})

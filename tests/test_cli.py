@@ -102,6 +102,31 @@ def test_verify_detects_a_flipped_byte(converted, tmp_path):
     assert code == 1 and "changed: model.onnx" in stderr
 
 
+@pytest.mark.parametrize("command", ["inspect", "verify", "generate", "triton"])
+@pytest.mark.parametrize("manifest", ["{not json", "[1, 2]"])
+def test_a_damaged_manifest_is_one_line_exit_1(converted, tmp_path, command, manifest):
+    _, out, _, _ = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out / NAME / VERSION, copy)
+    (copy / "manifest.json").write_text(manifest)
+    extra = {"generate": ["--prompt", "x"], "triton": ["--repo", tmp_path / "repo"]}.get(command, [])
+    code, stdout, stderr = run_cli(command, copy, *extra)
+    why = "is not valid JSON" if manifest.startswith("{") else "has no 'files' table"
+    assert code == 1 and stdout == "" and why in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_generate_refuses_an_encoder_artifact(converted, tmp_path):
+    _, out, _, _ = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out / NAME / VERSION, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == "decoder"
+    manifest["model"]["kind"] = "encoder"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, stderr = run_cli("generate", copy, "--prompt", "x")
+    assert code == 1 and stdout == "" and "generate needs a decoder" in stderr, stderr
+
+
 def test_existing_version_is_not_overwritten_without_force(converted):
     recipe, out, _, _ = converted
     model = out / NAME / VERSION / "model.onnx"
