@@ -3,7 +3,8 @@
     calibrate  <- checkpoint sha256, calibration windows sha256, quantization.exclude, tool versions
     smooth     <- calibrate key + smoothing section  (smoothed weights, report, re-calibrated maxima)
     export     <- smooth key + quantization + export sections  (FP32 and QDQ ONNX, static scales)
-    parity     <- QDQ model sha256, target and its build report, evaluation windows, checkpoint, samples
+    parity     <- QDQ model sha256, target and its build report, evaluation windows, generation prompts,
+                  checkpoint, samples
 
 So a recipe that differs only in targets or parity thresholds reuses everything up to the model
 file, and re-checks the cached parity measurements against its own thresholds. Entries are written
@@ -73,20 +74,20 @@ def check_key(engine: dict, strict: bool, model_sha256: str) -> str:
     return digest("check", CACHE_FORMAT, tool_versions(), engine, strict, model_sha256)
 
 
-def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_sha256: str, eval_sha256: str) -> str:
+def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_sha256: str, eval_sha256: str,
+               prompts: list[list[int]]) -> str:
     """Key of a target's parity measurements: thresholds are not in it, they are re-applied.
 
     Args:
         build: the target's build report; any change in what was built (kernels, an engine) misses.
+        prompts: the generation prompts' token ids (a changed prompts file, template or tokenizer misses).
     """
     from converter.package import tool_versions
 
     r = recipe.recipe
-    prompts = r.parity.generation.prompts_file
-    prompts_path = recipe.path(prompts) if prompts else None
-    prompts_sha = hashlib.sha256(prompts_path.read_bytes()).hexdigest() if prompts_path and prompts_path.is_file() else None
-    return digest("parity", CACHE_FORMAT, prompts_sha, tool_versions(), target, build, model_sha256, checkpoint_sha256, eval_sha256,
-                  r.parity.eval.batch_size, r.parity.polygraphy.samples, r.parity.generation.model_dump(mode="json"))
+    return digest("parity", CACHE_FORMAT, prompts, tool_versions(), target, build, model_sha256, checkpoint_sha256,
+                  eval_sha256, r.parity.eval.batch_size, r.parity.polygraphy.samples,
+                  r.parity.generation.model_dump(mode="json"))
 
 
 class StageCache:

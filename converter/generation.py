@@ -130,6 +130,7 @@ class OpenArtifact:
     tokenizer: object
     step: Step
     layout: KvLayout | None
+    config: object  # the checkpoint's transformers config (context length), None without config.json
 
 
 def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
@@ -138,7 +139,7 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
     Raises:
         UserError: the folder has no model.onnx or no tokenizer files.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from converter.errors import UserError
     from converter.kvcache import graph_kv_layout
@@ -150,8 +151,9 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
     if not (artifact / "tokenizer.json").is_file() and not (artifact / "tokenizer_config.json").is_file():
         raise UserError(f"{artifact}: no tokenizer files (tokenizer.json) beside model.onnx")
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    config = AutoConfig.from_pretrained(str(artifact)) if (artifact / "config.json").is_file() else None
     return OpenArtifact(tokenizer, session_step(onnxruntime_session(model_path, threads=threads)),
-                        graph_kv_layout(model_path))
+                        graph_kv_layout(model_path), config)
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -194,6 +196,10 @@ def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo, chat
     start = time.perf_counter()
     opened = open_artifact(artifact)
     ids = prompt_ids(opened.tokenizer, prompt, chat)
+    if opened.config is not None:
+        from converter.load import check_context
+
+        check_context(opened.config, {"--prompt plus --max-new-tokens": len(ids) + max_new_tokens})
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     first = None

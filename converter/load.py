@@ -138,3 +138,28 @@ def load_reference(folder: Path, src: Source) -> torch.nn.Module:
         use_safetensors=None if src.allow_pickle else True,
     )
     return model.eval()
+
+
+def context_length(config) -> int | None:
+    """Positions the checkpoint can run: its config's `max_position_embeddings` (GPT-2's `n_positions`
+    maps to it); None when the config sets no limit (ALiBi: BLOOM)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context(config, lengths: dict[str, int]) -> None:
+    """Refuse a run that would feed the model more positions than it has.
+
+    Args:
+        lengths: what the run feeds (as the user would name it) -> its length in tokens.
+
+    Raises:
+        UserError: the first length over the checkpoint's context (learned position embeddings
+            would index past their table; a rotary model runs untrained positions).
+    """
+    limit = context_length(config)
+    for what, n in lengths.items():
+        if limit is not None and n > limit:
+            raise UserError(f"{what} is {n} tokens, more than the checkpoint's context of {limit} positions "
+                            f"(max_position_embeddings in config.json)")
+

@@ -32,7 +32,7 @@ from converter.encoder import checkpoint_io, evaluate_encoder
 from converter.errors import ParityFailure, UserError
 from converter.export import export_fp32, insert_qdq
 from converter.generation import generation_parity, generation_prompts
-from converter.load import TOKENIZER_FILES, load, load_reference
+from converter.load import TOKENIZER_FILES, check_context, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
 from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
@@ -150,6 +150,14 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
         if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
             calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
+        eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
+        prompts = (generation_prompts(eval_windows, r.parity.generation, loaded.tokenizer, recipe.base_dir)
+                   if r.parity.generation.enabled and io.kind == "decoder" else [])
+        lengths = {"calibration.seq_len": r.calibration.seq_len, "parity.eval.seq_len": r.parity.eval.seq_len}
+        if prompts:
+            lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
+                max(map(len, prompts)) + r.parity.generation.max_new_tokens)
+        check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
         keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
@@ -174,9 +182,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         else:  # the recipe only allows the CPU target with dynamic activations
             record.ran = False
             checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
-    eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
     targets = {name: _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path,
-                             eval_windows, work, dry_run)
+                             eval_windows, prompts, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
     inputs, outputs = kvcache.graph_io_names(qdq.path)
@@ -298,8 +305,8 @@ def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
     return plan, front
 
 
-def _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path, eval_windows, work,
-            dry_run) -> dict:
+def _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path, eval_windows, prompts,
+            work, dry_run) -> dict:
     """Build one target and measure its parity (served from the cache when nothing changed)."""
     target = TARGETS[name]
     r = recipe.recipe
@@ -312,11 +319,11 @@ def _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_p
         return {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
     with stages.run("parity") as record:
         key = cache.parity_key(recipe, name, build.to_dict(), model_sha256,
-                               loaded.checkpoint_sha256, eval_windows.sha256)
+                               loaded.checkpoint_sha256, eval_windows.sha256, prompts)
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
         if report is None:
-            report = _parity(recipe, loaded, eval_windows, target.runner(qdq.path, build), fp32_path)
+            report = _parity(recipe, loaded, eval_windows, prompts, target.runner(qdq.path, build), fp32_path)
             cache.save_parity(store, key, report)
     return {"build": build.to_dict(), "parity": report.to_dict()}
 
@@ -336,7 +343,8 @@ def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets:
     write_report(staging, f"{r.output.name} {version}", front["layers"], front["channels"])
 
 
-def _parity(recipe: LoadedRecipe, loaded, windows, candidate, fp32_path: Path) -> ParityReport:
+def _parity(recipe: LoadedRecipe, loaded, windows, prompts: list[list[int]], candidate,
+            fp32_path: Path) -> ParityReport:
     r = recipe.recipe
     checkpoint = loaded.path
     io = checkpoint_io(checkpoint, spec_from_recipe(r.architecture))
@@ -357,11 +365,10 @@ def _parity(recipe: LoadedRecipe, loaded, windows, candidate, fp32_path: Path) -
         layout,
     )
     generation = None
-    if r.parity.generation.enabled and io.kind == "decoder":
-        cfg = r.parity.generation
-        prompts = generation_prompts(windows, cfg, loaded.tokenizer, recipe.base_dir)
+    if prompts:  # decoders with generation parity enabled
         with candidate:
-            generation = generation_parity(original, candidate.infer, layout, prompts, cfg.max_new_tokens).to_dict()
+            generation = generation_parity(original, candidate.infer, layout, prompts,
+                                           r.parity.generation.max_new_tokens).to_dict()
     del original, reference
     gc.collect()
     thresholds = r.parity.thresholds

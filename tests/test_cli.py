@@ -171,12 +171,20 @@ def _pickle_only(tmp_path, source):
     return folder
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml"])
+@pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml", "seq_len_over_context",
+                                  "generation_over_context"])
 def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
-                "pickle_only": "only pickle weights", "bad_yaml": "invalid YAML"}[case]
-    if case == "unknown_key":
+                "pickle_only": "only pickle weights", "bad_yaml": "invalid YAML",
+                # the tiny models have 512 positions: an index error deep in calibration or generation otherwise
+                "seq_len_over_context": "parity.eval.seq_len is 520 tokens, more than the checkpoint's context of 512",
+                "generation_over_context": "generation prompt plus parity.generation.max_new_tokens is 513 tokens"}[case]
+    if case == "seq_len_over_context":
+        data["parity"]["eval"]["seq_len"] = 520
+    elif case == "generation_over_context":
+        data["parity"]["generation"] = {"prompt_tokens": 13, "max_new_tokens": 500}
+    elif case == "unknown_key":
         data["calibration"]["num_sample"] = 3
     elif case == "missing_checkpoint":
         data["source"]["path"] = str(tmp_path / "no-such-folder")

@@ -126,11 +126,17 @@ def test_generate_chat_answers_the_prompt_as_a_user_message(kv_artifact, tmp_pat
     assert code == 1 and stdout == "" and "no chat template" in stderr and len(stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv", [["--prompt", "x"], ["--prompt", "x", "--max-new-tokens", "0"]])
-def test_generate_bad_input_is_one_line_exit_1(tmp_path, kv_artifact, argv):
-    target = tmp_path if argv[-1] == "x" else kv_artifact[0]
+@pytest.mark.parametrize("argv, why", [
+    (["--prompt", "x"], "is not an artifact"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "expected a positive integer"),
+    # the tiny model has 512 positions: "x" is 1 token
+    (["--prompt", "x", "--max-new-tokens", "512"], "--prompt plus --max-new-tokens is 513 tokens, more than the "
+                                                   "checkpoint's context of 512 positions"),
+])
+def test_generate_bad_input_is_one_line_exit_1(tmp_path, kv_artifact, argv, why):
+    target = tmp_path if why == "is not an artifact" else kv_artifact[0]
     code, stdout, stderr = run_cli("generate", target, *argv)
-    assert code == 1 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
+    assert code == 1 and stdout == "" and why in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
 def test_decode_calibration_records_the_models_own_greedy_steps():
