@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import UserError
+from converter.errors import UserError, read_user_text
 from converter.recipe import LoadedRecipe, TextData
 
 
@@ -47,13 +47,11 @@ def read_corpus(files: list[Path], jsonl_field: str) -> str:
     """Concatenate text files; `.jsonl` files contribute `jsonl_field` of each line's object.
 
     Raises:
-        UserError: a missing file, a JSONL line that is not an object with the field.
+        UserError: a missing or non-UTF-8 file, a JSONL line that is not an object with the field.
     """
     parts = []
     for path in files:
-        if not path.is_file():
-            raise UserError(f"data file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, "data file")
         if path.suffix != ".jsonl":
             parts.append(text)
             continue

@@ -5,6 +5,11 @@ prints it on one line and exits 1. `ParityFailure` means the artifact was built 
 enough to the original: exit 2. Anything else is a bug: traceback and exit 3.
 """
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input from the user: recipe, paths, checkpoint contents, command-line arguments."""
@@ -28,3 +33,30 @@ class ParityFailure(Exception):
         super().__init__(
             f"parity failed ({'; '.join(failures)}); nothing published, report in {report_dir}"
         )
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A UTF-8 text file the user named.
+
+    Args:
+        what: how the user named it ("recipe", "data file", ...), the start of any error.
+
+    Raises:
+        UserError: the path is missing or a folder, or the bytes are not UTF-8.
+    """
+    if not path.is_file():
+        raise UserError(f"{what} {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Fail before any work when `folder` could not be created or written (its nearest existing
+    ancestor is a file, or is not writable)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {existing} is not writable")

@@ -232,14 +232,12 @@ def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int
         UserError: the prompts file is missing or has no non-empty line, or a chat template is asked
             for and the tokenizer has none.
     """
-    from converter.errors import UserError
+    from converter.errors import UserError, read_user_text
 
     if cfg.prompts_file is None:
         return [[int(t) for t in row[: cfg.prompt_tokens]] for row in windows.input_ids[: cfg.prompts]]
     path = Path(cfg.prompts_file) if Path(cfg.prompts_file).is_absolute() else base_dir / cfg.prompts_file
-    if not path.is_file():
-        raise UserError(f"parity.generation.prompts_file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in read_user_text(path, "parity.generation.prompts_file").splitlines() if line.strip()]
     if cfg.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("parity.generation.chat_template: the checkpoint's tokenizer has no chat template")

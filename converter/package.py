@@ -15,7 +15,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from converter.errors import UserError
+from converter.errors import UserError, check_writable_folder
 from converter.load import sha256_file
 
 MANIFEST = "manifest.json"
@@ -42,7 +42,9 @@ def artifact_dir(output_dir: Path, name: str, version: str) -> Path:
 
 
 def check_publishable(final_dir: Path, force: bool) -> None:
-    """Fail early, before any work, if publishing would overwrite a version without `force`."""
+    """Fail early, before any work, if publishing would overwrite a version without `force` or could
+    not write the folder at all."""
+    check_writable_folder(final_dir, "artifact folder")
     if final_dir.exists() and not force:
         raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from converter.engine_options import EngineOptions
-from converter.errors import UserError
+from converter.errors import UserError, read_user_text
 
 SCHEMA_VERSION = 1
 SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out", "head_in")
@@ -418,10 +418,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
         UserError: missing file, YAML syntax error, or any schema violation (all listed in one line).
     """
     source = Path(path)
-    if not source.is_file():
-        raise UserError(f"recipe {source} does not exist")
+    text = read_user_text(source, "recipe")
     try:
-        raw = yaml.load(source.read_text(), Loader=_YamlLoader)
+        raw = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {source}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converter.errors import UserError
+from converter.errors import UserError, check_writable_folder
 
 CONFIG = "config.pbtxt"
 REPOSITORY = "triton"  # folder inside an artifact
@@ -369,6 +369,7 @@ def assemble(artifacts: list[Path], repo: Path, version: int | None = None) -> d
     """
     from converter.package import read_manifest, verify
 
+    check_writable_folder(repo, "--repo")
     groups, skipped = [], {}
     for folder in artifacts:
         problems = verify(folder)

@@ -172,15 +172,23 @@ def _pickle_only(tmp_path, source):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml", "seq_len_over_context",
-                                  "generation_over_context"])
+                                  "generation_over_context", "non_utf8_data", "output_dir_is_a_file"])
 def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
                 "pickle_only": "only pickle weights", "bad_yaml": "invalid YAML",
                 # the tiny models have 512 positions: an index error deep in calibration or generation otherwise
                 "seq_len_over_context": "parity.eval.seq_len is 520 tokens, more than the checkpoint's context of 512",
-                "generation_over_context": "generation prompt plus parity.generation.max_new_tokens is 513 tokens"}[case]
-    if case == "seq_len_over_context":
+                "generation_over_context": "generation prompt plus parity.generation.max_new_tokens is 513 tokens",
+                "non_utf8_data": "is not UTF-8 text (invalid continuation byte at byte 3)",
+                "output_dir_is_a_file": "artifacts is a file, not a folder"}[case]
+    out = tmp_path / "artifacts"
+    if case == "non_utf8_data":
+        (tmp_path / "latin-1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+        data["calibration"]["files"] = [str(tmp_path / "latin-1.txt")]
+    elif case == "output_dir_is_a_file":
+        out.write_text("")
+    elif case == "seq_len_over_context":
         data["parity"]["eval"]["seq_len"] = 520
     elif case == "generation_over_context":
         data["parity"]["generation"] = {"prompt_tokens": 13, "max_new_tokens": 500}
@@ -192,7 +200,6 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
         data["source"]["path"] = str(_pickle_only(tmp_path, tiny_checkpoints["llama"]))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("calibration: [unclosed" if case == "bad_yaml" else yaml.safe_dump(data))
-    out = tmp_path / "artifacts"
     proc = run_subprocess(recipe, "--output-dir", out, "--quiet")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,18 @@ def test_out_of_range_and_unsupported_values_are_rejected():
 def test_schema_version_mismatch(write_recipe):
     with pytest.raises(UserError, match="schema_version"):
         load_recipe(write_recipe({"schema_version": 99}))
+
+
+@pytest.mark.parametrize("kind, message", [("folder", "is a folder, not a file"),
+                                           ("latin-1", "is not UTF-8 text (invalid continuation byte at byte 9)")])
+def test_a_recipe_that_is_not_a_utf8_file_is_named(tmp_path, kind, message):
+    path = tmp_path / "recipe.yaml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="^" + re.escape(f"recipe {path} {message}")):
+        load_recipe(path)
 
 
 def test_relative_paths_resolve_against_recipe_folder(tmp_path, write_recipe):

@@ -106,6 +106,13 @@ def test_a_plan_for_the_same_compute_capability_twice_is_refused(artifact, tmp_p
     assert code == 1 and "compute capability ['8.0']" in stderr
 
 
+def test_a_repo_path_under_a_file_is_refused_before_any_work(artifact, tmp_path):
+    (tmp_path / "taken").write_text("")
+    code, stdout, stderr = run_cli("triton", artifact, "--repo", tmp_path / "taken" / "repo")
+    assert code == 1 and stdout == "" and f"{tmp_path / 'taken'} is a file, not a folder" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
 def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
     from converter.recipe import Triton
     from converter.triton import ModelSpec, TensorSpec, check_config, model_config
