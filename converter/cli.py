@@ -19,8 +19,16 @@ EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
 SUBCOMMANDS = ("inspect", "verify", "generate", "targets", "triton", "matrix")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is a UserError: one line and exit 1. (argparse's own
+    exit 2 would read as a parity failure to a CI job.)"""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _convert_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert.py", description="Convert an HF checkpoint to INT8 artifacts.",
+    p = ArgumentParser(prog="convert.py", description="Convert an HF checkpoint to INT8 artifacts.",
                                 epilog=f"Other commands: {', '.join(SUBCOMMANDS)} (convert.py inspect -h).")
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -39,7 +47,7 @@ def _convert_parser() -> argparse.ArgumentParser:
 
 
 def _artifact_parser(command: str, help_text: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"convert.py {command}", description=help_text)
+    p = ArgumentParser(prog=f"convert.py {command}", description=help_text)
     p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
     p.add_argument("--json", action="store_true")
     return p
@@ -177,7 +185,7 @@ def _cmd_verify(argv: list[str]) -> int:
 
 
 def _cmd_generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="convert.py generate", description="Greedy-generate from an artifact's INT8 "
+    p = ArgumentParser(prog="convert.py generate", description="Greedy-generate from an artifact's INT8 "
                                 "model with ONNX Runtime, streaming text to stdout.")
     p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
     p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
@@ -216,7 +224,7 @@ def _cmd_generate(argv: list[str]) -> int:
 
 
 def _cmd_triton(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="convert.py triton", description="Assemble or update a Triton model "
+    p = ArgumentParser(prog="convert.py triton", description="Assemble or update a Triton model "
                                 "repository from published artifacts (nothing is rebuilt).")
     p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT", help="artifacts/<name>/<version>")
     p.add_argument("--repo", type=Path, required=True, help="model repository folder (created if missing)")
@@ -239,7 +247,7 @@ def _cmd_triton(argv: list[str]) -> int:
 
 
 def _cmd_matrix(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="convert.py matrix", description="CI job matrix: recipe x target.")
+    p = ArgumentParser(prog="convert.py matrix", description="CI job matrix: recipe x target.")
     p.add_argument("paths", type=Path, nargs="+", metavar="RECIPES", help="recipe folders or files")
     p.add_argument("--format", choices=("github", "json"), default="json")
     args = p.parse_args(argv)

@@ -5,9 +5,10 @@ Also prints the build plans that `--dry-run` recorded for GPU targets.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from converter.cli import ArgumentParser
 
 
 def target_rows() -> list[dict]:
@@ -29,7 +30,7 @@ def target_rows() -> list[dict]:
 
 def cmd_targets(argv: list[str]) -> int:
     """List targets; exit 0 (listing is not a failure even when nothing GPU-based is available)."""
-    p = argparse.ArgumentParser(prog="convert.py targets", description="List deployment targets and what runs here.")
+    p = ArgumentParser(prog="convert.py targets", description="List deployment targets and what runs here.")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     rows = target_rows()

@@ -207,6 +207,19 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     assert not (out / NAME).exists() or not any((out / NAME).iterdir())
 
 
+@pytest.mark.parametrize("argv, why", [
+    (["recipes/smollm2-135m-cpu.yaml", "--sett", "x=1"], "convert.py: unrecognized arguments: --sett x=1"),
+    (["recipes/smollm2-135m-cpu.yaml", "--build-number", "abc"], "argument --build-number: invalid int value"),
+    (["generate"], "convert.py generate: the following arguments are required: artifact, --prompt"),
+    (["targets", "--bogus"], "convert.py targets: unrecognized arguments: --bogus"),
+])
+def test_a_bad_command_line_exits_1_not_2(argv, why):
+    proc = run_subprocess(*argv)  # argparse's own exit 2 would read as a parity failure in CI
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], proc.stderr
+
+
 def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path):
     recipe, _, _, _ = converted
     import converter.pipeline as pipeline
