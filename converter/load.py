@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from converter.archs import conv1d_to_linear, spec_for, spec_from_recipe
 from converter.errors import UserError
@@ -102,7 +103,7 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
     try:
         model = load_reference(folder, src)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=src.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # unreadable files: a truncated download, a bad tokenizer
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint folder {folder} could not be loaded: {first}") from None
     conv1d_to_linear(model)  # GPT-2's (in, out) Conv1D weights become (out, in) Linears, exactly
@@ -123,6 +124,10 @@ def load_reference(folder: Path, src: Source) -> torch.nn.Module:
 
     Loads the class config.json names (BertModel stays a bare encoder); a class transformers does not
     ship (remote code) goes through AutoModelForCausalLM.
+
+    Raises:
+        UserError: weights whose shapes differ from what config.json builds, or weights the model
+            needs that the checkpoint lacks.
     """
     import transformers
 
@@ -130,13 +135,22 @@ def load_reference(folder: Path, src: Source) -> torch.nn.Module:
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(
+    model, info = cls.from_pretrained(
         folder,
         dtype=torch.float32,
         attn_implementation="eager",
         trust_remote_code=src.trust_remote_code,
         use_safetensors=None if src.allow_pickle else True,
+        ignore_mismatched_sizes=True,  # reported below, with the tensors named
+        output_loading_info=True,
     )
+    # transformers only warns about these and fills the tensors at random: a converted model would be garbage
+    for what, keys in (("have a different shape than config.json builds", info["mismatched_keys"]),
+                       ("are missing (transformers would fill them at random)", info["missing_keys"])):
+        if keys:
+            names = sorted(k if isinstance(k, str) else k[0] for k in keys)
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise UserError(f"checkpoint folder {folder}: weights {', '.join(names[:3])}{more} {what}")
     return model.eval()
 
 

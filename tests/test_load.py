@@ -62,3 +62,29 @@ def test_pickle_allowed_when_recipe_says_so(tiny_checkpoints, tmp_path, write_re
     loaded = load(load_recipe(write_recipe(data)))
     assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
     assert "pytorch_model.bin" in loaded.files
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"weights model\.layers\.1\.mlp\.up_proj\.weight are missing \(transformers would fill them at random\)"),
+    ("reshaped", r"weights model\.layers\.0\.self_attn\.o_proj\.weight have a different shape than config\.json builds"),
+    ("truncated", r"could not be loaded: Error while deserializing header"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_weights(tiny_checkpoints, tmp_path, write_recipe, damage, message):
+    # transformers itself only warns about missing weights and fills them at random
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoints["llama"], folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    if damage == "missing":
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+    elif damage == "reshaped":
+        tensors["model.layers.0.self_attn.o_proj.weight"] = tensors["model.layers.0.self_attn.o_proj.weight"][:, :-1].clone()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(UserError, match=message):
+        load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
