@@ -95,6 +95,7 @@ class StageCache:
 
     def __init__(self, root: Path | None):
         self.root = root
+        self._warned = False
 
     @property
     def enabled(self) -> bool:
@@ -111,18 +112,38 @@ class StageCache:
         entry = self.root / stage / key
         if not (entry / _META).is_file():
             return None
-        meta = json.loads((entry / _META).read_text())
         from converter.load import sha256_file
 
-        if any(not (entry / n).is_file() or sha256_file(entry / n) != h for n, h in meta.get("_sha256", {}).items()):
+        try:
+            meta = json.loads((entry / _META).read_text())
+            hashes = meta["_sha256"]
+            intact = all((entry / n).is_file() and sha256_file(entry / n) == h for n, h in hashes.items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable or not ours: damaged
+            intact = False
+        if not intact:
             shutil.rmtree(entry, ignore_errors=True)
             return None
         return entry, meta
 
     def put(self, stage: str, key: str, files: dict[str, Path], meta: dict, tensors: dict | None = None) -> None:
-        """Store files (copied), metadata and optional tensors as one entry, atomically."""
+        """Store files (copied), metadata and optional tensors as one entry, atomically.
+
+        A cache that cannot be written (a full disk, a path under a file, no permission) costs the
+        next run its speed, not this run its result: a warning, and the run goes on.
+        """
         if self.root is None:
             return
+        try:
+            self._put(stage, key, files, meta, tensors)
+        except OSError as exc:
+            from converter.progress import warn
+
+            if not self._warned:  # once: every later stage would fail the same way
+                warn(f"stage cache {self.root}: could not store the {stage} entry ({exc}); the run goes on "
+                     "without storing")
+            self._warned = True
+
+    def _put(self, stage: str, key: str, files: dict[str, Path], meta: dict, tensors: dict | None) -> None:
         parent = self.root / stage
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))

@@ -24,6 +24,11 @@ def note(message: str) -> None:
         console.print(message)
 
 
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the run; printed even with --quiet."""
+    console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def quiet_libraries() -> None:
     """Silence transformers' own progress bars and info logs: the stages report progress here."""
     from transformers.utils import logging as hf_logging

@@ -168,6 +168,24 @@ def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
     (entry / "qdq__model.onnx").write_bytes(b"model bytez")
     assert cache.get("export", "k") is None and not entry.exists()
     assert StageCache(None).get("export", "k") is None
+    for damaged in ("{", "[]", '{"_sha256": 3}'):  # a metadata file that is not ours any more
+        cache.put("export", "k", {"qdq__model.onnx": source}, {"n": 1})
+        entry, _ = cache.get("export", "k")
+        (entry / "meta.json").write_text(damaged)
+        assert cache.get("export", "k") is None and not entry.exists()
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(first_run):
+    tmp, recipe, first = first_run
+    (tmp / "taken").write_text("")
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "unwritable", "--quiet", "--json",
+                                   "--cache-dir", tmp / "taken" / "cache")
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "could not store the calibrate entry" in warnings[0], stderr
+    assert json.loads(stdout)["status"] == "ok"
+    published = tmp / "unwritable" / NAME / VERSION
+    assert (published / "model.onnx").read_bytes() == (tmp / "first" / NAME / VERSION / "model.onnx").read_bytes()
 
 
 def test_no_cache_recomputes_and_reproduces_the_same_bytes_in_another_process(first_run):
