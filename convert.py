@@ -3,7 +3,8 @@
 
 import sys
 
-from converter.cli import main
+from converter.cli import exit_on_sigterm, main
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

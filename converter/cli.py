@@ -257,6 +257,18 @@ def _cmd_matrix(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a cancelled CI job, `kill`) into SystemExit(143), so the staging folder and the
+    work files are removed on the way out as they are for Ctrl-C. Python's default dies on the spot."""
+    import signal
+
+    def terminate(signum, frame):
+        print("terminated: removing unfinished files", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from converter.targets_cli import cmd_targets

@@ -220,6 +220,32 @@ def test_a_bad_command_line_exits_1_not_2(argv, why):
     assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], proc.stderr
 
 
+def test_sigterm_removes_the_unfinished_artifact_and_work_files(tiny_checkpoints, tmp_path):
+    """A cancelled CI job gets SIGTERM: nothing half-written may stay where a consumer looks."""
+    import os
+    import signal
+    import time
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["llama"])))
+    out, scratch = tmp_path / "artifacts", tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, "convert.py", recipe, "--output-dir", out, "--quiet", "--no-cache"],
+                            cwd=ROOT, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE, text=True)
+
+    def unfinished():
+        return list((out / NAME).glob(".staging-*")) + list(scratch.glob("convert-work-*"))
+
+    deadline = time.monotonic() + 120
+    while len(unfinished()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(unfinished()) == 2  # mid-run: the staging folder and the work folder
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in stderr, stderr
+    assert unfinished() == [] and list((out / NAME).iterdir()) == []
+
+
 def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path):
     recipe, _, _, _ = converted
     import converter.pipeline as pipeline
