@@ -176,10 +176,11 @@ def _cmd_verify(argv: list[str]) -> int:
     problems = verify(args.artifact)
     if not problems:  # files are intact: also re-parse the Triton configs strictly against the graph
         problems = verify_artifact_repository(args.artifact, read_manifest(args.artifact))
-    if args.json:
-        print(json.dumps({"artifact": str(args.artifact), "ok": not problems, "problems": problems}, indent=2))
     if problems:
-        raise UserError(f"{args.artifact}: {len(problems)} file(s) do not match the manifest: {'; '.join(problems)}")
+        raise UserError(f"{args.artifact}: {len(problems)} file(s) do not match the manifest: {'; '.join(problems)}",
+                        details={"artifact": str(args.artifact), "ok": False, "problems": problems})
+    if args.json:
+        print(json.dumps({"status": "ok", "artifact": str(args.artifact), "ok": True, "problems": []}, indent=2))
     print(f"{args.artifact}: all files match the manifest", file=sys.stderr)
     return EXIT_OK
 
@@ -276,19 +277,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "generate": _cmd_generate, "targets": cmd_targets,
                 "triton": _cmd_triton,
                 "matrix": _cmd_matrix}
+    wants_json = "--json" in argv  # with --json, stdout always carries one JSON document, failures included
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return _cmd_convert(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if wants_json:
+            print(json.dumps({"status": "error", "error": str(exc), **exc.details}, indent=2))
         return EXIT_USER
-    except ParityFailure as exc:
+    except ParityFailure as exc:  # the convert command has printed its own JSON record
         print(f"parity failure: {exc}", file=sys.stderr)
         return EXIT_PARITY
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:  # a bug: show everything
+    except Exception as exc:  # a bug: show everything
         traceback.print_exc()
+        if wants_json:
+            print(json.dumps({"status": "internal_error", "error": f"{type(exc).__name__}: {exc}"}, indent=2))
         return EXIT_INTERNAL

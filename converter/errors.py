@@ -12,9 +12,17 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """Bad input from the user: recipe, paths, checkpoint contents, command-line arguments."""
+    """Bad input from the user: recipe, paths, checkpoint contents, command-line arguments.
+
+    Attributes:
+        details: extra fields for the `--json` error record (e.g. verify's list of problems).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class ParityFailure(Exception):

@@ -100,6 +100,10 @@ def test_verify_detects_a_flipped_byte(converted, tmp_path):
     (copy / "model.onnx").write_bytes(bytes(data))
     code, _, stderr = run_cli("verify", copy)
     assert code == 1 and "changed: model.onnx" in stderr
+    code, stdout, _ = run_cli("verify", copy, "--json")
+    record = json.loads(stdout)
+    assert code == 1 and record["status"] == "error" and record["problems"] == ["changed: model.onnx"]
+    assert record["ok"] is False and "1 file(s) do not match" in record["error"]
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify", "generate", "triton"])
@@ -218,6 +222,8 @@ def test_a_bad_command_line_exits_1_not_2(argv, why):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and proc.stdout == "", proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], proc.stderr
+    proc = run_subprocess(*argv, "--json")  # a CI job reading --json gets a document on failure too
+    assert proc.returncode == 1 and json.loads(proc.stdout) == {"status": "error", "error": lines[0][len("error: "):]}
 
 
 def test_sigterm_removes_the_unfinished_artifact_and_work_files(tiny_checkpoints, tmp_path):
@@ -255,8 +261,9 @@ def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path)
 
     monkeypatch.setattr(pipeline, "smooth", broken)
     # --no-cache: the shared stage cache would otherwise serve the smoothed model without calling smooth
-    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet", "--no-cache")
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet", "--no-cache", "--json")
     assert code == 3 and "Traceback" in stderr and "simulated bug" in stderr
+    assert json.loads(stdout) == {"status": "internal_error", "error": "RuntimeError: simulated bug"}
     assert not any(p for p in (tmp_path / "out" / NAME).iterdir())  # staging removed
 
 
