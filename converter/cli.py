@@ -29,7 +29,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _convert_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="convert.py", description="Convert an HF checkpoint to INT8 artifacts.",
-                                epilog=f"Other commands: {', '.join(SUBCOMMANDS)} (convert.py inspect -h).")
+                       epilog=f"Other commands: {', '.join(SUBCOMMANDS)} (convert.py inspect -h).")
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one recipe field, e.g. --set smoothing.alpha=0.8 (repeatable)")
@@ -187,7 +187,7 @@ def _cmd_verify(argv: list[str]) -> int:
 
 def _cmd_generate(argv: list[str]) -> int:
     p = ArgumentParser(prog="convert.py generate", description="Greedy-generate from an artifact's INT8 "
-                                "model with ONNX Runtime, streaming text to stdout.")
+                       "model with ONNX Runtime, streaming text to stdout.")
     p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
     p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true",
@@ -226,7 +226,7 @@ def _cmd_generate(argv: list[str]) -> int:
 
 def _cmd_triton(argv: list[str]) -> int:
     p = ArgumentParser(prog="convert.py triton", description="Assemble or update a Triton model "
-                                "repository from published artifacts (nothing is rebuilt).")
+                       "repository from published artifacts (nothing is rebuilt).")
     p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT", help="artifacts/<name>/<version>")
     p.add_argument("--repo", type=Path, required=True, help="model repository folder (created if missing)")
     p.add_argument("--version", type=int, help="Triton version folder (default: the artifact's build number)")

@@ -176,4 +176,3 @@ def check_context(config, lengths: dict[str, int]) -> None:
         if limit is not None and n > limit:
             raise UserError(f"{what} is {n} tokens, more than the checkpoint's context of {limit} positions "
                             f"(max_position_embeddings in config.json)")
-
