@@ -89,6 +89,13 @@ class _Stages:
         self.records.append(record)
 
 
+def _windows_line(windows, data) -> str:
+    """"29 windows x 256 tokens (num_samples 32: the text holds 29)"."""
+    line = f"{len(windows.input_ids)} windows x {data.seq_len} tokens"
+    return line + (f" (num_samples {data.num_samples}: the text holds {windows.total_windows})"
+                   if data.num_samples > windows.total_windows else "")
+
+
 def artifact_version(recipe_version: str, build_number: int | None) -> str:
     """`<output.version>-build<N>` with a build number, else the recipe's version."""
     return recipe_version if build_number is None else f"{recipe_version}-build{build_number}"
@@ -158,6 +165,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
                 max(map(len, prompts)) + r.parity.generation.max_new_tokens)
         check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
+        note(f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
+             + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
+             + f"; evaluation {_windows_line(eval_windows, r.parity.eval)}"
+             + (f"; {len(prompts)} generation prompts" if prompts else ""))
         keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)

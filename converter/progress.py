@@ -21,7 +21,7 @@ def set_enabled(enabled: bool) -> None:
 def note(message: str) -> None:
     """A progress line (stage headers, what a stage wrote); silent with --quiet."""
     if _enabled:
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one line each in a CI log, whatever the terminal width
 
 
 def warn(message: str) -> None:
