@@ -76,7 +76,8 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
 
 
 def publish(staging: Path, final_dir: Path, force: bool) -> Path:
-    """Rename the complete staging folder into place (replacing an old version only with force)."""
+    """Rename the complete staging folder into place (replacing an old version only with force), and
+    drop the rejected reports of an earlier failed run of the same version."""
     if final_dir.exists():
         if not force:
             raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
@@ -86,6 +87,11 @@ def publish(staging: Path, final_dir: Path, force: bool) -> Path:
         shutil.rmtree(retired)
     else:
         staging.rename(final_dir)
+    # a report of an earlier failed run of this version is out of date now that it passed
+    rejected = final_dir.parent / REJECTED
+    shutil.rmtree(rejected / final_dir.name, ignore_errors=True)
+    if rejected.is_dir() and not any(rejected.iterdir()):
+        rejected.rmdir()
     return final_dir
 
 

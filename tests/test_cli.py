@@ -180,6 +180,10 @@ def test_parity_failure_exits_2_publishes_nothing_and_keeps_the_report(tiny_chec
     assert last.startswith("parity failure:") and "kl_mean" in last and str(rejected) in last
     assert "Traceback" not in stderr
     assert sorted(p.name for p in (out / NAME).iterdir()) == ["_rejected"]
+    # the same version passing later replaces the stale rejection
+    code, _, stderr = run_cli(recipe, "--output-dir", out, "--quiet")
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / NAME).iterdir()) == [VERSION]
 
 
 def _pickle_only(tmp_path, source):
