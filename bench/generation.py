@@ -8,6 +8,10 @@ the PyTorch FP32 checkpoint, greedy with its own KV cache. Candidates:
   * weight-only rounding ladders (PyTorch): every linear's FP32 weight, lm_head included, rounded
     per output channel to symmetric 8-, 10- and 12-bit integers (round to nearest, no smoothing),
     activations left in FP32: how much agreement the weight precision alone allows;
+  * the checkpoint exported to FP32 ONNX with the recipe's KV cache (ONNX Runtime, prefill then
+    decode steps): the measuring path itself, with nothing quantized;
+  * the checkpoint smoothed as the recipe smooths it (calibration with decode steps, the recipe's
+    alpha), in FP32 (PyTorch): smoothing alone, with nothing quantized;
   * the INT8 artifact with its activation QuantizeLinear/DequantizeLinear pairs removed (ONNX
     Runtime): its own smoothed int8 weights, FP32 activations;
   * the INT8 artifact itself (ONNX Runtime: prefill, then one-token decode steps through its KV cache).
@@ -51,6 +55,31 @@ def rounded_weights(model, bits: int):
     return copied
 
 
+def smoothed_fp32(recipe, model, tokenizer):
+    """A copy of `model` smoothed as the pipeline smooths it for `recipe` (same calibration windows,
+    decode steps included, and alphas), left in FP32."""
+    from converter.archs import arch_spec, block_linear_names
+    from converter.calibrate import collect_input_amax
+    from converter.data import token_windows
+    from converter.quantize import split_by_exclusions
+    from converter.search import choose_alphas
+    from converter.smooth import smooth
+
+    r = recipe.recipe
+    copied = copy.deepcopy(model)
+    calib = token_windows(recipe, r.calibration, tokenizer, shuffle=True)
+    if r.export.kv_cache:
+        calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
+    spec = arch_spec(copied)
+    linears = block_linear_names(copied, spec)
+    quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
+    amax = collect_input_amax(copied, quantized, calib, r.calibration.batch_size).amax
+    cfg, alphas, _ = choose_alphas(copied, spec, r.smoothing, r.quantization, linears, quantized, amax, calib,
+                                   r.calibration.batch_size)
+    smooth(copied, amax, cfg, spec, alphas)
+    return copied
+
+
 def without_activation_qdq(src: Path, dst: Path) -> Path:
     """`src` with every activation QuantizeLinear -> DequantizeLinear pair removed (the MatMul reads
     the float activation again); the weights' DequantizeLinear nodes stay. Written to `dst`."""
@@ -83,7 +112,9 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from converter.archs import arch_spec
     from converter.data import token_windows
+    from converter.export import export_fp32
     from converter.generation import compare_tokens, generation_prompts, greedy_graph, greedy_torch, session_step
     from converter.kvcache import graph_kv_layout
     from converter.load import load_reference
@@ -111,7 +142,13 @@ def main() -> None:
         int8 = session_step(onnxruntime_session(int8_path, threads=args.threads))
         weights_only_path = without_activation_qdq(int8_path, Path(tmp) / "weights-only" / "model.onnx")
         weights_only = session_step(onnxruntime_session(weights_only_path, threads=args.threads))
+        (Path(tmp) / "fp32").mkdir()
+        fp32_path = export_fp32(model, Path(tmp) / "fp32" / "model.onnx", r.export, arch_spec(model))
+        fp32 = session_step(onnxruntime_session(fp32_path, threads=args.threads))
         candidates = {
+            "FP32 ONNX export with the KV cache (ONNX Runtime)": lambda p: list(greedy_graph(fp32, layout, p, n)),
+            "smoothed as the recipe smooths, FP32 (PyTorch)":
+                lambda p, m=smoothed_fp32(recipe, model, tokenizer): greedy_torch(m, p, n),
             "PyTorch FP16": lambda p, m=copy.deepcopy(model).half(): greedy_torch(m, p, n),
             "PyTorch BF16": lambda p, m=copy.deepcopy(model).bfloat16(): greedy_torch(m, p, n),
             **{f"weights rounded to int{b} per channel, no smoothing, FP32 activations (PyTorch)":
