@@ -22,6 +22,7 @@ import torch
 from converter import kvcache
 from converter.archs import ArchSpec, arch_spec
 from converter.encoder import ModelIO, OutputOf, model_io
+from converter.errors import UserError
 from converter.progress import note, track
 from converter.quantize import INT8_MAX, TINY_AMAX, QuantPlan, quantize_weight
 from converter.recipe import Export
@@ -67,6 +68,8 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # a failed down-conversion is logged there with a traceback; _check_opset reports it instead
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
         torch.onnx.export(
             wrapper,
             args,
@@ -82,7 +85,22 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
             external_data=True,
             verbose=False,
         )
+    _check_opset(path, cfg.opset)
     return path
+
+
+def _check_opset(path: Path, opset: int) -> None:
+    """The exporter writes its own opset and converts the graph down to the recipe's with ONNX's
+    version converter; when that fails it only logs, and the graph stays at the exporter's opset.
+    Refuse that instead of publishing a model whose opset is not the one the manifest names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        default = Export.model_fields["opset"].default
+        raise UserError(f"export.opset {opset}: ONNX's version converter could not take this model from opset "
+                        f"{written} down to {opset}; use export.opset {written} or higher ({default} is the default)")
 
 
 def _needs_external_data(model: torch.nn.Module, cfg: Export) -> bool:
@@ -283,6 +301,28 @@ def _fold_constant_subgraphs(onnx_model: ir.Model) -> None:
 
     fold_constants(onnx_model, should_fold=lambda node: False if node.op_type in _QDQ_OPS else None)
     RemoveUnusedNodesPass()(onnx_model)
+    _split_sizes_below_opset_18(onnx_model)
+
+
+def _split_sizes_below_opset_18(onnx_model: ir.Model) -> None:
+    """The folder turns SplitToSequence -> SequenceAt (GPT-2's fused c_attn) into `Split(num_outputs=n)`,
+    an opset-18 attribute, whatever the model's opset. Below 18, give each such Split its sizes as the
+    `split` input instead (ONNX Runtime refuses the attribute there)."""
+    if onnx_model.opset_imports.get("", 18) >= 18:
+        return
+    for node in onnx_model.graph:
+        if node.op_type != "Split" or "num_outputs" not in node.attributes:
+            continue
+        parts = node.attributes.pop("num_outputs").as_int()
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+        shape = node.inputs[0].shape
+        size = shape[axis] if shape is not None else None
+        if not isinstance(size, int) or size % parts:  # the folder only writes num_outputs for an even split
+            raise RuntimeError(f"{node.name}: cannot size Split(num_outputs={parts}) on axis {axis} of {shape}")
+        sizes = _const(f"{node.name}_sizes", np.full(parts, size // parts, dtype=np.int64))
+        onnx_model.graph.register_initializer(sizes)
+        node.resize_inputs(2)
+        node.replace_input_with(1, sizes)
 
 
 def _rsqrt_as_div(graph: ir.Graph) -> int:

@@ -24,6 +24,30 @@ def _manifest(tmp_path):
     return json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_model_has_the_recipes_opset_or_the_run_is_refused(arch, tiny_checkpoints, tmp_path):
+    """The exporter writes opset 18 and converts down. GPT-2 converts to 17, but the constant folder
+    used to leave it an opset-18 Split (ONNX Runtime refused the graph: exit 3); the KV-cache Llama
+    graph does not convert, and was published at opset 18 under a manifest saying 17."""
+    import onnx
+
+    data = tiny_recipe_dict(tiny_checkpoints[arch])
+    data["export"] = {"kv_cache": True, "opset": 17}
+    code, result, stderr = _convert(data, tmp_path)
+    if arch == "llama":
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert ("export.opset 17: ONNX's version converter could not take this model from opset 18 down to 17; "
+                "use export.opset 18 or higher") in stderr
+        return
+    assert code == 0, stderr
+    manifest = _manifest(tmp_path)
+    model = onnx.load(str(next((tmp_path / "out").glob("*/*/model.onnx"))))
+    assert [o.version for o in model.opset_import if o.domain == ""] == [17] and manifest["model"]["opset"] == 17
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert splits and all(len(n.input) == 2 and not any(a.name == "num_outputs" for a in n.attribute) for n in splits)
+    assert result["targets"]["cpu-onnxruntime"]["parity"]["passed"]
+
+
 @pytest.mark.parametrize("arch, architecture, groups, int8", [
     ("opt", "OPTForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 12),  # Gemm rewritten, all fused
     ("phi3", "Phi3ForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 8),

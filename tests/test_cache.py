@@ -84,7 +84,7 @@ def test_cached_parity_is_judged_against_the_new_thresholds(first_run):
 
 def test_export_change_reuses_calibration_and_smoothing_only(first_run):
     tmp, recipe, _ = first_run
-    code, result, stderr = cached_run(tmp, recipe, "opset", "export.opset=17")
+    code, result, stderr = cached_run(tmp, recipe, "opset", "export.opset=21")
     assert code == 0, stderr
     stages = stage_map(result)
     assert stages["calibrate"] == (False, "hit") and stages["smooth"] == (False, "hit")
