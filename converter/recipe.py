@@ -22,6 +22,9 @@ from converter.errors import UserError, read_user_text
 
 SCHEMA_VERSION = 1
 SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out", "head_in")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads a bare on/off/yes/no as a boolean, so
     `search: off` arrived as false; a boolean field still accepts those words (pydantic coerces them)."""
@@ -33,8 +36,6 @@ _YamlLoader.yaml_implicit_resolvers = {
 }
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                   list("tTfF"))
-
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class _Section(BaseModel):
