@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from converter import scratch
 
 CACHE_FORMAT = 3  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div)
 ENV_DIR = "CONVERTER_CACHE_DIR"
@@ -145,9 +146,7 @@ class StageCache:
 
     def _put(self, stage: str, key: str, files: dict[str, Path], meta: dict, tensors: dict | None) -> None:
         parent = self.root / stage
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-        try:
+        with scratch.folder(parent, ".tmp-") as tmp:
             for name, source in files.items():
                 shutil.copyfile(source, tmp / name)
             if tensors:
@@ -156,6 +155,7 @@ class StageCache:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
             from converter.load import sha256_file
 
+            scratch.seal(tmp)
             stored = sorted(p.name for p in tmp.iterdir())
             meta = {**meta, "_sha256": {name: sha256_file(tmp / name) for name in stored}}
             (tmp / _META).write_text(json.dumps(meta, indent=1))
@@ -163,8 +163,6 @@ class StageCache:
                 tmp.rename(parent / key)
             except OSError:  # another run stored the same entry first: identical content, keep theirs
                 pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tensors(entry: Path) -> dict[str, torch.Tensor]:

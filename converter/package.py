@@ -11,10 +11,10 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from converter import scratch
 from converter.errors import UserError, check_writable_folder
 from converter.load import sha256_file
 
@@ -49,11 +49,9 @@ def check_publishable(final_dir: Path, force: bool) -> None:
         raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
 
 
-def staging_dir(final_dir: Path) -> Path:
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final_dir.name}-", dir=final_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes 0700; a model server often runs as another user
-    return staging
+def staging_prefix(final_dir: Path) -> str:
+    """Name prefix of the hidden folders a version is staged in, beside it (see converter/scratch.py)."""
+    return f".staging-{final_dir.name}-"
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -61,7 +59,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, scratch.LOCK)
     }
 
 
@@ -78,6 +76,7 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
 def publish(staging: Path, final_dir: Path, force: bool) -> Path:
     """Rename the complete staging folder into place (replacing an old version only with force), and
     drop the rejected reports of an earlier failed run of the same version."""
+    scratch.seal(staging)
     if final_dir.exists():
         if not force:
             raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from converter import cache, kvcache, package, triton
+from converter import cache, kvcache, package, scratch, triton
 from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
 from converter.calibrate import activation_ranges, collect_input_amax
 from converter.data import token_windows
@@ -122,9 +122,8 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
     package.check_publishable(final, force)
     check_targets_buildable(r.targets, dry_run)
     stages = _Stages()
-    staging = package.staging_dir(final)
-    work = Path(tempfile.mkdtemp(prefix="convert-work-"))
-    try:
+    with scratch.folder(final.parent, package.staging_prefix(final), mode=0o755) as staging, \
+            scratch.folder(Path(tempfile.gettempdir()), "convert-work-") as work:
         build_info = {"recipe_version": r.output.version, "number": build_number,
                       "triton_version": build_number or triton.triton_version({"version": r.output.version})}
         manifest = _run_stages(recipe, stages, staging, work, cache.StageCache(cache_dir), version, build_info,
@@ -141,9 +140,6 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
             package.publish(staging, final, force)
         note(f"published {final}")
         return RunResult(artifact_dir=final, passed=True, manifest=manifest, stages=stages.records)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, store: cache.StageCache,

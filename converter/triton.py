@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from converter import scratch
 from converter.errors import UserError, check_writable_folder
 
 CONFIG = "config.pbtxt"
@@ -215,9 +215,7 @@ def write_model(repo: Path, spec: ModelSpec, link: bool = False) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     # Staged inside the model folder: Triton ignores non-numeric folders there, but would try to load
     # a stray folder at the repository root as a model.
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
-    try:
-        staging.chmod(0o755)
+    with scratch.folder(model_dir, ".staging-", mode=0o755) as staging:
         for filename, source in spec.files.items():
             _place(source, staging / filename, link)
         final = model_dir / str(spec.version)
@@ -225,12 +223,11 @@ def write_model(repo: Path, spec: ModelSpec, link: bool = False) -> Path:
             retired = model_dir / f".retired-{spec.version}-{os.getpid()}"
             final.rename(retired)
             shutil.rmtree(retired)
+        scratch.seal(staging)
         staging.rename(final)
         config_tmp = model_dir / f".{CONFIG}.tmp"
         config_tmp.write_text(text)
         config_tmp.replace(model_dir / CONFIG)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return model_dir
 
 

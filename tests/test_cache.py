@@ -175,6 +175,24 @@ def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
         assert cache.get("export", "k") is None and not entry.exists()
 
 
+def test_storing_an_entry_removes_the_half_stored_one_of_a_killed_run_and_stores_no_lock(tmp_path):
+    from converter import scratch
+    from converter.cache import StageCache
+
+    dead = tmp_path / "cache" / "export" / ".tmp-dead"  # a killed run's: its lock file, held by nobody
+    dead.mkdir(parents=True)
+    (dead / scratch.LOCK).write_text("")
+    (dead / "qdq__model.onnx").write_bytes(b"half")
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"model bytes")
+    cache = StageCache(tmp_path / "cache")
+    cache.put("export", "k", {"qdq__model.onnx": source}, {"n": 1})
+    entry, meta = cache.get("export", "k")
+    assert not dead.exists() and sorted(p.name for p in entry.parent.iterdir()) == ["k"]
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "qdq__model.onnx"]
+    assert list(meta["_sha256"]) == ["qdq__model.onnx"]
+
+
 def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(first_run):
     tmp, recipe, first = first_run
     (tmp / "taken").write_text("")

@@ -245,18 +245,19 @@ def test_a_bad_command_line_exits_1_not_2(argv, why):
     assert proc.returncode == 1 and json.loads(proc.stdout) == {"status": "error", "error": lines[0][len("error: "):]}
 
 
-def test_sigterm_removes_the_unfinished_artifact_and_work_files(tiny_checkpoints, tmp_path):
-    """A cancelled CI job gets SIGTERM: nothing half-written may stay where a consumer looks."""
+def _start_and_wait_mid_run(recipe_dict: dict, tmp_path):
+    """A conversion in its own process, returned once its staging and work folders both exist, and a
+    function listing the unfinished folders."""
     import os
-    import signal
     import time
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_checkpoints["llama"])))
+    recipe.write_text(yaml.safe_dump(recipe_dict))
     out, scratch = tmp_path / "artifacts", tmp_path / "tmp"
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch)}
     proc = subprocess.Popen([sys.executable, "convert.py", recipe, "--output-dir", out, "--quiet", "--no-cache"],
-                            cwd=ROOT, env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
 
     def unfinished():
         return list((out / NAME).glob(".staging-*")) + list(scratch.glob("convert-work-*"))
@@ -265,10 +266,52 @@ def test_sigterm_removes_the_unfinished_artifact_and_work_files(tiny_checkpoints
     while len(unfinished()) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(unfinished()) == 2  # mid-run: the staging folder and the work folder
+    return proc, unfinished, env
+
+
+def test_sigterm_removes_the_unfinished_artifact_and_work_files(tiny_checkpoints, tmp_path):
+    """A cancelled CI job gets SIGTERM: nothing half-written may stay where a consumer looks."""
+    import signal
+
+    proc, unfinished, _ = _start_and_wait_mid_run(tiny_recipe_dict(tiny_checkpoints["llama"]), tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "terminated" in stderr, stderr
-    assert unfinished() == [] and list((out / NAME).iterdir()) == []
+    assert unfinished() == [] and list((tmp_path / "artifacts" / NAME).iterdir()) == []
+
+
+def test_the_next_run_removes_what_a_sigkilled_run_left(tiny_checkpoints, tmp_path):
+    """SIGKILL (the out-of-memory killer) leaves no way to clean up: the next conversion into the same
+    folders removes the dead run's staging and work folders, and only those."""
+    import fcntl
+    import os
+    import signal
+
+    from converter import scratch as folders
+
+    recipe_dict = tiny_recipe_dict(tiny_checkpoints["llama"])
+    proc, unfinished, env = _start_and_wait_mid_run(recipe_dict, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    left = unfinished()
+    assert len(left) == 2 and all((d / folders.LOCK).is_file() for d in left)
+    foreign = tmp_path / "tmp" / "convert-work-not-ours"  # no lock file: another tool's, left alone
+    foreign.mkdir()
+    out = tmp_path / "artifacts"
+    live = out / NAME / ".staging-1-live"  # a live run's: this process holds its lock
+    live.mkdir()
+    fd = os.open(live / folders.LOCK, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        done = subprocess.run([sys.executable, "convert.py", tmp_path / "recipe.yaml", "--output-dir", out,
+                               "--quiet", "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True)
+    finally:
+        os.close(fd)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: removed 1 unfinished folder(s)") == 2, done.stderr  # staging, work
+    assert unfinished() == [live, foreign]
+    artifact = out / NAME / "1"
+    assert list(artifact.rglob(folders.LOCK)) == [] and not any(p.name.startswith(".") for p in artifact.rglob("*"))
 
 
 def test_internal_error_exits_3_with_traceback(converted, monkeypatch, tmp_path):
