@@ -100,12 +100,20 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
 
         materialize(src.packaged, folder)
     _check_folder(folder, src.allow_pickle, spec_from_recipe(recipe.recipe.architecture))
+    save_hint = "save it beside the weights (tokenizer.save_pretrained)"
     try:
         model = load_reference(folder, src)
+    except (OSError, ValueError, SafetensorError) as exc:  # unreadable files: a truncated download
+        raise UserError(f"checkpoint folder {folder} could not be loaded: {_first_line(exc)}") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=src.trust_remote_code)
-    except (OSError, ValueError, SafetensorError) as exc:  # unreadable files: a truncated download, a bad tokenizer
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint folder {folder} could not be loaded: {first}") from None
+    except (OSError, ValueError) as exc:  # damaged or missing tokenizer files
+        raise UserError(f"checkpoint folder {folder}: the tokenizer could not be loaded ({_first_line(exc)}); "
+                        f"{save_hint}") from None
+    if not tokenizer("The patient is afebrile.", add_special_tokens=False)["input_ids"]:
+        # without its files, transformers builds some tokenizers empty from config.json: every text is 0 tokens
+        raise UserError(f"checkpoint folder {folder}: the tokenizer is empty (no tokenizer.json, tokenizer.model "
+                        f"or vocabulary files); {save_hint}")
     conv1d_to_linear(model)  # GPT-2's (in, out) Conv1D weights become (out, in) Linears, exactly
     model.eval()
     files = _checkpoint_files(folder)
@@ -117,6 +125,11 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
         checkpoint_sha256=_combined_digest(files),
         files=files,
     )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(" :") if text else type(exc).__name__
 
 
 def load_reference(folder: Path, src: Source) -> torch.nn.Module:
@@ -176,3 +189,22 @@ def check_context(config, lengths: dict[str, int]) -> None:
         if limit is not None and n > limit:
             raise UserError(f"{what} is {n} tokens, more than the checkpoint's context of {limit} positions "
                             f"(max_position_embeddings in config.json)")
+
+
+def check_token_ids(model: torch.nn.Module, ids: dict[str, list[int]]) -> None:
+    """Refuse token ids the model has no embedding for: the tokenizer is another model's.
+
+    Args:
+        ids: what the run feeds (as the user would name it) -> its token ids.
+
+    Raises:
+        UserError: the first input holding an id past the input embedding table (an index error deep
+            in calibration otherwise).
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    for what, values in ids.items():
+        top = max(values, default=-1)
+        if top >= rows:
+            raise UserError(f"{what}: the tokenizer gives token id {top} but the model embeds only {rows} ids "
+                            "(vocab_size in config.json): the tokenizer in the checkpoint folder is another "
+                            "model's")

@@ -32,7 +32,7 @@ from converter.encoder import checkpoint_io, evaluate_encoder
 from converter.errors import ParityFailure, UserError
 from converter.export import export_fp32, insert_qdq
 from converter.generation import generation_parity, generation_prompts
-from converter.load import TOKENIZER_FILES, check_context, load, load_reference
+from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
 from converter.progress import note
 from converter.quantize import plan_quantization, split_by_exclusions
@@ -161,6 +161,9 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
                 max(map(len, prompts)) + r.parity.generation.max_new_tokens)
         check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
+        check_token_ids(loaded.model, {"calibration data": calib.input_ids.flatten().tolist(),
+                                       "evaluation data": eval_windows.input_ids.flatten().tolist(),
+                                       "generation prompts": [i for prompt in prompts for i in prompt]})
         note(f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
              + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
              + f"; evaluation {_windows_line(eval_windows, r.parity.eval)}"
@@ -189,7 +192,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         else:  # the recipe only allows the CPU target with dynamic activations
             record.ran = False
             checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
-    targets = {name: _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path,
+    targets = {name: _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp32_path,
                              eval_windows, prompts, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
@@ -312,7 +315,7 @@ def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
     return plan, front
 
 
-def _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_path, eval_windows, prompts,
+def _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp32_path, eval_windows, prompts,
             work, dry_run) -> dict:
     """Build one target and measure its parity (served from the cache when nothing changed)."""
     target = TARGETS[name]
@@ -330,7 +333,8 @@ def _target(recipe, name, stages, store, loaded, qdq, model_sha256, plan, fp32_p
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
         if report is None:
-            report = _parity(recipe, loaded, eval_windows, prompts, target.runner(qdq.path, build), fp32_path)
+            candidate = target.runner(qdq.path, build)
+            report = _parity(recipe, loaded, io, eval_windows, prompts, candidate, fp32_path)
             cache.save_parity(store, key, report)
     return {"build": build.to_dict(), "parity": report.to_dict()}
 
@@ -350,13 +354,11 @@ def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets:
     write_report(staging, f"{r.output.name} {version}", front["layers"], front["channels"])
 
 
-def _parity(recipe: LoadedRecipe, loaded, windows, prompts: list[list[int]], candidate,
+def _parity(recipe: LoadedRecipe, loaded, io, windows, prompts: list[list[int]], candidate,
             fp32_path: Path) -> ParityReport:
     r = recipe.recipe
-    checkpoint = loaded.path
-    io = checkpoint_io(checkpoint, spec_from_recipe(r.architecture))
     layout = kvcache.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
-    original = load_reference(checkpoint, r.source)  # once: metrics, the comparator and generation share it
+    original = load_reference(loaded.path, r.source)  # once: metrics, the comparator and generation share it
     reference = TorchRunner(original, name="fp32-pytorch", io=io, layout=layout)
     if io.kind == "encoder":  # pooled-embedding cosine (or logits agreement of a classifier)
         metrics = evaluate_encoder(reference, candidate, windows, r.parity.eval.batch_size, io)

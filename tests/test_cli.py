@@ -194,11 +194,35 @@ def _pickle_only(tmp_path, source):
     return folder
 
 
+def _with_tokenizer(tmp_path, source, case: str):
+    """A copy of the checkpoint `source` without tokenizer files, or with a tokenizer whose ids for
+    words of the calibration text lie past the model's embedding table (another model's)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = tmp_path / case
+    shutil.copytree(source, folder)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    for path in folder.glob("tokenizer*"):
+        path.unlink()
+    if case == "another_models_tokenizer":
+        rows = AutoConfig.from_pretrained(source).vocab_size
+        tokenizer.add_tokens([f"<unused{i}>" for i in range(rows - len(tokenizer))] + ["License"])
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml", "seq_len_over_context",
-                                  "generation_over_context", "non_utf8_data", "output_dir_is_a_file"])
+                                  "generation_over_context", "non_utf8_data", "output_dir_is_a_file",
+                                  "no_tokenizer", "empty_tokenizer", "another_models_tokenizer"])
 def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
+                # Llama's tokenizer class fails to build without its files; GPT-2's builds empty (0 tokens)
+                "no_tokenizer": "the tokenizer could not be loaded (Couldn't instantiate the backend tokenizer",
+                "empty_tokenizer": "the tokenizer is empty (no tokenizer.json, tokenizer.model or vocabulary files)",
+                # an index error deep in calibration otherwise
+                "another_models_tokenizer": "calibration data: the tokenizer gives token id 320 but the model "
+                                            "embeds only 320 ids",
                 "pickle_only": "only pickle weights", "bad_yaml": "invalid YAML",
                 # the tiny models have 512 positions: an index error deep in calibration or generation otherwise
                 "seq_len_over_context": "parity.eval.seq_len is 520 tokens, more than the checkpoint's context of 512",
@@ -221,6 +245,9 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
         data["source"]["path"] = str(tmp_path / "no-such-folder")
     elif case == "pickle_only":
         data["source"]["path"] = str(_pickle_only(tmp_path, tiny_checkpoints["llama"]))
+    elif case.endswith("tokenizer"):
+        source = tiny_checkpoints["gpt2" if case == "empty_tokenizer" else "llama"]
+        data["source"]["path"] = str(_with_tokenizer(tmp_path, source, case))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("calibration: [unclosed" if case == "bad_yaml" else yaml.safe_dump(data))
     proc = run_subprocess(recipe, "--output-dir", out, "--quiet")
