@@ -35,7 +35,7 @@ from converter.generation import generation_parity, generation_prompts
 from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
 from converter.progress import note
-from converter.quantize import plan_quantization, split_by_exclusions
+from converter.quantize import check_patterns, plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
 from converter.runners import TorchRunner, onnxruntime_runner
@@ -255,7 +255,11 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
         raise UserError(f"{type(model).__name__} is an encoder: smoothing.search and quantization.fallback "
                         "score next-token KL and need a causal LM; set them to off/false")
     linears = block_linear_names(model, spec)
-    quantized, _ = split_by_exclusions(linears, r.quantization.exclude)
+    q = r.quantization
+    check_patterns(linears, {"quantization.exclude": q.exclude if "exclude" in q.model_fields_set else [],
+                             "quantization.activations.range_overrides": list(q.activations.range_overrides)},
+                   type(model).__name__)
+    quantized, _ = split_by_exclusions(linears, q.exclude)
     with stages.run("calibrate") as record:
         before = cache.load_stats(store, "calibrate", keys.calibrate)
         record.ran, record.cache = before is None, _cache_state(store, before is not None)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from converter.errors import UserError
 from converter.recipe import Quantization
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -128,10 +129,30 @@ class QuantPlan:
     excluded: list[str]  # quantizable linears kept in float
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """A recipe's linear pattern: the exact module name or an fnmatch pattern."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
 def split_by_exclusions(names: list[str], exclude: list[str]) -> tuple[list[str], list[str]]:
     """(quantized, excluded): a name is excluded if it equals or fnmatches any pattern."""
-    excluded = [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in exclude)]
+    excluded = [n for n in names if any(name_matches(n, p) for p in exclude)]
     return [n for n in names if n not in excluded], excluded
+
+
+def check_patterns(names: list[str], patterns: dict[str, list[str]], architecture: str) -> None:
+    """Refuse a recipe pattern that names no linear of the model: a typo would otherwise leave a linear
+    quantized that the recipe meant to keep in float (or on the default range method), silently.
+
+    Args:
+        names: the model's quantizable linears.
+        patterns: recipe field -> the patterns it sets.
+    """
+    for field, values in patterns.items():
+        for pattern in values:
+            if not any(name_matches(n, pattern) for n in names):
+                raise UserError(f"{field}: {pattern!r} matches none of the {len(names)} linears of {architecture} "
+                                f"(they are named like {names[0]!r} ... {names[-1]!r})")
 
 
 @torch.no_grad()

@@ -9,12 +9,11 @@ calibration pass, the way TensorRT's and ONNX Runtime's histogram calibrators do
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
 
-from converter.quantize import INT8_MAX
+from converter.quantize import INT8_MAX, name_matches
 
 HISTOGRAM_BINS = 2048
 
@@ -66,7 +65,7 @@ def mse_range(hist: Histogram, candidates: int = 256) -> float:
 def range_method(name: str, default: str, overrides: dict[str, str]) -> str:
     """The method for one linear: the first override pattern that matches its name, else default."""
     for pattern, method in overrides.items():
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        if name_matches(name, pattern):
             return method
     return default
 

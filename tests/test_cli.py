@@ -213,7 +213,8 @@ def _with_tokenizer(tmp_path, source, case: str):
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml", "seq_len_over_context",
                                   "generation_over_context", "non_utf8_data", "output_dir_is_a_file",
-                                  "no_tokenizer", "empty_tokenizer", "another_models_tokenizer"])
+                                  "no_tokenizer", "empty_tokenizer", "another_models_tokenizer",
+                                  "exclude_matches_nothing", "range_override_matches_nothing"])
 def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
@@ -223,6 +224,10 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
                 # an index error deep in calibration otherwise
                 "another_models_tokenizer": "calibration data: the tokenizer gives token id 320 but the model "
                                             "embeds only 320 ids",
+                # a typo would leave the linear quantized (or on the default range method), silently
+                "exclude_matches_nothing": "quantization.exclude: 'lm_haed' matches none of the 15 linears of "
+                                           "LlamaForCausalLM (they are named like 'model.layers.0.self_attn.q_proj'",
+                "range_override_matches_nothing": "quantization.activations.range_overrides: '*.down_prj' matches none",
                 "pickle_only": "only pickle weights", "bad_yaml": "invalid YAML",
                 # the tiny models have 512 positions: an index error deep in calibration or generation otherwise
                 "seq_len_over_context": "parity.eval.seq_len is 520 tokens, more than the checkpoint's context of 512",
@@ -245,6 +250,10 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
         data["source"]["path"] = str(tmp_path / "no-such-folder")
     elif case == "pickle_only":
         data["source"]["path"] = str(_pickle_only(tmp_path, tiny_checkpoints["llama"]))
+    elif case == "exclude_matches_nothing":
+        data["quantization"] = {"exclude": ["model.layers.*.mlp.down_proj", "lm_haed"]}
+    elif case == "range_override_matches_nothing":
+        data["quantization"] = {"activations": {"range_overrides": {"*.down_prj": "mse"}}}
     elif case.endswith("tokenizer"):
         source = tiny_checkpoints["gpt2" if case == "empty_tokenizer" else "llama"]
         data["source"]["path"] = str(_with_tokenizer(tmp_path, source, case))
