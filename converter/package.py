@@ -116,7 +116,10 @@ def read_manifest(folder: Path) -> dict:
     """
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"{folder} is not an artifact (no {MANIFEST})")
+        # the artifact's name folder instead of one of its versions: name them
+        versions = sorted(p.parent.name for p in folder.glob(f"[!._]*/{MANIFEST}")) if folder.is_dir() else []
+        hint = f"; versions in it: {', '.join(versions)} (pass one of those folders)" if versions else ""
+        raise UserError(f"{folder} is not an artifact (no {MANIFEST}){hint}")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -106,6 +106,13 @@ def test_verify_detects_a_flipped_byte(converted, tmp_path):
     assert record["ok"] is False and "1 file(s) do not match" in record["error"]
 
 
+def test_the_artifact_name_folder_instead_of_a_version_names_its_versions(converted):
+    _, out, _, _ = converted
+    code, _, stderr = run_cli("verify", out / NAME)
+    assert code == 1 and stderr.strip() == (f"error: {out / NAME} is not an artifact (no manifest.json); "
+                                            f"versions in it: {VERSION} (pass one of those folders)")
+
+
 @pytest.mark.parametrize("command", ["inspect", "verify", "generate", "triton"])
 @pytest.mark.parametrize("manifest", ["{not json", "[1, 2]"])
 def test_a_damaged_manifest_is_one_line_exit_1(converted, tmp_path, command, manifest):
