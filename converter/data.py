@@ -68,6 +68,15 @@ def read_corpus(files: list[Path], jsonl_field: str) -> str:
     return "\n\n".join(parts)
 
 
+def shared_files(recipe: LoadedRecipe, calibration: TextData, evaluation: TextData) -> list[str]:
+    """The evaluation files whose bytes are also a calibration file (under any name)."""
+    def digest(name: str) -> str:
+        return hashlib.sha256(recipe.path(name).read_bytes()).hexdigest()
+
+    calibrated = {digest(f) for f in calibration.files}
+    return [f for f in evaluation.files if digest(f) in calibrated]
+
+
 def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool,
                   wrap: tuple[int, int] | None = None) -> Windows:
     """Tokenize the data files and cut non-overlapping windows of `data.seq_len` tokens.

@@ -27,14 +27,14 @@ import yaml
 from converter import cache, kvcache, package, scratch, triton
 from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
 from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import token_windows
+from converter.data import shared_files, token_windows
 from converter.encoder import checkpoint_io, evaluate_encoder
 from converter.errors import ParityFailure, UserError
 from converter.export import export_fp32, insert_qdq
 from converter.generation import generation_parity, generation_prompts
 from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load, load_reference
 from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
-from converter.progress import note
+from converter.progress import note, warn
 from converter.quantize import check_patterns, plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
@@ -154,6 +154,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
             calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
         eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
+        shared = shared_files(recipe, r.calibration, r.parity.eval)
+        if shared:
+            warn(f"parity.eval.files {', '.join(shared)} also calibrate the model (calibration.files): parity is "
+                 "measured on calibration data and flatters the artifact; evaluate on held-out text")
         prompts = (generation_prompts(eval_windows, r.parity.generation, loaded.tokenizer, recipe.base_dir)
                    if r.parity.generation.enabled and io.kind == "decoder" else [])
         lengths = {"calibration.seq_len": r.calibration.seq_len, "parity.eval.seq_len": r.parity.eval.seq_len}

@@ -88,3 +88,20 @@ def test_a_damaged_checkpoint_is_refused_naming_the_weights(tiny_checkpoints, tm
         weights.write_bytes(weights.read_bytes()[:4096])
     with pytest.raises(UserError, match=message):
         load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
+
+
+def test_evaluation_files_that_are_calibration_files_under_any_name_are_found(tiny_checkpoints, tmp_path, write_recipe):
+    from conftest import CALIBRATION_TEXT
+
+    from converter.data import shared_files
+
+    renamed = tmp_path / "renamed.txt"
+    renamed.write_bytes(CALIBRATION_TEXT.read_bytes())
+    data = tiny_recipe_dict(tiny_checkpoints["llama"])
+    held_out = data["parity"]["eval"]["files"]
+    data["parity"]["eval"]["files"] = [*held_out, str(renamed)]
+    r = load_recipe(write_recipe(data))
+    assert shared_files(r, r.recipe.calibration, r.recipe.parity.eval) == [str(renamed)]
+    data["parity"]["eval"]["files"] = held_out
+    r = load_recipe(write_recipe(data))
+    assert shared_files(r, r.recipe.calibration, r.recipe.parity.eval) == []
