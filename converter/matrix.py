@@ -76,8 +76,13 @@ def job_matrix(paths: list[Path]) -> list[dict]:
     from converter.recipe import load_recipe
 
     jobs = []
+    producers: dict[tuple[str, str], Path] = {}
     for file in recipe_files(paths):
         r = load_recipe(file).recipe
+        other = producers.setdefault((r.output.name, r.output.version), file)
+        if other != file:  # two jobs would publish, and upload, the same artifact
+            raise UserError(f"recipes {other} and {file} both produce {r.output.name} version {r.output.version}; "
+                            "give one of them another output.name or output.version")
         for target in r.targets:
             jobs.append({
                 "recipe": file.as_posix(),

@@ -36,6 +36,18 @@ def test_a_bad_recipe_is_named(tmp_path):
     assert code == 1 and "bad.yaml" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_two_recipes_publishing_the_same_version_are_refused(tmp_path):
+    shipped = (ROOT / "recipes" / "smollm2-135m-cpu.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(shipped)
+    (tmp_path / "b.yaml").write_text(shipped.replace("alpha: 0.8", "alpha: 0.7"))
+    code, stdout, stderr = run_cli("matrix", tmp_path)
+    assert code == 1 and stdout == "" and stderr.strip() == (
+        f"error: recipes {tmp_path / 'a.yaml'} and {tmp_path / 'b.yaml'} both produce smollm2-135m-instruct-w8a8 "
+        "version 1; give one of them another output.name or output.version")
+    (tmp_path / "b.yaml").write_text(shipped.replace('version: "1"', 'version: "2"'))
+    assert run_cli("matrix", tmp_path)[0] == 0
+
+
 def test_readme_workflow_is_valid_yaml_that_converts_verifies_and_uploads():
     import re
 
