@@ -62,6 +62,14 @@ def _check_folder(folder: Path, allow_pickle: bool, layer_map=None) -> None:
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist")
     if not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():  # a LoRA fine-tune (RadLite-style) saved as its adapter only
+            try:
+                base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                base = None
+            raise UserError(f"checkpoint folder {folder} is a PEFT adapter (adapter_config.json), not a model: merge it "
+                            f"into its base model{f' {base}' if base else ''} first (peft: PeftModel.from_pretrained(base, "
+                            "adapter).merge_and_unload(), then save_pretrained with the tokenizer) and convert that")
         raise UserError(f"checkpoint folder {folder} has no config.json")
     has_safetensors = any(folder.glob("*.safetensors"))
     has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))

@@ -105,3 +105,15 @@ def test_evaluation_files_that_are_calibration_files_under_any_name_are_found(ti
     data["parity"]["eval"]["files"] = held_out
     r = load_recipe(write_recipe(data))
     assert shared_files(r, r.recipe.calibration, r.recipe.parity.eval) == []
+
+
+def test_a_lora_adapter_folder_is_refused_with_how_to_merge_it(tmp_path, write_recipe):
+    folder = tmp_path / "adapter"  # what a LoRA fine-tune saves: the adapter, not the model
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16,
+                                                            "base_model_name_or_path": "Qwen/Qwen2.5-3B"}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(16, 8)},
+              folder / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=r"is a PEFT adapter \(adapter_config.json\), not a model: merge it into its "
+                                        r"base model Qwen/Qwen2.5-3B first \(peft: .*merge_and_unload"):
+        load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
