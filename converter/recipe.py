@@ -238,6 +238,14 @@ class Parity(_Section):
     polygraphy: PolygraphyCheck = PolygraphyCheck()
     generation: Generation = Generation()
 
+    @model_validator(mode="after")
+    def _prompts_fit_the_windows(self) -> "Parity":
+        g = self.generation  # only a value the recipe sets: the default also serves encoders and short windows
+        if "prompt_tokens" in g.model_fields_set and g.prompts_file is None and g.prompt_tokens > self.eval.seq_len:
+            raise ValueError(f"generation.prompt_tokens {g.prompt_tokens} is more than eval.seq_len "
+                             f"{self.eval.seq_len}: prompts are cut from the evaluation windows")
+        return self
+
 
 class DynamicBatching(_Section):
     enabled: bool = True

@@ -70,6 +70,17 @@ def test_out_of_range_and_unsupported_values_are_rejected():
         load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["quantization.activations.granularity=per_token"])
     with pytest.raises(UserError, match=r"unknown target"):
         load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["targets=[h100-tensorrtt]"])
+    # prompts are cut from the evaluation windows: a longer prompt would silently be the whole window
+    with pytest.raises(UserError, match=r"parity: .*generation\.prompt_tokens 300 is more than eval\.seq_len 256"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["parity.generation.prompt_tokens=300"])
+    assert load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["parity.generation.prompt_tokens=256",
+                                                                    "parity.eval.seq_len=256"])
+
+
+def test_the_default_prompt_length_is_not_held_against_short_windows(tiny_checkpoints, write_recipe):
+    data = tiny_recipe_dict(tiny_checkpoints["llama"])
+    data["parity"]["eval"]["seq_len"] = 16  # shorter than the default 32 prompt tokens (encoders do not generate)
+    assert load_recipe(write_recipe(data)).recipe.parity.generation.prompt_tokens == 32
 
 
 def test_schema_version_mismatch(write_recipe):
