@@ -96,6 +96,12 @@ def _windows_line(windows, data) -> str:
                    if data.num_samples > windows.total_windows else "")
 
 
+def _shortfall(field: str, asked: int, got: int, source: str) -> str:
+    """" (parity.generation.prompts 8: there are 4 evaluation windows)" when a run gets fewer than the
+    recipe asks for, else ""."""
+    return f" ({field} {asked}: there are {got} {source})" if got < asked else ""
+
+
 def artifact_version(recipe_version: str, build_number: int | None) -> str:
     """`<output.version>-build<N>` with a build number, else the recipe's version."""
     return recipe_version if build_number is None else f"{recipe_version}-build{build_number}"
@@ -170,8 +176,13 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                                        "generation prompts": [i for prompt in prompts for i in prompt]})
         note(f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
              + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
+             + _shortfall("calibration.decode_windows", r.calibration.decode_windows, calib.decode_windows,
+                          "calibration windows")
              + f"; evaluation {_windows_line(eval_windows, r.parity.eval)}"
-             + (f"; {len(prompts)} generation prompts" if prompts else ""))
+             + (f"; {len(prompts)} generation prompts" if prompts else "")
+             + (_shortfall("parity.generation.prompts", r.parity.generation.prompts, len(prompts),
+                           "prompts in the file" if r.parity.generation.prompts_file else "evaluation windows")
+                if prompts else ""))
         keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)

@@ -144,13 +144,16 @@ def test_progress_says_how_much_data_each_stage_reads(converted, tmp_path):
     from conftest import CALIBRATION_TEXT
 
     recipe, _, _, _ = converted
-    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path, "--set", "calibration.num_samples=100000")
+    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path, "--set", "calibration.num_samples=100000",
+                              "--set", "export.kv_cache=true", "--set", "calibration.decode_windows=1000")
     assert code == 0, stderr
     tokenizer = AutoTokenizer.from_pretrained(yaml.safe_load(recipe.read_text())["source"]["path"])
     total = len(tokenizer(CALIBRATION_TEXT.read_text(), add_special_tokens=False)["input_ids"]) // 64
-    assert stderr.splitlines()[1] == (f"  LlamaForCausalLM: calibration {total} windows x 64 tokens (num_samples "
-                                      f"100000: the text holds {total}); evaluation 4 windows x 64 tokens; "
-                                      "4 generation prompts")
+    assert stderr.splitlines()[1] == (
+        f"  LlamaForCausalLM: calibration {total} windows x 64 tokens (num_samples 100000: the text holds {total})"
+        f" + {total} x 32 decode steps (calibration.decode_windows 1000: there are {total} calibration windows); "
+        "evaluation 4 windows x 64 tokens; 4 generation prompts (parity.generation.prompts 8: there are 4 "
+        "evaluation windows)")
 
 
 def test_existing_version_is_not_overwritten_without_force(converted):
