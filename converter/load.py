@@ -199,19 +199,18 @@ def check_context(config, lengths: dict[str, int]) -> None:
                             f"(max_position_embeddings in config.json)")
 
 
-def check_token_ids(model: torch.nn.Module, ids: dict[str, list[int]]) -> None:
+def check_token_ids(model: torch.nn.Module, largest: dict[str, int]) -> None:
     """Refuse token ids the model has no embedding for: the tokenizer is another model's.
 
     Args:
-        ids: what the run feeds (as the user would name it) -> its token ids.
+        largest: what the run feeds (as the user would name it) -> the largest token id in it.
 
     Raises:
         UserError: the first input holding an id past the input embedding table (an index error deep
             in calibration otherwise).
     """
     rows = model.get_input_embeddings().num_embeddings
-    for what, values in ids.items():
-        top = max(values, default=-1)
+    for what, top in largest.items():
         if top >= rows:
             raise UserError(f"{what}: the tokenizer gives token id {top} but the model embeds only {rows} ids "
                             "(vocab_size in config.json): the tokenizer in the checkpoint folder is another "

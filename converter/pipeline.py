@@ -171,9 +171,9 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
                 max(map(len, prompts)) + r.parity.generation.max_new_tokens)
         check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
-        check_token_ids(loaded.model, {"calibration data": calib.input_ids.flatten().tolist(),
-                                       "evaluation data": eval_windows.input_ids.flatten().tolist(),
-                                       "generation prompts": [i for prompt in prompts for i in prompt]})
+        check_token_ids(loaded.model, {"calibration data": int(calib.input_ids.max()),
+                                       "evaluation data": int(eval_windows.input_ids.max()),
+                                       "generation prompts": max((max(p) for p in prompts), default=-1)})
         note(f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
              + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
              + _shortfall("calibration.decode_windows", r.calibration.decode_windows, calib.decode_windows,
