@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -47,3 +48,28 @@ def write_results(name: str, results: dict, table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(table)
+
+
+def time_interleaved(sessions: dict, feeds: dict, iters: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of `iters` runs of every ONNX Runtime session on its feed, one run of each in turn
+    (after `warmup` runs of each), so the sessions of one iteration share the machine's state."""
+    for name, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, feeds[name])
+    times = {name: [] for name in sessions}
+    for _ in range(iters):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def against(times: dict[str, list[float]], base: str = "fp32") -> dict:
+    """Median ms of each, and each one's time over `base`'s in the same iteration: median, [min, max].
+    This machine's speed changes every few tens of seconds under other load, and INT8 kernels lose
+    more than FP32 in the slow phase: a ratio of two medians could pair runs from different phases."""
+    ratios = {n: [a / b for a, b in zip(t, times[base])] for n, t in times.items() if n != base}
+    return {"median_ms": {n: statistics.median(t) for n, t in times.items()},
+            "over_fp32": {n: statistics.median(r) for n, r in ratios.items()},
+            "over_fp32_range": {n: [min(r), max(r)] for n, r in ratios.items()}}

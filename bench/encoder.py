@@ -1,6 +1,6 @@
 """Benchmark the shipped all-MiniLM-L6-v2 encoder recipe: pooled-embedding cosine and ORT latency.
 
-    .venv/bin/python bench/encoder.py [--latency-iters 20] [--note TEXT]
+    .venv/bin/python bench/encoder.py [--latency-iters 60] [--note TEXT]
 
 Each configuration is converted by `convert.py` in a subprocess (the shipped recipe, and every
 linear int8 for comparison); FP32 ONNX and the INT8 artifacts are then timed side by side in one
@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from cli_run import run_convert, stamp, write_results
+from cli_run import against, run_convert, stamp, time_interleaved, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "minilm-l6-cpu.yaml"
@@ -32,7 +30,8 @@ CONFIGS = {
 
 
 def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dict:
-    """Median ms per (batch, sequence) shape for every model, runs interleaved."""
+    """Per (batch, sequence) shape: every model's median ms and its time over FP32's in the same
+    iteration (see cli_run.against), runs interleaved."""
     import numpy as np
 
     from converter.runners import onnxruntime_session
@@ -44,18 +43,8 @@ def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dic
     for batch, seq in shapes:
         ids = rng.integers(1000, 30000, (batch, seq), dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        times = {name: [] for name in sessions}
-        for session in sessions.values():  # warm-up
-            for _ in range(3):
-                session.run(None, feed)
-        for _ in range(iters):
-            for name, session in sessions.items():
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[name].append((time.perf_counter() - start) * 1000)
-        medians = {name: statistics.median(v) for name, v in times.items()}
-        out[f"{batch}x{seq}"] = {"batch": batch, "sequence": seq, "median_ms": medians,
-                                 "over_fp32": {n: medians[n] / medians["fp32"] for n in medians}}
+        times = time_interleaved(sessions, {name: feed for name in sessions}, iters)
+        out[f"{batch}x{seq}"] = {"batch": batch, "sequence": seq, **against(times), "all_ms": times}
     return {"threads": threads, "iterations": iters, "shapes": out}
 
 
@@ -80,17 +69,19 @@ def markdown(results: dict) -> str:
                      f"{c['mean_cosine']:.5f} / {c['min_cosine']:.5f} |")
     lat = results["latency"]
     names = list(results["configs"])
-    lines += ["", f"| ONNX Runtime, {lat['threads']} threads, median of {lat['iterations']} (interleaved) | FP32 | "
-              + " | ".join(f"INT8, {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    lines += ["", f"| ONNX Runtime, {lat['threads']} threads, median of {lat['iterations']} (interleaved); vs FP32: "
+              "median of iterations [min, max] | FP32 | " + " | ".join(f"INT8, {n}" for n in names) + " |",
+              "|---|---|" + "---|" * len(names)]
     for shape, s in lat["shapes"].items():
-        lines.append(f"| batch x seq {shape} | {s['median_ms']['fp32']:.1f} ms | "
-                     + " | ".join(f"{s['median_ms'][n]:.1f} ms ({s['over_fp32'][n]:.2f}x)" for n in names) + " |")
+        lines.append(f"| batch x seq {shape} | {s['median_ms']['fp32']:.1f} ms | " + " | ".join(
+            f"{s['median_ms'][n]:.1f} ms ({s['over_fp32'][n]:.2f}x [{s['over_fp32_range'][n][0]:.2f}, "
+            f"{s['over_fp32_range'][n][1]:.2f}])" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latency-iters", type=int, default=20)
+    parser.add_argument("--latency-iters", type=int, default=60)
     parser.add_argument("--note", default="", help="recorded with the results (e.g. machine load)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
