@@ -137,7 +137,8 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
     """Load an artifact's tokenizer and start an ONNX Runtime session on its model.onnx.
 
     Raises:
-        UserError: the folder has no model.onnx or no tokenizer files.
+        UserError: the folder has no model.onnx or no tokenizer files, or a file that fails to load
+            does not match the manifest (a damaged copy).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -150,10 +151,20 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
         raise UserError(f"{artifact} is not an artifact (no model.onnx)")
     if not (artifact / "tokenizer.json").is_file() and not (artifact / "tokenizer_config.json").is_file():
         raise UserError(f"{artifact}: no tokenizer files (tokenizer.json) beside model.onnx")
-    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-    config = AutoConfig.from_pretrained(str(artifact)) if (artifact / "config.json").is_file() else None
-    return OpenArtifact(tokenizer, session_step(onnxruntime_session(model_path, threads=threads)),
-                        graph_kv_layout(model_path), config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+        config = AutoConfig.from_pretrained(str(artifact)) if (artifact / "config.json").is_file() else None
+        return OpenArtifact(tokenizer, session_step(onnxruntime_session(model_path, threads=threads)),
+                            graph_kv_layout(model_path), config)
+    except Exception as exc:  # a truncated copy or download: say which files, not ONNX Runtime's traceback
+        from converter.package import verify
+
+        problems = verify(artifact) if (artifact / "manifest.json").is_file() else []
+        if not problems:
+            raise
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{artifact} is damaged ({'; '.join(problems[:3])}{more}): {first[:200]}") from None
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -126,6 +126,18 @@ def test_a_damaged_manifest_is_one_line_exit_1(converted, tmp_path, command, man
     assert code == 1 and stdout == "" and why in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.parametrize("damaged", ["model.onnx", "tokenizer.json"])
+def test_generate_on_a_truncated_file_names_it_in_one_line(converted, tmp_path, damaged):
+    _, out, _, _ = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out / NAME / VERSION, copy)
+    (copy / damaged).write_bytes((copy / damaged).read_bytes()[:1000])  # an interrupted copy
+    code, stdout, stderr = run_cli("generate", copy, "--prompt", "x")
+    lines = stderr.strip().splitlines()
+    assert code == 1 and stdout == "" and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {copy} is damaged (changed: {damaged}): "), stderr
+
+
 def test_generate_refuses_an_encoder_artifact(converted, tmp_path):
     _, out, _, _ = converted
     copy = tmp_path / "copy"
