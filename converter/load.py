@@ -59,6 +59,9 @@ def _combined_digest(files: dict[str, str]) -> str:
 
 
 def _check_folder(folder: Path, allow_pickle: bool, layer_map=None) -> None:
+    if folder.exists() and not folder.is_dir():  # e.g. the weights file itself
+        raise UserError(f"source.path {folder} is a file; give the checkpoint folder that holds config.json "
+                        "and the *.safetensors weights")
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist")
     if not (folder / "config.json").is_file():

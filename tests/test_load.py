@@ -117,3 +117,9 @@ def test_a_lora_adapter_folder_is_refused_with_how_to_merge_it(tmp_path, write_r
     with pytest.raises(UserError, match=r"is a PEFT adapter \(adapter_config.json\), not a model: merge it into its "
                                         r"base model Qwen/Qwen2.5-3B first \(peft: .*merge_and_unload"):
         load(load_recipe(write_recipe(tiny_recipe_dict(folder))))
+
+
+def test_a_weights_file_given_as_the_checkpoint_folder_is_named(tiny_checkpoints, write_recipe):
+    weights = tiny_checkpoints["llama"] / "model.safetensors"
+    with pytest.raises(UserError, match=r"source\.path .*model\.safetensors is a file; give the checkpoint folder"):
+        load(load_recipe(write_recipe(tiny_recipe_dict(weights))))
