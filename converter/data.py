@@ -69,12 +69,21 @@ def read_corpus(files: list[Path], jsonl_field: str) -> str:
 
 
 def shared_files(recipe: LoadedRecipe, calibration: TextData, evaluation: TextData) -> list[str]:
-    """The evaluation files whose bytes are also a calibration file (under any name)."""
-    def digest(name: str) -> str:
-        return hashlib.sha256(recipe.path(name).read_bytes()).hexdigest()
+    """The evaluation files whose bytes are also a calibration file (under any name). Only files of
+    equal size are read and hashed."""
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    calibrated = {digest(f) for f in calibration.files}
-    return [f for f in evaluation.files if digest(f) in calibrated]
+    calibrated: dict[int, list[Path]] = {}
+    for path in map(recipe.path, calibration.files):
+        calibrated.setdefault(path.stat().st_size, []).append(path)
+    shared = []
+    for name in evaluation.files:
+        path = recipe.path(name)
+        twins = calibrated.get(path.stat().st_size, [])
+        if twins and digest(path) in {digest(t) for t in twins}:
+            shared.append(name)
+    return shared
 
 
 def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool,

@@ -68,3 +68,15 @@ def check_writable_folder(folder: Path, what: str) -> None:
         raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {folder}: {existing} is not writable")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message (its type name when it has none), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(" :") if text else type(exc).__name__
+
+
+def listed(items: list[str], sep: str = ", ", shown: int = 3) -> str:
+    """"a, b, c and 4 more": the first `shown` items of a list named in a one-line error."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more

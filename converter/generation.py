@@ -142,7 +142,7 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from converter.errors import UserError
+    from converter.errors import UserError, first_line, listed
     from converter.kvcache import graph_kv_layout
     from converter.runners import onnxruntime_session
 
@@ -162,9 +162,7 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
         problems = verify(artifact) if (artifact / "manifest.json").is_file() else []
         if not problems:
             raise
-        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{artifact} is damaged ({'; '.join(problems[:3])}{more}): {first[:200]}") from None
+        raise UserError(f"{artifact} is damaged ({listed(problems, '; ')}): {first_line(exc)[:200]}") from None
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:

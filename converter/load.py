@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 
 from converter.archs import conv1d_to_linear, spec_for, spec_from_recipe
-from converter.errors import UserError
+from converter.errors import UserError, first_line, listed
 from converter.recipe import LoadedRecipe, Source
 
 # Files whose bytes define the checkpoint (weights, config, tokenizer); hashed into the manifest.
@@ -115,11 +115,11 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
     try:
         model = load_reference(folder, src)
     except (OSError, ValueError, SafetensorError) as exc:  # unreadable files: a truncated download
-        raise UserError(f"checkpoint folder {folder} could not be loaded: {_first_line(exc)}") from None
+        raise UserError(f"checkpoint folder {folder} could not be loaded: {first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=src.trust_remote_code)
     except (OSError, ValueError) as exc:  # damaged or missing tokenizer files
-        raise UserError(f"checkpoint folder {folder}: the tokenizer could not be loaded ({_first_line(exc)}); "
+        raise UserError(f"checkpoint folder {folder}: the tokenizer could not be loaded ({first_line(exc)}); "
                         f"{save_hint}") from None
     if not tokenizer("The patient is afebrile.", add_special_tokens=False)["input_ids"]:
         # without its files, transformers builds some tokenizers empty from config.json: every text is 0 tokens
@@ -136,11 +136,6 @@ def load(recipe: LoadedRecipe) -> LoadedModel:
         checkpoint_sha256=_combined_digest(files),
         files=files,
     )
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(" :") if text else type(exc).__name__
 
 
 def load_reference(folder: Path, src: Source) -> torch.nn.Module:
@@ -173,8 +168,7 @@ def load_reference(folder: Path, src: Source) -> torch.nn.Module:
                        ("are missing (transformers would fill them at random)", info["missing_keys"])):
         if keys:
             names = sorted(k if isinstance(k, str) else k[0] for k in keys)
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise UserError(f"checkpoint folder {folder}: weights {', '.join(names[:3])}{more} {what}")
+            raise UserError(f"checkpoint folder {folder}: weights {listed(names)} {what}")
     return model.eval()
 
 
