@@ -134,6 +134,15 @@ _GEMMA3 = ArchSpec(
     norm_offset=1.0,  # Gemma3RMSNorm: x_hat * (1 + weight)
 )
 
+# Gemma (1): Llama's layout with Gemma's x_hat * (1 + weight) norms; GeGLU is gelu(gate) * up, linear in up.
+_GEMMA = ArchSpec(
+    blocks="model.layers",
+    linears=_LLAMA_LINEARS,
+    groups=_LLAMA_LIKE.groups,
+    head_group=_LLAMA_LIKE.head_group,
+    norm_offset=1.0,
+)
+
 # Phi-3: q/k/v and gate/up are fused; down_proj reads act(gate) * up, linear in the `up` rows.
 _PHI3 = ArchSpec(
     blocks="model.layers",
@@ -179,6 +188,33 @@ _BLOOM = ArchSpec(
     config_requires=(("apply_residual_connection_post_layernorm", False),),
 )
 
+# GPT-NeoX (Pythia): query_key_value rows are (heads, [q, k, v], head_dim) as in BLOOM. With the
+# parallel residual each norm still feeds only its own branch; partial rotary touches q and k, not v.
+_GPT_NEOX = ArchSpec(
+    blocks="gpt_neox.layers",
+    linears=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    groups=(
+        SmoothGroup("attn_in", "input_layernorm", "norm", ("attention.query_key_value",)),
+        SmoothGroup("mlp_in", "post_attention_layernorm", "norm", ("mlp.dense_h_to_4h",)),
+        SmoothGroup("attn_out", "attention.query_key_value", "linear_heads", ("attention.dense",),
+                    FusedRows(("q", "kv", "kv"), 2, per_head=True)),
+    ),
+    head_group=SmoothGroup("head_in", "gpt_neox.final_layer_norm", "norm", ("lm_head",)),
+)
+
+# Phi (1, 1.5, 2): attention and MLP run in parallel on one LayerNorm, so q/k/v and fc1 share its scale.
+_PHI = ArchSpec(
+    blocks="model.layers",
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
+    groups=(
+        SmoothGroup("attn_in", "input_layernorm", "norm", (*_QKV, "mlp.fc1")),
+        SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.dense",)),
+    ),
+    head_group=SmoothGroup("head_in", "model.final_layernorm", "norm", ("lm_head",)),
+    # q/k LayerNorms would sit between q/k_proj and attention: harmless, but not what this entry was tested on
+    config_requires=(("qk_layernorm", False),),
+)
+
 # GPT-2: HF Conv1D modules are swapped for equivalent nn.Linear at load time (`conv1d_to_linear`),
 # so every weight here is (out, in). c_attn rows are [q | k | v]. GELU in the MLP: no mlp_down.
 _GPT2 = ArchSpec(
@@ -201,6 +237,17 @@ _BERT = ArchSpec(blocks="encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GRO
                  kind="encoder", output="last_hidden_state")
 _BERT_CLASSIFIER = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
                             lm_head="classifier", kind="encoder", output="logits")
+# RoBERTa / XLM-R share BERT's blocks; their classification head is dense -> tanh -> out_proj, and
+# out_proj is the head (dense stays float, as BERT's pooler does).
+_ROBERTA_CLASSIFIER = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
+                               lm_head="classifier.out_proj", kind="encoder", output="logits")
+# DistilBERT: post-LN like BERT, other names; its classifier reads pre_classifier -> ReLU (float).
+_DISTILBERT_LINEARS = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2")
+_DISTILBERT_GROUPS = (SmoothGroup("attn_out", "attention.v_lin", "linear_heads", ("attention.out_lin",)),)
+_DISTILBERT = ArchSpec(blocks="transformer.layer", linears=_DISTILBERT_LINEARS, groups=_DISTILBERT_GROUPS,
+                       lm_head="", kind="encoder", output="last_hidden_state")
+_DISTILBERT_CLASSIFIER = ArchSpec(blocks="distilbert.transformer.layer", linears=_DISTILBERT_LINEARS,
+                                  groups=_DISTILBERT_GROUPS, lm_head="classifier", kind="encoder", output="logits")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
@@ -208,13 +255,24 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     # Qwen3 and Gemma3 add q_norm/k_norm *after* q/k_proj: they do not touch the smoothed input channels.
     "Qwen3ForCausalLM": _LLAMA_LIKE,
+    "GemmaForCausalLM": _GEMMA,
+    # Gemma 2's block is Gemma 3's without q/k norms (soft-capping acts on scores and logits only)
+    "Gemma2ForCausalLM": _GEMMA3,
     "Gemma3ForCausalLM": _GEMMA3,
     "Phi3ForCausalLM": _PHI3,
+    "PhiForCausalLM": _PHI,
     "OPTForCausalLM": _OPT,
     "BloomForCausalLM": _BLOOM,
     "GPT2LMHeadModel": _GPT2,
+    "GPTNeoXForCausalLM": _GPT_NEOX,
     "BertModel": _BERT,
     "BertForSequenceClassification": _BERT_CLASSIFIER,
+    "RobertaModel": _BERT,
+    "RobertaForSequenceClassification": _ROBERTA_CLASSIFIER,
+    "XLMRobertaModel": _BERT,
+    "XLMRobertaForSequenceClassification": _ROBERTA_CLASSIFIER,
+    "DistilBertModel": _DISTILBERT,
+    "DistilBertForSequenceClassification": _DISTILBERT_CLASSIFIER,
 }
 
 LAYER_MAP_FIELD = "architecture"  # the recipe section that supplies an entry for another class

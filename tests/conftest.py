@@ -77,7 +77,8 @@ def write_recipe(tmp_path):
     return write
 
 
-TINY_ARCHS = ["llama", "qwen2", "qwen3", "opt", "bloom", "gpt2", "gemma3", "phi3", "bert", "bert-cls"]
+TINY_ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "bloom", "gpt2", "gpt-neox", "gemma", "gemma2", "gemma3",
+              "phi", "phi3", "bert", "bert-cls", "roberta", "roberta-cls", "xlm-roberta", "distilbert", "distilbert-cls"]
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHS)

@@ -52,6 +52,9 @@ def test_the_model_has_the_recipes_opset_or_the_run_is_refused(arch, tiny_checkp
     ("opt", "OPTForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 12),  # Gemm rewritten, all fused
     ("phi3", "Phi3ForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 8),
     ("gpt2", "GPT2LMHeadModel", {"attn_in", "mlp_in", "attn_out"}, 8),  # Conv1D checkpoint, swapped at load
+    ("gpt-neox", "GPTNeoXForCausalLM", {"attn_in", "mlp_in", "attn_out"}, 8),  # parallel residual
+    ("phi", "PhiForCausalLM", {"attn_in", "attn_out"}, 12),  # one norm feeds q/k/v and fc1
+    ("gemma2", "Gemma2ForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 14),  # windows past its sliding window
 ])
 def test_new_decoder_converts_end_to_end(arch, architecture, groups, int8, tiny_checkpoints, tmp_path):
     code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints[arch]), tmp_path)
@@ -98,6 +101,23 @@ def test_classifier_reports_logits_agreement(tiny_checkpoints, tmp_path):
     metrics = manifest["targets"]["cpu-onnxruntime"]["parity"]["metrics"]
     assert metrics["compared"] == "logits" and metrics["top1_agreement"] is not None
     assert metrics["ppl_ratio"] is None
+
+
+@pytest.mark.parametrize("arch, architecture, output, int8", [
+    ("roberta-cls", "RobertaForSequenceClassification", "logits", 13),  # + classifier.out_proj
+    ("distilbert", "DistilBertModel", "last_hidden_state", 12),
+])
+def test_more_encoder_families_convert_end_to_end(arch, architecture, output, int8, tiny_checkpoints, tmp_path):
+    code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints[arch]), tmp_path)
+    assert code == 0, stderr
+    manifest = _manifest(tmp_path)
+    assert manifest["source"]["architecture"] == architecture
+    # one segment type: no token_type_ids input, unlike BERT
+    assert manifest["model"]["inputs"] == ["input_ids", "attention_mask"] and manifest["model"]["outputs"] == [output]
+    assert [g["group"] for g in manifest["smoothing"]["groups"]] == ["attn_out", "attn_out"]  # post-LN
+    target = manifest["targets"]["cpu-onnxruntime"]
+    assert target["build"]["fused_linears"] == int8 and target["build"]["unfused_linears"] == []
+    assert target["parity"]["passed"] and target["parity"]["metrics"]["mean_cosine"] >= 0.95
 
 
 def test_encoder_metric_pools_over_the_mask_and_counts_top1():
@@ -181,7 +201,7 @@ def test_readme_layer_map_example_is_a_valid_recipe_section():
     assert spec.head_group == phi3.head_group
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "gemma", "gemma2", "gemma3"])
 def test_tied_lm_head_of_new_families_is_quantized_and_fused(arch, tmp_path):
     from converter.archs import arch_spec, block_linear_names
     from converter.calibrate import collect_input_amax
@@ -232,6 +252,7 @@ def test_encoder_windows_are_wrapped_in_its_special_tokens(tmp_path, write_recip
 @pytest.mark.parametrize("arch, attr, value", [
     ("opt", "do_layer_norm_before", False),  # OPT-350m: post-LN
     ("bloom", "apply_residual_connection_post_layernorm", True),
+    ("phi", "qk_layernorm", True),
 ])
 def test_variant_the_table_entry_does_not_describe_is_refused(arch, attr, value):
     from converter.archs import arch_spec, check_spec

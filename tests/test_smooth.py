@@ -159,7 +159,7 @@ def test_groups_of_float_linears_are_skipped():
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "gpt-neox", "phi", "bert", "distilbert"])
 def test_outliers_are_flattened_for_layernorm_and_fused_architectures(arch):
     model, spec, names, stats = calibrated(arch)
     report = smooth(model, stats.amax, Smoothing(alpha=0.5), spec)

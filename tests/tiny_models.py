@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers import (BertConfig, BloomConfig, Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig,
-                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (BertConfig, BloomConfig, DistilBertConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig,
+                          GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, PhiConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, RobertaConfig, XLMRobertaConfig)
 
 from converter.archs import arch_spec, conv1d_to_linear, head_layout
 
@@ -32,6 +33,9 @@ _COMMON = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
+
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=512)
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
@@ -51,15 +55,41 @@ TINY_CONFIGS = {
                                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # fused qkv_proj and gate_up_proj, GQA
     "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "mistral": lambda: MistralConfig(**_COMMON),
+    # RMSNorm x_hat * (1 + w), GeGLU, tied lm_head
+    "gemma": lambda: GemmaConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Gemma 3's norms without q/k norms; attention and final logit soft-capping, sliding-window layers
+    "gemma2": lambda: Gemma2Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16, sliding_window=32,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # per-head interleaved query_key_value, parallel residual, partial rotary
+    "gpt-neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
+                                      bos_token_id=0, eos_token_id=0),
+    # one LayerNorm feeds q/k/v and fc1 (parallel block), partial rotary, biased lm_head, no GQA (as Phi-2)
+    "phi": lambda: PhiConfig(**{**_COMMON, "num_key_value_heads": 4}, partial_rotary_factor=0.5,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # post-LN encoders
     "bert": lambda: BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=512, architectures=["BertModel"]),
     "bert-cls": lambda: BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, max_position_embeddings=512, num_labels=3,
                                    architectures=["BertForSequenceClassification"]),
+    # RoBERTa-style: one segment type (no token_type_ids input), positions offset past the padding id
+    "roberta": lambda: RobertaConfig(**_ENCODER, type_vocab_size=1, pad_token_id=1, architectures=["RobertaModel"]),
+    "roberta-cls": lambda: RobertaConfig(**_ENCODER, type_vocab_size=1, pad_token_id=1, num_labels=3,
+                                         architectures=["RobertaForSequenceClassification"]),
+    "xlm-roberta": lambda: XLMRobertaConfig(**_ENCODER, type_vocab_size=1, pad_token_id=1,
+                                            architectures=["XLMRobertaModel"]),
+    "distilbert": lambda: DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=160, n_layers=2, n_heads=4,
+                                           max_position_embeddings=512, architectures=["DistilBertModel"]),
+    "distilbert-cls": lambda: DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=160, n_layers=2, n_heads=4,
+                                               max_position_embeddings=512, num_labels=3,
+                                               architectures=["DistilBertForSequenceClassification"]),
 }
-DECODERS = ("llama", "qwen2", "qwen3", "opt", "bloom", "gpt2", "gemma3", "phi3")
-ENCODERS = ("bert", "bert-cls")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "opt", "bloom", "gpt2", "gpt-neox", "gemma", "gemma2", "gemma3",
+            "phi", "phi3")
+ENCODERS = ("bert", "bert-cls", "roberta", "roberta-cls", "xlm-roberta", "distilbert", "distilbert-cls")
 
 
 @torch.no_grad()
