@@ -237,6 +237,9 @@ _BERT = ArchSpec(blocks="encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GRO
                  kind="encoder", output="last_hidden_state")
 _BERT_CLASSIFIER = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
                             lm_head="classifier", kind="encoder", output="logits")
+# token classification (NER): a linear on every token's hidden state
+_BERT_TOKENS = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
+                        lm_head="classifier", kind="encoder", output="logits")
 # RoBERTa / XLM-R share BERT's blocks; their classification head is dense -> tanh -> out_proj, and
 # out_proj is the head (dense stays float, as BERT's pooler does).
 _ROBERTA_CLASSIFIER = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
@@ -248,6 +251,8 @@ _DISTILBERT = ArchSpec(blocks="transformer.layer", linears=_DISTILBERT_LINEARS, 
                        lm_head="", kind="encoder", output="last_hidden_state")
 _DISTILBERT_CLASSIFIER = ArchSpec(blocks="distilbert.transformer.layer", linears=_DISTILBERT_LINEARS,
                                   groups=_DISTILBERT_GROUPS, lm_head="classifier", kind="encoder", output="logits")
+_ROBERTA_TOKENS = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
+                           lm_head="classifier", kind="encoder", output="logits")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
@@ -267,12 +272,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "GPTNeoXForCausalLM": _GPT_NEOX,
     "BertModel": _BERT,
     "BertForSequenceClassification": _BERT_CLASSIFIER,
+    "BertForTokenClassification": _BERT_TOKENS,
     "RobertaModel": _BERT,
     "RobertaForSequenceClassification": _ROBERTA_CLASSIFIER,
     "XLMRobertaModel": _BERT,
     "XLMRobertaForSequenceClassification": _ROBERTA_CLASSIFIER,
+    "RobertaForTokenClassification": _ROBERTA_TOKENS,
+    "XLMRobertaForTokenClassification": _ROBERTA_TOKENS,
     "DistilBertModel": _DISTILBERT,
     "DistilBertForSequenceClassification": _DISTILBERT_CLASSIFIER,
+    "DistilBertForTokenClassification": _DISTILBERT_CLASSIFIER,  # same paths; logits per token
 }
 
 LAYER_MAP_FIELD = "architecture"  # the recipe section that supplies an entry for another class

@@ -70,20 +70,25 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderAccumulator:
-    """Cosine of mean-pooled embeddings (bare encoder) or of logits plus top-1 (classification head),
-    one value per window."""
+    """Cosine of mean-pooled embeddings (bare encoder) or of logits plus top-1 (classification head):
+    one value per window, or per unmasked token for a token-classification head (logits (B, T, L))."""
 
     def __init__(self, output: str):
         self.output = output
         self.cosines: list[float] = []
         self.top1 = 0
         self.tokens = 0
+        self.per_token = False
 
     def add(self, mask: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor) -> None:
         ref, cand = ref.double(), cand.double()
         if self.output == "last_hidden_state":
             ref, cand = mean_pool(ref, mask), mean_pool(cand, mask)
         else:
+            if ref.dim() == 3:  # token classification: compare the tokens the mask keeps, not padding
+                self.per_token = True
+                keep = mask.bool()
+                ref, cand = ref[keep], cand[keep]
             self.top1 += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         self.cosines += F.cosine_similarity(ref, cand, dim=-1).tolist()
         self.tokens += int(mask.sum())
@@ -96,7 +101,7 @@ class EncoderAccumulator:
             windows=windows, tokens=self.tokens, reference_ppl=None, candidate_ppl=None, ppl_ratio=None,
             mean_cosine=sum(self.cosines) / len(self.cosines), min_cosine=min(self.cosines),
             top1_agreement=None if pooled else self.top1 / len(self.cosines), kl_mean=None,
-            compared="mean-pooled embedding" if pooled else "logits",
+            compared="mean-pooled embedding" if pooled else "per-token logits" if self.per_token else "logits",
         )
 
 

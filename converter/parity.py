@@ -24,7 +24,8 @@ from converter.recipe import PolygraphyCheck, Thresholds
 @dataclass
 class ParityMetrics:
     """Decoders: every field, cosines of the logits per position. Encoders (converter/encoder.py):
-    cosines per window of `compared`, top-1 only for a classification head, no perplexity or KL (None)."""
+    cosines per window of `compared` (per unmasked token for a token-classification head), top-1 only for a
+    classification head, no perplexity or KL (None)."""
 
     windows: int
     tokens: int

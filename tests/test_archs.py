@@ -103,21 +103,26 @@ def test_classifier_reports_logits_agreement(tiny_checkpoints, tmp_path):
     assert metrics["ppl_ratio"] is None
 
 
-@pytest.mark.parametrize("arch, architecture, output, int8", [
-    ("roberta-cls", "RobertaForSequenceClassification", "logits", 13),  # + classifier.out_proj
-    ("distilbert", "DistilBertModel", "last_hidden_state", 12),
+@pytest.mark.parametrize("arch, architecture, inputs, compared, int8", [
+    # + classifier.out_proj; one segment type: no token_type_ids input, unlike BERT
+    ("roberta-cls", "RobertaForSequenceClassification", 2, "logits", 13),
+    ("distilbert", "DistilBertModel", 2, "mean-pooled embedding", 12),
+    ("bert-ner", "BertForTokenClassification", 3, "per-token logits", 13),  # + classifier
 ])
-def test_more_encoder_families_convert_end_to_end(arch, architecture, output, int8, tiny_checkpoints, tmp_path):
+def test_more_encoder_families_convert_end_to_end(arch, architecture, inputs, compared, int8, tiny_checkpoints,
+                                                  tmp_path):
     code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints[arch]), tmp_path)
     assert code == 0, stderr
     manifest = _manifest(tmp_path)
     assert manifest["source"]["architecture"] == architecture
-    # one segment type: no token_type_ids input, unlike BERT
-    assert manifest["model"]["inputs"] == ["input_ids", "attention_mask"] and manifest["model"]["outputs"] == [output]
+    assert manifest["model"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"][:inputs]
     assert [g["group"] for g in manifest["smoothing"]["groups"]] == ["attn_out", "attn_out"]  # post-LN
     target = manifest["targets"]["cpu-onnxruntime"]
     assert target["build"]["fused_linears"] == int8 and target["build"]["unfused_linears"] == []
-    assert target["parity"]["passed"] and target["parity"]["metrics"]["mean_cosine"] >= 0.95
+    metrics = target["parity"]["metrics"]
+    assert target["parity"]["passed"] and metrics["compared"] == compared and metrics["mean_cosine"] >= 0.95
+    if arch == "bert-ner":  # one value per unmasked token: 4 windows x 64 tokens
+        assert metrics["tokens"] == 4 * 64 and metrics["top1_agreement"] is not None
 
 
 def test_encoder_metric_pools_over_the_mask_and_counts_top1():
@@ -135,6 +140,12 @@ def test_encoder_metric_pools_over_the_mask_and_counts_top1():
     logits = EncoderAccumulator("logits")
     logits.add(torch.ones(2, 3), torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.5], [1.0, 0.0]]))
     assert logits.metrics(1).top1_agreement == 0.5
+    # token classification: per unmasked token; the padded token's disagreement does not count
+    tokens = EncoderAccumulator("logits")
+    tokens.add(mask, torch.tensor([[[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]]]),
+               torch.tensor([[[2.0, 1.0], [1.0, 0.0], [0.0, 1.0]]]))
+    m = tokens.metrics(1)
+    assert m.top1_agreement == 0.5 and m.min_cosine == pytest.approx(0.0) and m.compared == "per-token logits"
 
 
 def _stablelm_checkpoint(folder):
@@ -264,3 +275,19 @@ def test_variant_the_table_entry_does_not_describe_is_refused(arch, attr, value)
     setattr(model.config, attr, value)
     with pytest.raises(UserError, match=f"{attr} = .*architecture:"):
         check_spec(model, arch_spec(model), "architecture table")
+
+
+@pytest.mark.parametrize("class_name", sorted(ARCHITECTURES))
+def test_every_table_entry_names_modules_its_class_has(class_name):
+    """Classes without a tiny checkpoint of their own (RoBERTa token classification, ...) are built
+    from their family's tiny config, so a wrong path in any entry fails here, not on a user's model."""
+    import transformers
+
+    from converter.archs import check_spec, conv1d_to_linear
+    from tiny_models import TINY_CONFIGS
+
+    cls = getattr(transformers, class_name)
+    config = next(c for c in (make() for make in TINY_CONFIGS.values()) if isinstance(c, cls.config_class))
+    model = cls._from_config(config)
+    conv1d_to_linear(model)  # as the load stage does (GPT-2)
+    check_spec(model, ARCHITECTURES[class_name], "architecture table")

@@ -41,6 +41,11 @@ def _graph(path):
     return model, inits, producer
 
 
+def _per_token(model) -> bool:
+    """The head reads every token's hidden state (an LM head or a token classifier)."""
+    return arch_spec(model).kind == "decoder" or type(model).__name__.endswith("ForTokenClassification")
+
+
 def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     arch, model, plan, _, int8_path, _ = exported
     onnx_model, inits, producer = _graph(int8_path)
@@ -78,7 +83,7 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     assert quantized == len(plan.linears)
     # lm_head stays float; the float weights of quantized linears are gone from the file
     spec = arch_spec(model)
-    head = 1 if spec.lm_head and spec.kind == "decoder" else 0  # a classifier/pooler exports as Gemm
+    head = 1 if spec.lm_head and _per_token(model) else 0  # a sequence classifier/pooler exports as Gemm
     assert len(matmuls) - quantized == head + 2 * 2  # lm_head + (QK^T, PV) per block
     assert not any(n.removeprefix("model.") + ".weight" in inits for n in plan.linears)
     # no Gemm reads a quantized linear (OPT's fc1/fc2 are rewritten to MatMul + Add before Q/DQ)
@@ -134,8 +139,9 @@ def test_fp32_export_matches_pytorch_with_dynamic_batch_and_sequence(exported):
         mask[0, : seq // 3] = 0  # left padding in the first row
         out = session.run(None, io.feed(ids, mask))[0]
         ref = _run_torch(model, spec, io, ids, mask)
-        width = {"last_hidden_state": 64, "logits": 320 if spec.kind == "decoder" else 3}[spec.output]
-        assert out.shape == ((batch, seq, width) if spec.kind == "decoder" or spec.output == "last_hidden_state"
+        labels = 320 if spec.kind == "decoder" else model.config.num_labels
+        width = {"last_hidden_state": 64, "logits": labels}[spec.output]
+        assert out.shape == ((batch, seq, width) if _per_token(model) or spec.output == "last_hidden_state"
                              else (batch, width))
         np.testing.assert_allclose(out, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=1e-4)
 

@@ -19,13 +19,12 @@ from converter.recipe import Export, Quantization, Smoothing
 from converter.runners import onnxruntime_session
 from converter.smooth import smooth
 from converter.targets import build_onnxruntime
-from tiny_models import build_tiny
+from tiny_models import DECODERS, build_tiny
 
 KV = Export(kv_cache=True)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "llama-tied", "mistral", "opt", "bloom", "gpt2",
-                                                      "gpt-neox", "gemma", "gemma2", "gemma3", "phi", "phi3"])
+@pytest.fixture(scope="module", params=[*DECODERS, "llama-tied"])
 def kv_exported(request, tmp_path_factory):
     """(model, plan, no-cache fp32, kv fp32, kv int8, no-cache int8, folder), smoothed, lm_head int8 too."""
     tmp = tmp_path_factory.mktemp(f"kv-{request.param}")

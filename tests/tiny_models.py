@@ -75,6 +75,7 @@ TINY_CONFIGS = {
     "bert-cls": lambda: BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, max_position_embeddings=512, num_labels=3,
                                    architectures=["BertForSequenceClassification"]),
+    "bert-ner": lambda: BertConfig(**_ENCODER, num_labels=5, architectures=["BertForTokenClassification"]),
     # RoBERTa-style: one segment type (no token_type_ids input), positions offset past the padding id
     "roberta": lambda: RobertaConfig(**_ENCODER, type_vocab_size=1, pad_token_id=1, architectures=["RobertaModel"]),
     "roberta-cls": lambda: RobertaConfig(**_ENCODER, type_vocab_size=1, pad_token_id=1, num_labels=3,
@@ -89,7 +90,8 @@ TINY_CONFIGS = {
 }
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "opt", "bloom", "gpt2", "gpt-neox", "gemma", "gemma2", "gemma3",
             "phi", "phi3")
-ENCODERS = ("bert", "bert-cls", "roberta", "roberta-cls", "xlm-roberta", "distilbert", "distilbert-cls")
+ENCODERS = ("bert", "bert-cls", "bert-ner", "roberta", "roberta-cls", "xlm-roberta", "distilbert",
+            "distilbert-cls")
 
 
 @torch.no_grad()
