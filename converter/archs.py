@@ -244,6 +244,21 @@ _BERT_TOKENS = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, grou
 # out_proj is the head (dense stays float, as BERT's pooler does).
 _ROBERTA_CLASSIFIER = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
                                lm_head="classifier.out_proj", kind="encoder", output="logits")
+# ModernBERT is pre-LN (bias-free LayerNorms), so its norms do absorb scales: attn_norm -> Wqkv
+# (rows [q | k | v]) and mlp_norm -> Wi (rows [input | gate], GeGLU: act(input) * gate is linear in
+# gate). Block 0's attn_norm is nn.Identity (the embedding norm also feeds the residual): skipped.
+_MODERNBERT_GROUPS = (
+    SmoothGroup("attn_in", "attn_norm", "norm", ("attn.Wqkv",)),
+    SmoothGroup("mlp_in", "mlp_norm", "norm", ("mlp.Wi",)),
+    SmoothGroup("mlp_down", "mlp.Wi", "linear", ("mlp.Wo",), FusedRows(("ffn", "ffn"), 1)),
+    SmoothGroup("attn_out", "attn.Wqkv", "linear_heads", ("attn.Wo",), FusedRows(("q", "kv", "kv"), 2)),
+)
+_MODERNBERT_LINEARS = ("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
+_MODERNBERT = ArchSpec(blocks="layers", linears=_MODERNBERT_LINEARS, groups=_MODERNBERT_GROUPS, lm_head="",
+                       kind="encoder", output="last_hidden_state")
+# the classification head is dense -> GELU -> LayerNorm -> classifier: classifier is the head
+_MODERNBERT_CLASSIFIER = ArchSpec(blocks="model.layers", linears=_MODERNBERT_LINEARS, groups=_MODERNBERT_GROUPS,
+                                  lm_head="classifier", kind="encoder", output="logits")
 # DistilBERT: post-LN like BERT, other names; its classifier reads pre_classifier -> ReLU (float).
 _DISTILBERT_LINEARS = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2")
 _DISTILBERT_GROUPS = (SmoothGroup("attn_out", "attention.v_lin", "linear_heads", ("attention.out_lin",)),)
@@ -279,6 +294,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "XLMRobertaForSequenceClassification": _ROBERTA_CLASSIFIER,
     "RobertaForTokenClassification": _ROBERTA_TOKENS,
     "XLMRobertaForTokenClassification": _ROBERTA_TOKENS,
+    "ModernBertModel": _MODERNBERT,
+    "ModernBertForSequenceClassification": _MODERNBERT_CLASSIFIER,
+    "ModernBertForTokenClassification": _MODERNBERT_CLASSIFIER,  # same paths; logits per token
     "DistilBertModel": _DISTILBERT,
     "DistilBertForSequenceClassification": _DISTILBERT_CLASSIFIER,
     "DistilBertForTokenClassification": _DISTILBERT_CLASSIFIER,  # same paths; logits per token

@@ -65,6 +65,8 @@ def group_scales(root, group: SmoothGroup, act_amax, alpha, layout) -> tuple[tor
     Returns a reason string instead when the group cannot be smoothed.
     """
     prev = root.get_submodule(group.prev)
+    if getattr(prev, "weight", None) is None:  # ModernBERT's first block: attn_norm is nn.Identity
+        return f"{group.name}: {group.prev} is {type(prev).__name__}, no weight to fold a scale into"
     balance = [root.get_submodule(n) for n in group.balance]
     weight_amax = torch.cat([lin.weight.abs() for lin in balance], dim=0).amax(dim=0).float()
     act = act_amax

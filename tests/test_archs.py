@@ -1,6 +1,7 @@
 """The architecture table end to end: new decoder and encoder families convert, a recipe can supply
 the layer map of a class the table lacks, and the encoder parity metric measures what it says."""
 
+import collections
 import json
 
 import pytest
@@ -103,20 +104,26 @@ def test_classifier_reports_logits_agreement(tiny_checkpoints, tmp_path):
     assert metrics["ppl_ratio"] is None
 
 
-@pytest.mark.parametrize("arch, architecture, inputs, compared, int8", [
+POST_LN = {"attn_out": 2}  # value -> output dense only, in each of 2 blocks
+
+
+@pytest.mark.parametrize("arch, architecture, inputs, compared, groups, int8", [
     # + classifier.out_proj; one segment type: no token_type_ids input, unlike BERT
-    ("roberta-cls", "RobertaForSequenceClassification", 2, "logits", 13),
-    ("distilbert", "DistilBertModel", 2, "mean-pooled embedding", 12),
-    ("bert-ner", "BertForTokenClassification", 3, "per-token logits", 13),  # + classifier
+    ("roberta-cls", "RobertaForSequenceClassification", 2, "logits", POST_LN, 13),
+    ("distilbert", "DistilBertModel", 2, "mean-pooled embedding", POST_LN, 12),
+    ("bert-ner", "BertForTokenClassification", 3, "per-token logits", POST_LN, 13),  # + classifier
+    # pre-LN, 3 blocks; block 0 has no attn_norm
+    ("modernbert", "ModernBertModel", 2, "mean-pooled embedding",
+     {"attn_in": 2, "mlp_in": 3, "mlp_down": 3, "attn_out": 3}, 12),
 ])
-def test_more_encoder_families_convert_end_to_end(arch, architecture, inputs, compared, int8, tiny_checkpoints,
-                                                  tmp_path):
+def test_more_encoder_families_convert_end_to_end(arch, architecture, inputs, compared, groups, int8,
+                                                  tiny_checkpoints, tmp_path):
     code, result, stderr = _convert(tiny_recipe_dict(tiny_checkpoints[arch]), tmp_path)
     assert code == 0, stderr
     manifest = _manifest(tmp_path)
     assert manifest["source"]["architecture"] == architecture
     assert manifest["model"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"][:inputs]
-    assert [g["group"] for g in manifest["smoothing"]["groups"]] == ["attn_out", "attn_out"]  # post-LN
+    assert collections.Counter(g["group"] for g in manifest["smoothing"]["groups"]) == groups
     target = manifest["targets"]["cpu-onnxruntime"]
     assert target["build"]["fused_linears"] == int8 and target["build"]["unfused_linears"] == []
     metrics = target["parity"]["metrics"]

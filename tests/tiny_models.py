@@ -14,8 +14,9 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers import (BertConfig, BloomConfig, DistilBertConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig,
-                          GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, PhiConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, RobertaConfig, XLMRobertaConfig)
+                          GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, ModernBertConfig, OPTConfig,
+                          Phi3Config, PhiConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, RobertaConfig,
+                          XLMRobertaConfig)
 
 from converter.archs import arch_spec, conv1d_to_linear, head_layout
 
@@ -82,6 +83,10 @@ TINY_CONFIGS = {
                                          architectures=["RobertaForSequenceClassification"]),
     "xlm-roberta": lambda: XLMRobertaConfig(**_ENCODER, type_vocab_size=1, pad_token_id=1,
                                             architectures=["XLMRobertaModel"]),
+    # pre-LN encoder with fused Wqkv and GeGLU Wi, alternating global/local attention; block 0 has no attn_norm
+    "modernbert": lambda: ModernBertConfig(**{**_ENCODER, "num_hidden_layers": 3}, global_attn_every_n_layers=2,
+                                           local_attention=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                           cls_token_id=1, sep_token_id=2, architectures=["ModernBertModel"]),
     "distilbert": lambda: DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=160, n_layers=2, n_heads=4,
                                            max_position_embeddings=512, architectures=["DistilBertModel"]),
     "distilbert-cls": lambda: DistilBertConfig(vocab_size=VOCAB, dim=64, hidden_dim=160, n_layers=2, n_heads=4,
@@ -90,8 +95,8 @@ TINY_CONFIGS = {
 }
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "opt", "bloom", "gpt2", "gpt-neox", "gemma", "gemma2", "gemma3",
             "phi", "phi3")
-ENCODERS = ("bert", "bert-cls", "bert-ner", "roberta", "roberta-cls", "xlm-roberta", "distilbert",
-            "distilbert-cls")
+ENCODERS = ("bert", "bert-cls", "bert-ner", "roberta", "roberta-cls", "xlm-roberta", "modernbert",
+            "distilbert", "distilbert-cls")
 
 
 @torch.no_grad()
@@ -105,6 +110,8 @@ def plant_outliers(model: torch.nn.Module, channels=OUTLIER_CHANNELS, factor=OUT
             if group.prev_kind == "linear_heads" and layout.group_size > 1:
                 continue  # a v channel feeds several o_proj columns; not worth planting there
             prev = block.get_submodule(group.prev)
+            if getattr(prev, "weight", None) is None:
+                continue  # ModernBERT block 0: no attn_norm
             rows = idx if group.prev_rows is None else group.prev_rows.indices(layout)[idx]
             if group.prev_kind == "norm":
                 prev.weight[rows] = (spec.norm_offset + prev.weight[rows]) * factor - spec.norm_offset
