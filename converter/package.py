@@ -8,7 +8,6 @@ artifact. An existing version is replaced only with `force`.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 from importlib import metadata
@@ -76,16 +75,9 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
 def publish(staging: Path, final_dir: Path, force: bool) -> Path:
     """Rename the complete staging folder into place (replacing an old version only with force), and
     drop the rejected reports of an earlier failed run of the same version."""
-    scratch.seal(staging)
-    if final_dir.exists():
-        if not force:
-            raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
-        retired = final_dir.with_name(f".retired-{final_dir.name}-{os.getpid()}")
-        final_dir.rename(retired)
-        staging.rename(final_dir)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(final_dir)
+    if final_dir.exists() and not force:
+        raise UserError(f"artifact {final_dir} already exists; bump output.version or pass --force")
+    scratch.replace(staging, final_dir)
     # a report of an earlier failed run of this version is out of date now that it passed
     rejected = final_dir.parent / REJECTED
     shutil.rmtree(rejected / final_dir.name, ignore_errors=True)

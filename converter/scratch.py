@@ -6,6 +6,9 @@ artifact can hold gigabytes. So each such folder holds a lock file that its proc
 (flock) while it lives; the kernel drops the lock when the process dies, however it dies. Creating a
 folder first removes every sibling of the same prefix whose lock nobody holds any more. A folder
 without a lock file (another tool's, or one being created or sealed this instant) is left alone.
+
+Replacing a published folder (`replace`) moves the old one aside as `.retired-*` under a lock of its
+own, so a swap killed halfway leaves a folder the next swap in the same place removes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LOCK = ".converter.lock"
+RETIRED = ".retired-"
 _held: dict[Path, int] = {}  # folder -> the descriptor holding its lock
 
 
@@ -31,14 +35,39 @@ def folder(parent: Path, prefix: str, mode: int = 0o700) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         path.chmod(mode)
-        fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=path)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(tmp, path / LOCK)  # visible under its name only once locked: a sweeper cannot win the race
-        _held[path] = fd
+        _lock(path)
         yield path
     finally:
         _release(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _lock(path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=path)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(tmp, path / LOCK)  # visible under its name only once locked: a sweeper cannot win the race
+    _held[path] = fd
+
+
+def replace(staging: Path, final: Path) -> None:
+    """Rename the staging folder to `final`, replacing a folder already there.
+
+    The old folder is renamed aside (`.retired-<name>-<pid>`) and locked, the new one renamed into
+    place, then the old one removed. `final` names a complete folder, old or new, at every moment but
+    the one between the two renames; a swap killed before the removal leaves a retired folder that the
+    next `replace` into the same parent removes.
+    """
+    seal(staging)
+    remove_abandoned(final.parent, RETIRED)
+    if not final.exists():
+        staging.rename(final)
+        return
+    retired = final.with_name(f"{RETIRED}{final.name}-{os.getpid()}")
+    final.rename(retired)
+    _lock(retired)
+    staging.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
+    _release(retired)
 
 
 def seal(path: Path) -> None:

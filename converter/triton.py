@@ -218,13 +218,7 @@ def write_model(repo: Path, spec: ModelSpec, link: bool = False) -> Path:
     with scratch.folder(model_dir, ".staging-", mode=0o755) as staging:
         for filename, source in spec.files.items():
             _place(source, staging / filename, link)
-        final = model_dir / str(spec.version)
-        if final.exists():
-            retired = model_dir / f".retired-{spec.version}-{os.getpid()}"
-            final.rename(retired)
-            shutil.rmtree(retired)
-        scratch.seal(staging)
-        staging.rename(final)
+        scratch.replace(staging, model_dir / str(spec.version))
         config_tmp = model_dir / f".{CONFIG}.tmp"
         config_tmp.write_text(text)
         config_tmp.replace(model_dir / CONFIG)

@@ -227,3 +227,34 @@ def test_no_cache_recomputes_and_reproduces_the_same_bytes_in_another_process(fi
     # the cached first run produced the same model as the uncached ones
     cached = tmp / "first" / NAME / VERSION
     assert (cached / "model.onnx").read_bytes() == files_a["model.onnx"]
+
+
+def test_replacing_a_folder_leaves_no_retired_copy_and_removes_a_killed_swaps(tmp_path, monkeypatch):
+    """`--force` publishing and Triton version updates swap folders: the old one is moved aside under
+    a lock, so one left by a killed swap is removed by the next, and a live swap's is not."""
+    import fcntl
+    import os
+
+    from converter import progress, scratch
+
+    warnings = []
+    monkeypatch.setattr(progress, "warn", warnings.append)
+    final = tmp_path / "1"
+    final.mkdir()
+    (final / "model.onnx").write_text("old")
+    dead = tmp_path / f"{scratch.RETIRED}1-99999"  # a killed swap's: its lock file, held by nobody
+    dead.mkdir()
+    (dead / scratch.LOCK).write_text("")
+    live = tmp_path / f"{scratch.RETIRED}1-live"  # a live swap's: this process holds its lock
+    live.mkdir()
+    fd = os.open(live / scratch.LOCK, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with scratch.folder(tmp_path, ".staging-") as staging:
+            (staging / "model.onnx").write_text("new")
+            scratch.replace(staging, final)
+    finally:
+        os.close(fd)
+    assert (final / "model.onnx").read_text() == "new" and sorted(p.name for p in final.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "1"]
+    assert warnings == [f"removed 1 unfinished folder(s) left in {tmp_path} by a killed run: {dead.name}"]
