@@ -134,6 +134,18 @@ _GEMMA3 = ArchSpec(
     norm_offset=1.0,  # Gemma3RMSNorm: x_hat * (1 + weight)
 )
 
+# StarCoder2: LayerNorms with bias, biased q/k/v/o, c_fc -> GELU -> c_proj (no mlp_down).
+_STARCODER2 = ArchSpec(
+    blocks="model.layers",
+    linears=(*_QKV, "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"),
+    groups=(
+        SmoothGroup("attn_in", "input_layernorm", "norm", _QKV),
+        SmoothGroup("mlp_in", "post_attention_layernorm", "norm", ("mlp.c_fc",)),
+        SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.o_proj",)),
+    ),
+    head_group=SmoothGroup("head_in", "model.norm", "norm", ("lm_head",)),
+)
+
 # Gemma (1): Llama's layout with Gemma's x_hat * (1 + weight) norms; GeGLU is gelu(gate) * up, linear in up.
 _GEMMA = ArchSpec(
     blocks="model.layers",
@@ -275,6 +287,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": _LLAMA_LIKE,
     # Qwen3 and Gemma3 add q_norm/k_norm *after* q/k_proj: they do not touch the smoothed input channels.
     "Qwen3ForCausalLM": _LLAMA_LIKE,
+    # SmolLM3 skips RoPE in some layers; Granite scales embeddings, residuals, scores and logits by
+    # constants: neither touches the norm -> linear pairs
+    "SmolLM3ForCausalLM": _LLAMA_LIKE,
+    "GraniteForCausalLM": _LLAMA_LIKE,
+    "Starcoder2ForCausalLM": _STARCODER2,
     "GemmaForCausalLM": _GEMMA,
     # Gemma 2's block is Gemma 3's without q/k norms (soft-capping acts on scores and logits only)
     "Gemma2ForCausalLM": _GEMMA3,

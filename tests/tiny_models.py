@@ -14,9 +14,9 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers import (BertConfig, BloomConfig, DistilBertConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig,
-                          GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, ModernBertConfig, OPTConfig,
-                          Phi3Config, PhiConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, RobertaConfig,
-                          XLMRobertaConfig)
+                          GPT2Config, GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, ModernBertConfig,
+                          OPTConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
+                          RobertaConfig, SmolLM3Config, Starcoder2Config, XLMRobertaConfig)
 
 from converter.archs import arch_spec, conv1d_to_linear, head_layout
 
@@ -57,6 +57,14 @@ TINY_CONFIGS = {
     # fused qkv_proj and gate_up_proj, GQA
     "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "mistral": lambda: MistralConfig(**_COMMON),
+    "smollm3": lambda: SmolLM3Config(**_COMMON, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2),  # block 1 without RoPE
+    # constant multipliers on embeddings, residual branches, attention scores and logits
+    "granite": lambda: GraniteConfig(**_COMMON, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                     attention_multiplier=0.0625, logits_scaling=8.0, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2),
+    # LayerNorm with bias, biased projections, GELU MLP
+    "starcoder2": lambda: Starcoder2Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # RMSNorm x_hat * (1 + w), GeGLU, tied lm_head
     "gemma": lambda: GemmaConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
@@ -93,8 +101,8 @@ TINY_CONFIGS = {
                                                max_position_embeddings=512, num_labels=3,
                                                architectures=["DistilBertForSequenceClassification"]),
 }
-DECODERS = ("llama", "qwen2", "qwen3", "mistral", "opt", "bloom", "gpt2", "gpt-neox", "gemma", "gemma2", "gemma3",
-            "phi", "phi3")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "granite", "starcoder2", "opt", "bloom", "gpt2",
+            "gpt-neox", "gemma", "gemma2", "gemma3", "phi", "phi3")
 ENCODERS = ("bert", "bert-cls", "bert-ner", "roberta", "roberta-cls", "xlm-roberta", "modernbert",
             "distilbert", "distilbert-cls")
 
