@@ -217,7 +217,7 @@ _GPT_NEOX = ArchSpec(
 # Phi (1, 1.5, 2): attention and MLP run in parallel on one LayerNorm, so q/k/v and fc1 share its scale.
 _PHI = ArchSpec(
     blocks="model.layers",
-    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
+    linears=(*_QKV, "self_attn.dense", "mlp.fc1", "mlp.fc2"),
     groups=(
         SmoothGroup("attn_in", "input_layernorm", "norm", (*_QKV, "mlp.fc1")),
         SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.dense",)),
@@ -249,13 +249,13 @@ _BERT = ArchSpec(blocks="encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GRO
                  kind="encoder", output="last_hidden_state")
 _BERT_CLASSIFIER = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
                             lm_head="classifier", kind="encoder", output="logits")
-# token classification (NER): a linear on every token's hidden state
-_BERT_TOKENS = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
-                        lm_head="classifier", kind="encoder", output="logits")
 # RoBERTa / XLM-R share BERT's blocks; their classification head is dense -> tanh -> out_proj, and
 # out_proj is the head (dense stays float, as BERT's pooler does).
 _ROBERTA_CLASSIFIER = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
                                lm_head="classifier.out_proj", kind="encoder", output="logits")
+# token classification (NER): one linear on every token's hidden state
+_ROBERTA_TOKENS = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
+                           lm_head="classifier", kind="encoder", output="logits")
 # ModernBERT is pre-LN (bias-free LayerNorms), so its norms do absorb scales: attn_norm -> Wqkv
 # (rows [q | k | v]) and mlp_norm -> Wi (rows [input | gate], GeGLU: act(input) * gate is linear in
 # gate). Block 0's attn_norm is nn.Identity (the embedding norm also feeds the residual): skipped.
@@ -269,17 +269,16 @@ _MODERNBERT_LINEARS = ("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
 _MODERNBERT = ArchSpec(blocks="layers", linears=_MODERNBERT_LINEARS, groups=_MODERNBERT_GROUPS, lm_head="",
                        kind="encoder", output="last_hidden_state")
 # the classification head is dense -> GELU -> LayerNorm -> classifier: classifier is the head
-_MODERNBERT_CLASSIFIER = ArchSpec(blocks="model.layers", linears=_MODERNBERT_LINEARS, groups=_MODERNBERT_GROUPS,
-                                  lm_head="classifier", kind="encoder", output="logits")
+_MODERNBERT_CLASSIFIER = ArchSpec(blocks="model.layers", linears=_MODERNBERT_LINEARS,
+                                  groups=_MODERNBERT_GROUPS, lm_head="classifier", kind="encoder", output="logits")
 # DistilBERT: post-LN like BERT, other names; its classifier reads pre_classifier -> ReLU (float).
-_DISTILBERT_LINEARS = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2")
+_DISTILBERT_LINEARS = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
+                       "ffn.lin1", "ffn.lin2")
 _DISTILBERT_GROUPS = (SmoothGroup("attn_out", "attention.v_lin", "linear_heads", ("attention.out_lin",)),)
 _DISTILBERT = ArchSpec(blocks="transformer.layer", linears=_DISTILBERT_LINEARS, groups=_DISTILBERT_GROUPS,
                        lm_head="", kind="encoder", output="last_hidden_state")
 _DISTILBERT_CLASSIFIER = ArchSpec(blocks="distilbert.transformer.layer", linears=_DISTILBERT_LINEARS,
                                   groups=_DISTILBERT_GROUPS, lm_head="classifier", kind="encoder", output="logits")
-_ROBERTA_TOKENS = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
-                           lm_head="classifier", kind="encoder", output="logits")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
@@ -304,7 +303,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "GPTNeoXForCausalLM": _GPT_NEOX,
     "BertModel": _BERT,
     "BertForSequenceClassification": _BERT_CLASSIFIER,
-    "BertForTokenClassification": _BERT_TOKENS,
+    "BertForTokenClassification": _BERT_CLASSIFIER,  # same paths; logits per token
     "RobertaModel": _BERT,
     "RobertaForSequenceClassification": _ROBERTA_CLASSIFIER,
     "XLMRobertaModel": _BERT,

@@ -54,8 +54,9 @@ def replace(staging: Path, final: Path) -> None:
 
     The old folder is renamed aside (`.retired-<name>-<pid>`) and locked, the new one renamed into
     place, then the old one removed. `final` names a complete folder, old or new, at every moment but
-    the one between the two renames; a swap killed before the removal leaves a retired folder that the
-    next `replace` into the same parent removes.
+    the one between the two renames. A swap killed before the removal leaves a retired folder that the
+    next `replace` into the same parent removes (unless it died in the instant between moving the old
+    folder aside and locking it: a folder without a lock is never removed).
     """
     seal(staging)
     remove_abandoned(final.parent, RETIRED)

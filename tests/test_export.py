@@ -84,7 +84,8 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     # lm_head stays float; the float weights of quantized linears are gone from the file
     spec = arch_spec(model)
     head = 1 if spec.lm_head and _per_token(model) else 0  # a sequence classifier/pooler exports as Gemm
-    assert len(matmuls) - quantized == head + 2 * len(model.get_submodule(spec.blocks))  # lm_head + (QK^T, PV) per block
+    blocks = len(model.get_submodule(spec.blocks))
+    assert len(matmuls) - quantized == head + 2 * blocks  # lm_head + (QK^T, PV) per block
     assert not any(n.removeprefix("model.") + ".weight" in inits for n in plan.linears)
     # no Gemm reads a quantized linear (OPT's fc1/fc2 are rewritten to MatMul + Add before Q/DQ)
     gemm_inputs = {i for n in onnx_model.graph.node if n.op_type == "Gemm" for i in n.input}
