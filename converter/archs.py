@@ -12,7 +12,7 @@ ReLU and the linear `up` half of a gated MLP do commute) cannot absorb a smoothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -121,16 +121,9 @@ _LLAMA_LIKE = ArchSpec(
 
 # Gemma 3: the norm before the MLP is `pre_feedforward_layernorm`; `post_attention_layernorm` and
 # `post_feedforward_layernorm` normalize block outputs before the residual add, so they feed no linear.
-_GEMMA3 = ArchSpec(
-    blocks="model.layers",
-    linears=_LLAMA_LINEARS,
-    groups=(
-        SmoothGroup("attn_in", "input_layernorm", "norm", _QKV),
-        SmoothGroup("mlp_in", "pre_feedforward_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-        SmoothGroup("mlp_down", "mlp.up_proj", "linear", ("mlp.down_proj",)),
-        SmoothGroup("attn_out", "self_attn.v_proj", "linear_heads", ("self_attn.o_proj",)),
-    ),
-    head_group=SmoothGroup("head_in", "model.norm", "norm", ("lm_head",)),
+_GEMMA3 = replace(
+    _LLAMA_LIKE,
+    groups=tuple(replace(g, prev="pre_feedforward_layernorm") if g.name == "mlp_in" else g for g in _LLAMA_LIKE.groups),
     norm_offset=1.0,  # Gemma3RMSNorm: x_hat * (1 + weight)
 )
 
@@ -147,13 +140,7 @@ _STARCODER2 = ArchSpec(
 )
 
 # Gemma (1): Llama's layout with Gemma's x_hat * (1 + weight) norms; GeGLU is gelu(gate) * up, linear in up.
-_GEMMA = ArchSpec(
-    blocks="model.layers",
-    linears=_LLAMA_LINEARS,
-    groups=_LLAMA_LIKE.groups,
-    head_group=_LLAMA_LIKE.head_group,
-    norm_offset=1.0,
-)
+_GEMMA = replace(_LLAMA_LIKE, norm_offset=1.0)
 
 # Phi-3: q/k/v and gate/up are fused; down_proj reads act(gate) * up, linear in the `up` rows.
 _PHI3 = ArchSpec(
@@ -247,15 +234,19 @@ _BERT_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.v
 _BERT_GROUPS = (SmoothGroup("attn_out", "attention.self.value", "linear_heads", ("attention.output.dense",)),)
 _BERT = ArchSpec(blocks="encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS, lm_head="",
                  kind="encoder", output="last_hidden_state")
-_BERT_CLASSIFIER = ArchSpec(blocks="bert.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
-                            lm_head="classifier", kind="encoder", output="logits")
+
+
+def _with_head(encoder: ArchSpec, base: str, head: str = "classifier") -> ArchSpec:
+    """A task model's entry: the bare encoder's blocks under the `base` attribute, and its head."""
+    return replace(encoder, blocks=f"{base}.{encoder.blocks}", lm_head=head, output="logits")
+
+
+_BERT_CLASSIFIER = _with_head(_BERT, "bert")  # sequence and token classification alike
 # RoBERTa / XLM-R share BERT's blocks; their classification head is dense -> tanh -> out_proj, and
 # out_proj is the head (dense stays float, as BERT's pooler does).
-_ROBERTA_CLASSIFIER = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
-                               lm_head="classifier.out_proj", kind="encoder", output="logits")
+_ROBERTA_CLASSIFIER = _with_head(_BERT, "roberta", "classifier.out_proj")
 # token classification (NER): one linear on every token's hidden state
-_ROBERTA_TOKENS = ArchSpec(blocks="roberta.encoder.layer", linears=_BERT_LINEARS, groups=_BERT_GROUPS,
-                           lm_head="classifier", kind="encoder", output="logits")
+_ROBERTA_TOKENS = _with_head(_BERT, "roberta")
 # ModernBERT is pre-LN (bias-free LayerNorms), so its norms do absorb scales: attn_norm -> Wqkv
 # (rows [q | k | v]) and mlp_norm -> Wi (rows [input | gate], GeGLU: act(input) * gate is linear in
 # gate). Block 0's attn_norm is nn.Identity (the embedding norm also feeds the residual): skipped.
@@ -269,16 +260,14 @@ _MODERNBERT_LINEARS = ("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo")
 _MODERNBERT = ArchSpec(blocks="layers", linears=_MODERNBERT_LINEARS, groups=_MODERNBERT_GROUPS, lm_head="",
                        kind="encoder", output="last_hidden_state")
 # the classification head is dense -> GELU -> LayerNorm -> classifier: classifier is the head
-_MODERNBERT_CLASSIFIER = ArchSpec(blocks="model.layers", linears=_MODERNBERT_LINEARS,
-                                  groups=_MODERNBERT_GROUPS, lm_head="classifier", kind="encoder", output="logits")
+_MODERNBERT_CLASSIFIER = _with_head(_MODERNBERT, "model")
 # DistilBERT: post-LN like BERT, other names; its classifier reads pre_classifier -> ReLU (float).
 _DISTILBERT_LINEARS = ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",
                        "ffn.lin1", "ffn.lin2")
 _DISTILBERT_GROUPS = (SmoothGroup("attn_out", "attention.v_lin", "linear_heads", ("attention.out_lin",)),)
 _DISTILBERT = ArchSpec(blocks="transformer.layer", linears=_DISTILBERT_LINEARS, groups=_DISTILBERT_GROUPS,
                        lm_head="", kind="encoder", output="last_hidden_state")
-_DISTILBERT_CLASSIFIER = ArchSpec(blocks="distilbert.transformer.layer", linears=_DISTILBERT_LINEARS,
-                                  groups=_DISTILBERT_GROUPS, lm_head="classifier", kind="encoder", output="logits")
+_DISTILBERT_CLASSIFIER = _with_head(_DISTILBERT, "distilbert")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
