@@ -25,7 +25,7 @@ import torch
 
 from converter import scratch
 
-CACHE_FORMAT = 3  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div)
+CACHE_FORMAT = 4  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls)
 ENV_DIR = "CONVERTER_CACHE_DIR"
 _META = "meta.json"
 

@@ -5,7 +5,9 @@ The FP32 export keeps parameter names (`dynamo=True, optimize=False`), so each l
   x -> QuantizeLinear(s_x, 0) -> DequantizeLinear(s_x, 0) -> MatMul input A
   int8 W^T (in, out) -> DequantizeLinear(s_w per output channel, axis=1, 0) -> MatMul input B
 with its own scale and zero-point initializers, so ONNX Runtime fuses each into an int8 kernel and
-TensorRT sees explicit, symmetric quantization.
+TensorRT sees explicit, symmetric quantization. Linears that read the same tensor with the same
+static scale (q/k/v, gate/up) become one such MatMul over their concatenated weights, then a Split
+(names: converter/qdq_names.py): the same arithmetic, fewer and larger int8 kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from converter.archs import ArchSpec, arch_spec
 from converter.encoder import ModelIO, OutputOf, model_io
 from converter.errors import UserError
 from converter.progress import note, track
+from converter.qdq_names import WEIGHT_DQ_SUFFIX, WEIGHT_SUFFIX, matmul_name
 from converter.quantize import INT8_MAX, TINY_AMAX, QuantPlan, quantize_weight
 from converter.recipe import Export
 
@@ -204,33 +207,72 @@ def _quantize_matmul_dynamic(graph: ir.Graph, matmul: ir.Node, name: str, weight
     _drop_weight_transpose(graph, old_b)
 
 
-def _quantize_matmul(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.Tensor, plan: QuantPlan) -> None:
-    quant = plan.linears[name]
-    if quant.act_mode != "static":
-        _quantize_matmul_dynamic(graph, matmul, name, weight, quant)
+def _shared_input_groups(found: dict[str, ir.Node], plan: QuantPlan) -> list[list[str]]:
+    """Planned linears grouped for export, in model order. Static linears whose MatMuls read the same
+    tensor with the same activation scale (q/k/v after one norm, gate/up) form one group: quantizing
+    that tensor once and multiplying by the concatenated weights computes exactly what separate
+    MatMuls would (weights are per output channel), with one int8 kernel instead of several. Every
+    other linear (dynamic activations, its own input) is a group of one."""
+    groups: dict[object, list[str]] = {}
+    for name in plan.linears:
+        quant = plan.linears[name]
+        static = quant.act_mode == "static"
+        key = (id(found[name].inputs[0]), float(quant.act_scale)) if static else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def _quantize_matmuls(graph: ir.Graph, matmuls: list[ir.Node], first: ir.Node, names: list[str],
+                      weights: list[torch.Tensor], plan: QuantPlan) -> None:
+    """Static W8A8 for one group of linears (see `_shared_input_groups`): one QuantizeLinear ->
+    DequantizeLinear on the shared input, the int8 weights (in, out) side by side behind one
+    per-channel DequantizeLinear, one MatMul, and for a group of several a Split back into each
+    linear's output (keeping its name)."""
+    quants = [plan.linears[n] for n in names]
+    if quants[0].act_mode != "static":
+        _quantize_matmul_dynamic(graph, matmuls[0], names[0], weights[0], quants[0])
         return
-    w_int8 = quantize_weight(weight, quant.weight_scale).T.contiguous().numpy()  # (in, out)
+    name = matmul_name(names)
+    w_int8 = np.concatenate([quantize_weight(w, q.weight_scale).T.numpy() for w, q in zip(weights, quants)], axis=1)
+    w_scale = np.concatenate([q.weight_scale.numpy().astype(np.float32) for q in quants])
     inits = [
-        _const(f"{name}.weight_quantized", w_int8),
-        _const(f"{name}.weight_scale", quant.weight_scale.numpy().astype(np.float32)),
-        _const(f"{name}.weight_zero_point", np.zeros(quant.out_features, dtype=np.int8)),
-        _const(f"{name}.input_scale", np.array(float(quant.act_scale), dtype=np.float32)),
+        _const(f"{name}{WEIGHT_SUFFIX}", np.ascontiguousarray(w_int8)),
+        _const(f"{name}.weight_scale", w_scale),
+        _const(f"{name}.weight_zero_point", np.zeros(w_scale.shape, dtype=np.int8)),
+        _const(f"{name}.input_scale", np.array(float(quants[0].act_scale), dtype=np.float32)),
         _const(f"{name}.input_zero_point", np.array(0, dtype=np.int8)),
     ]
     for value in inits:
         graph.register_initializer(value)
     w_q, w_s, w_zp, x_s, x_zp = inits
-    q = ir.Node("", "QuantizeLinear", [matmul.inputs[0], x_s, x_zp], name=f"{name}/input_quantize",
+    q = ir.Node("", "QuantizeLinear", [first.inputs[0], x_s, x_zp], name=f"{name}/input_quantize",
                 outputs=[ir.Value(name=f"{name}.input_quantized")])
     dq = ir.Node("", "DequantizeLinear", [q.outputs[0], x_s, x_zp], name=f"{name}/input_dequantize",
                  outputs=[ir.Value(name=f"{name}.input_dequantized")])
     dq_w = ir.Node("", "DequantizeLinear", [w_q, w_s, w_zp], attributes={"axis": ir.AttrInt64("axis", 1)},
-                   name=f"{name}/weight_dequantize", outputs=[ir.Value(name=f"{name}.weight_dequantized")])
-    graph.insert_before(matmul, [q, dq, dq_w])
-    old_b = matmul.inputs[1]
-    matmul.replace_input_with(0, dq.outputs[0])
-    matmul.replace_input_with(1, dq_w.outputs[0])
-    _drop_weight_transpose(graph, old_b)
+                   name=f"{name}{WEIGHT_DQ_SUFFIX}", outputs=[ir.Value(name=f"{name}.weight_dequantized")])
+    old_weights = [m.inputs[1] for m in matmuls]
+    if len(matmuls) == 1:
+        graph.insert_before(first, [q, dq, dq_w])
+        first.replace_input_with(0, dq.outputs[0])
+        first.replace_input_with(1, dq_w.outputs[0])
+    else:
+        sizes = _const(f"{name}.split_sizes", np.array([q.out_features for q in quants], dtype=np.int64))
+        graph.register_initializer(sizes)
+        matmul = ir.Node("", "MatMul", [dq.outputs[0], dq_w.outputs[0]], name=f"{name}/matmul",
+                         outputs=[ir.Value(name=f"{name}.output")])
+        split = ir.Node("", "Split", [matmul.outputs[0], sizes], attributes={"axis": ir.AttrInt64("axis", -1)},
+                        name=f"{name}/split", num_outputs=len(matmuls))
+        graph.insert_before(first, [q, dq, dq_w, matmul, split])
+        for old, new in zip(matmuls, split.outputs, strict=True):
+            old_y = old.outputs[0]
+            out_name = old_y.name
+            ir.convenience.replace_all_uses_with(old_y, new, replace_graph_outputs=True)
+            graph.remove(old, safe=True)
+            old_y.name = None
+            new.name, new.type, new.shape = out_name, old_y.type, old_y.shape
+    for old_b in old_weights:
+        _drop_weight_transpose(graph, old_b)
 
 
 def _gemm_to_matmul(graph: ir.Graph, weights: dict[str, str]) -> int:
@@ -389,8 +431,12 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     missing = [n for n in plan.linears if n not in found]
     if missing:
         raise RuntimeError(f"no MatMul(x, Transpose(weight)) found for {len(missing)} linear(s): {missing[:5]}")
-    for name, node in track(found.items(), "insert Q/DQ", total=len(found)):
-        _quantize_matmul(graph, node, name, model.get_submodule(name).weight, plan)
+    order = {id(node): i for i, node in enumerate(graph)}
+    groups = _shared_input_groups(found, plan)
+    for names in track(groups, "insert Q/DQ", total=len(groups)):
+        matmuls = [found[n] for n in names]
+        first = min(matmuls, key=lambda node: order[id(node)])  # the merged nodes go before it
+        _quantize_matmuls(graph, matmuls, first, names, [model.get_submodule(n).weight for n in names], plan)
     _fold_constant_subgraphs(onnx_model)
     _rsqrt_as_div(graph)
     _strip_export_metadata(onnx_model)
@@ -400,5 +446,5 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     ir.external_data.load_to_model(onnx_model)
     ir.save(onnx_model, out_path, external_data=f"{out_path.name}.data" if external else None)
     size = out_path.stat().st_size + (out_path.with_name(f"{out_path.name}.data").stat().st_size if external else 0)
-    note(f"  QDQ inserted on {len(found)} MatMuls -> {out_path.name} ({size / 1e6:.1f} MB)")
-    return QdqResult(path=out_path, quantized_matmuls=len(found), external_data=external, size_bytes=size)
+    note(f"  QDQ inserted: {len(found)} linears as {len(groups)} MatMuls -> {out_path.name} ({size / 1e6:.1f} MB)")
+    return QdqResult(path=out_path, quantized_matmuls=len(groups), external_data=external, size_bytes=size)

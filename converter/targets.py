@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from converter.qdq_names import WEIGHT_SUFFIX, linears_of
 from converter.quantize import QuantPlan
 
 # Kernels that prove a MatMul runs in int8 in ONNX Runtime's optimized graph.
@@ -70,7 +71,8 @@ def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: Quant
     fused = set()
     for node in graph.node:
         if node.op_type in ORT_INT8_KERNELS:
-            fused.update(n for n in plan.linears if f"{n}.weight_quantized" in node.input)
+            fused.update(linear for name in node.input if name.endswith(WEIGHT_SUFFIX)
+                         for linear in linears_of(name.removesuffix(WEIGHT_SUFFIX)))
     optimized.unlink()
     for extra in work_dir.glob("ort_optimized.onnx*"):
         extra.unlink()

@@ -23,10 +23,10 @@ from pathlib import Path
 from converter.engine_options import EngineOptions
 from converter.errors import UserError
 from converter.progress import note
+from converter.qdq_names import WEIGHT_DQ_SUFFIX, linears_of
 
 TENSORRT_MODULE = "tensorrt"
 PROFILE_AXES = ("batch", "sequence")  # dimension order of input_ids / attention_mask
-WEIGHT_DQ_SUFFIX = "/weight_dequantize"  # converter.export names each weight's DQ node `<linear>/weight_dequantize`
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def network_int8_summary(trt, network) -> dict:
         return layer if ok else None
 
     int8_quantize = 0
-    int8_matmuls = []  # names of the weight DQ layers: the exporter names them `<linear>/weight_dequantize`
+    int8_matmuls = []  # MatMul names, from their weight DQ layers: `<matmul>/weight_dequantize` (converter.qdq_names)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if layer.type == trt.LayerType.QUANTIZE and layer.get_output(0).dtype == trt.int8:
@@ -193,7 +193,8 @@ def network_int8_summary(trt, network) -> dict:
             if a is not None and b is not None:
                 int8_matmuls.append(b.name.removesuffix(WEIGHT_DQ_SUFFIX))
     return {"layers": network.num_layers, "int8_quantize_layers": int8_quantize,
-            "int8_matmul_layers": len(int8_matmuls), "int8_matmul_linears": int8_matmuls,
+            "int8_matmul_layers": len(int8_matmuls),
+            "int8_matmul_linears": [linear for name in int8_matmuls for linear in linears_of(name)],
             "layer_types": dict(sorted(types.items()))}
 
 

@@ -11,6 +11,17 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny_models
 
 from tiny_models import DECODERS, ENCODERS  # noqa: E402
 
+
+def quantized_matmuls(path: Path) -> list[str]:
+    """Names of an exported graph's quantized MatMuls, from their int8 weight initializers
+    (a MatMul of several linears is named after all of them: converter/qdq_names.py)."""
+    import onnx
+
+    from converter.qdq_names import WEIGHT_SUFFIX
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [i.name.removesuffix(WEIGHT_SUFFIX) for i in graph.initializer if i.name.endswith(WEIGHT_SUFFIX)]
+
 CALIBRATION_TEXT = ROOT / "recipes" / "data" / "gpl-3.0.txt"
 EVALUATION_TEXT = ROOT / "recipes" / "data" / "apache-2.0.txt"
 

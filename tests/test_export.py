@@ -13,11 +13,13 @@ from converter.calibrate import collect_input_amax
 from converter.data import Windows
 from converter.encoder import model_io
 from converter.export import export_fp32, float_graph, insert_qdq
+from converter.qdq_names import WEIGHT_SUFFIX, linears_of, matmul_name
 from converter.quantize import apply_fake_quant, plan_quantization, quantize_weight
 from converter.recipe import Export, Quantization, Smoothing
 from converter.runners import onnxruntime_session
 from converter.smooth import smooth
 from converter.targets import build_onnxruntime
+from conftest import quantized_matmuls as _quantized_matmuls
 from tiny_models import build_tiny
 
 # `exported` (arch, smoothed model, plan, fp32 path, int8 path, folder) is a session fixture in
@@ -51,36 +53,48 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     onnx_model, inits, producer = _graph(int8_path)
     assert onnx_model.ir_version <= 10
     matmuls = [n for n in onnx_model.graph.node if n.op_type == "MatMul"]
-    seen_scales = set()
+    consumers = {}
+    for n in onnx_model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    seen_scales, seen_inputs, covered = set(), set(), []
     quantized = 0
     for node in matmuls:
         dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         if dq_w is None or dq_w.op_type != "DequantizeLinear":
             continue
         quantized += 1
-        name = dq_w.input[0].removesuffix(".weight_quantized")
-        q = plan.linears[name]
+        name = dq_w.input[0].removesuffix(WEIGHT_SUFFIX)
+        members = [plan.linears[n] for n in linears_of(name)]
+        covered += [q.name for q in members]
         assert dq_x.op_type == "DequantizeLinear"
         q_x = producer[dq_x.input[0]]
         assert q_x.op_type == "QuantizeLinear"
+        # one quantized MatMul per input tensor: linears reading it with one scale are merged
+        assert q_x.input[0] not in seen_inputs, f"{q_x.input[0]} quantized for more than one MatMul"
+        seen_inputs.add(q_x.input[0])
         # activation pair: one scale initializer shared by its Q and DQ, zero point int8 0
         assert q_x.input[1] == dq_x.input[1] == f"{name}.input_scale"
         assert inits[q_x.input[2]].dtype == np.int8 and inits[q_x.input[2]] == 0
-        assert inits[f"{name}.input_scale"] == np.float32(q.act_scale)
-        # weight: int8 (in, out), per-channel on axis 1 (output channels), zero points 0
+        assert all(inits[f"{name}.input_scale"] == np.float32(q.act_scale) for q in members)
+        # weight: the members' int8 weights side by side (in, out), per-channel on axis 1, zero points 0
         w = inits[dq_w.input[0]]
-        assert w.dtype == np.int8 and w.shape == (q.in_features, q.out_features)
+        widths = [q.out_features for q in members]
+        assert w.dtype == np.int8 and w.shape == (members[0].in_features, sum(widths))
         axis = {a.name: a.i for a in dq_w.attribute}["axis"]
         assert axis == 1
-        assert inits[dq_w.input[1]].shape == (q.out_features,)
+        np.testing.assert_array_equal(inits[dq_w.input[1]], np.concatenate([q.weight_scale.numpy() for q in members]))
         zp = inits[dq_w.input[2]]
-        assert zp.dtype == np.int8 and not zp.any()
-        weight = model.get_submodule(name).weight
-        np.testing.assert_array_equal(w, quantize_weight(weight, q.weight_scale).T.numpy())
+        assert zp.dtype == np.int8 and zp.shape == (sum(widths),) and not zp.any()
+        expected = [quantize_weight(model.get_submodule(q.name).weight, q.weight_scale).T.numpy() for q in members]
+        np.testing.assert_array_equal(w, np.concatenate(expected, axis=1))
+        if len(members) > 1:  # a Split hands each linear its own columns, in the same order
+            (split,) = consumers[node.output[0]]
+            assert split.op_type == "Split" and inits[split.input[1]].tolist() == widths
         for scale in (q_x.input[1], dq_w.input[1]):
             assert scale not in seen_scales, f"{scale} shared between MatMuls"
             seen_scales.add(scale)
-    assert quantized == len(plan.linears)
+    assert sorted(covered) == sorted(plan.linears)
     # lm_head stays float; the float weights of quantized linears are gone from the file
     spec = arch_spec(model)
     head = 1 if spec.lm_head and _per_token(model) else 0  # a sequence classifier/pooler exports as Gemm
@@ -94,12 +108,12 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     assert not any(n.metadata_props for n in onnx_model.graph.node)
 
 
-def test_onnxruntime_runs_one_int8_kernel_per_quantized_linear(exported):
+def test_onnxruntime_runs_one_int8_kernel_per_quantized_matmul(exported):
     _, _, plan, _, int8_path, tmp = exported
     report = build_onnxruntime("cpu-onnxruntime", int8_path, tmp, plan)
     assert report.unfused_linears == []
     assert report.fused_linears == len(plan.linears)
-    assert sum(report.int8_kernels.values()) == len(plan.linears)
+    assert sum(report.int8_kernels.values()) == len(_quantized_matmuls(int8_path))
 
 
 def test_fusion_check_reports_a_linear_without_int8_kernel(exported):
@@ -155,8 +169,33 @@ def test_onnx_checker_accepts_qdq_model(exported):
     *_, int8_path, _ = exported
     onnx.checker.check_model(str(int8_path), full_check=True)
     ops = collections.Counter(n.op_type for n in onnx.load(str(int8_path)).graph.node)
-    n_linears = len(plan_of(exported).linears)
-    assert ops["QuantizeLinear"] == n_linears and ops["DequantizeLinear"] == 2 * n_linears
+    n_matmuls = len(_quantized_matmuls(int8_path))
+    assert ops["QuantizeLinear"] == n_matmuls and ops["DequantizeLinear"] == 2 * n_matmuls
+
+
+@pytest.mark.parametrize("exported", ["llama", "phi", "opt", "bert"], indirect=True)
+def test_linears_reading_one_tensor_with_one_scale_export_as_one_matmul(exported, tmp_path):
+    arch, model, plan, fp32, int8_path, _ = exported
+    layer = {"llama": "model.layers.0.", "phi": "model.layers.0.", "opt": "model.decoder.layers.0.",
+             "bert": "encoder.layer.0."}[arch]
+    attn = {"llama": "self_attn.{q_proj,k_proj,v_proj}", "phi": "{self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,mlp.fc1}",
+            "opt": "self_attn.{q_proj,k_proj,v_proj}", "bert": "attention.self.{query,key,value}"}[arch]
+    names = _quantized_matmuls(int8_path)
+    assert layer + attn in names
+    assert (layer + "mlp.{gate_proj,up_proj}" in names) == (arch == "llama")
+    # a different scale for one of them (another range method, say) keeps that one apart
+    members = linears_of(layer + attn)
+    odd = plan.linears[members[1]]
+    apart = replace(plan, linears={**plan.linears, odd.name: replace(odd, act_scale=odd.act_scale * 1.25)})
+    path = insert_qdq(fp32, tmp_path / "model.onnx", model, apart, Export()).path
+    rest = [m for m in members if m != odd.name]
+    assert odd.name in _quantized_matmuls(path) and matmul_name(rest) in _quantized_matmuls(path)
+    spec, io = _io(model)
+    fq = apply_fake_quant(copy.deepcopy(model), apart)
+    ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(5))
+    out = onnxruntime_session(path).run([spec.output], io.feed(ids, torch.ones_like(ids)))[0]
+    ref = _run_torch(fq, spec, io, ids, torch.ones_like(ids))
+    np.testing.assert_allclose(out, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
 
 
 def test_external_data_when_requested(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.lint import lint_model, lint_qdq
+from conftest import quantized_matmuls
 
 
 def _qdq_matmul(*, act_zero_point=0, weight_scale=None, weight_axis=1, act_scales=1, opset=18) -> onnx.ModelProto:
@@ -85,7 +86,8 @@ def test_exported_tiny_models_pass(exported):
     arch, _, plan, _, int8_path, _ = exported
     report = lint_qdq(int8_path)
     assert report.passed, report.summary()
-    assert report.quantize_nodes == len(plan.linears) and report.dequantize_nodes == 2 * len(plan.linears)
+    matmuls = len(quantized_matmuls(int8_path))
+    assert report.quantize_nodes == matmuls and report.dequantize_nodes == 2 * matmuls
 
 
 @pytest.mark.parametrize("axis, ok", [(1, True), (0, False)])

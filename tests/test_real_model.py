@@ -10,6 +10,7 @@ from conftest import ROOT, convert_shipped
 
 pytestmark = pytest.mark.slow
 LINEARS = 30 * 7 + 1
+MATMULS = 30 * 4 + 1  # q/k/v share one int8 MatMul, gate/up another (converter/qdq_names.py)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_every_linear_runs_as_int8_kernel(smollm2_artifact):
     # 30 blocks x 7 linears, plus the lm_head (the shipped recipe quantizes it too)
     assert manifest["model"]["quantized_linears"] == LINEARS and manifest["model"]["float_linears"] == []
     assert target["build"]["fused_linears"] == LINEARS and target["build"]["unfused_linears"] == []
-    assert target["build"]["int8_kernels"] == {"MatMulIntegerToFloat": LINEARS}
+    assert target["build"]["int8_kernels"] == {"MatMulIntegerToFloat": MATMULS}
 
 
 def test_parity_on_held_out_text(smollm2_artifact):
@@ -57,12 +58,13 @@ def test_artifact_verifies(smollm2_artifact):
 def test_tensorrt_lint_and_parser_builder_accept_the_artifact(smollm2_artifact):
     _, manifest = smollm2_artifact
     checks = manifest["checks"]
-    assert checks["qdq_lint"]["passed"] and checks["qdq_lint"]["quantize_nodes"] == LINEARS
+    assert checks["qdq_lint"]["passed"] and checks["qdq_lint"]["quantize_nodes"] == MATMULS
     rtx = checks["tensorrt_rtx"]
     if rtx["passed"] is None:
         pytest.skip(rtx["skipped"])
     assert rtx["parsed"] and rtx["built"], rtx.get("error")
-    assert rtx["network"]["int8_matmul_layers"] == LINEARS and rtx["network"]["int8_quantize_layers"] == LINEARS
+    assert rtx["network"]["int8_matmul_layers"] == MATMULS and rtx["network"]["int8_quantize_layers"] == MATMULS
+    assert len(rtx["network"]["int8_matmul_linears"]) == LINEARS
 
 
 def test_kv_cache_graph_and_greedy_generation_agree_with_fp32(smollm2_artifact):

@@ -11,6 +11,7 @@ from converter.engine_options import EngineOptions
 from converter.errors import UserError
 from converter.tensorrt import engine_layer_precisions, make_config, plan_build, profile_shapes
 from converter.tensorrt_rtx import RTX_MODULE, accept
+from conftest import quantized_matmuls
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec(RTX_MODULE) is None,
                                reason="TensorRT-RTX packages not installed (setup.sh installs them)")
@@ -78,7 +79,7 @@ def test_tensorrt_parser_and_builder_accept_every_tiny_architecture(exported):
     network = result["network"]
     # every quantized linear is a MatMul whose both inputs TensorRT dequantizes from INT8
     assert sorted(network["int8_matmul_linears"]) == sorted(plan.linears)
-    assert network["int8_quantize_layers"] == len(plan.linears)
+    assert network["int8_quantize_layers"] == network["int8_matmul_layers"] == len(quantized_matmuls(int8_path))
     # acceptance builds at the profile's opt shapes (GPU engines keep min/opt/max)
     assert result["engine_bytes"] > 100_000
     assert result["profiles"][0]["input_ids"] == {"min": [2, 64], "opt": [2, 64], "max": [2, 64]}
