@@ -216,8 +216,7 @@ def _shared_input_groups(found: dict[str, ir.Node], plan: QuantPlan) -> list[lis
     groups: dict[object, list[str]] = {}
     for name in plan.linears:
         quant = plan.linears[name]
-        static = quant.act_mode == "static"
-        key = (id(found[name].inputs[0]), float(quant.act_scale)) if static else name
+        key = (id(found[name].inputs[0]), float(quant.act_scale)) if quant.act_mode == "static" else name
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
@@ -233,8 +232,8 @@ def _quantize_matmuls(graph: ir.Graph, matmuls: list[ir.Node], first: ir.Node, n
         _quantize_matmul_dynamic(graph, matmuls[0], names[0], weights[0], quants[0])
         return
     name = matmul_name(names)
-    w_int8 = np.concatenate([quantize_weight(w, q.weight_scale).T.numpy() for w, q in zip(weights, quants)], axis=1)
-    w_scale = np.concatenate([q.weight_scale.numpy().astype(np.float32) for q in quants])
+    w_int8 = np.concatenate([quantize_weight(w, lq.weight_scale).T.numpy() for w, lq in zip(weights, quants)], axis=1)
+    w_scale = np.concatenate([lq.weight_scale.numpy().astype(np.float32) for lq in quants])
     inits = [
         _const(f"{name}{WEIGHT_SUFFIX}", np.ascontiguousarray(w_int8)),
         _const(f"{name}.weight_scale", w_scale),
@@ -257,7 +256,7 @@ def _quantize_matmuls(graph: ir.Graph, matmuls: list[ir.Node], first: ir.Node, n
         first.replace_input_with(0, dq.outputs[0])
         first.replace_input_with(1, dq_w.outputs[0])
     else:
-        sizes = _const(f"{name}.split_sizes", np.array([q.out_features for q in quants], dtype=np.int64))
+        sizes = _const(f"{name}.split_sizes", np.array([lq.out_features for lq in quants], dtype=np.int64))
         graph.register_initializer(sizes)
         matmul = ir.Node("", "MatMul", [dq.outputs[0], dq_w.outputs[0]], name=f"{name}/matmul",
                          outputs=[ir.Value(name=f"{name}.output")])
