@@ -90,6 +90,8 @@ class ArchSpec:
         config_requires: (config attribute, value) pairs the groups assume; a checkpoint whose config
             differs (post-LN OPT-350m, BLOOM with the residual taken after the LayerNorm) is refused
             rather than smoothed into a different function.
+        grouped_attention: export grouped-query attention without repeating the cache per query head
+            (converter/attention.py); it only applies where KV heads are shared.
     """
 
     blocks: str
@@ -101,6 +103,7 @@ class ArchSpec:
     kind: Literal["decoder", "encoder"] = "decoder"
     output: str = "logits"
     config_requires: tuple[tuple[str, object], ...] = ()
+    grouped_attention: bool = True
 
 
 _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -283,7 +286,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "GemmaForCausalLM": _GEMMA,
     # Gemma 2's block is Gemma 3's without q/k norms (soft-capping acts on scores and logits only)
     "Gemma2ForCausalLM": _GEMMA3,
-    "Gemma3ForCausalLM": _GEMMA3,
+    # Gemma 3's k_norm acts after the head transpose: with the cache no longer repeated before the
+    # scores, ONNX Runtime's transpose optimizer moves that transpose into the norm, which then does
+    # not fuse into one kernel (tests/test_export.py), so its attention exports as HF's eager
+    "Gemma3ForCausalLM": replace(_GEMMA3, grouped_attention=False),
     "Phi3ForCausalLM": _PHI3,
     "PhiForCausalLM": _PHI,
     "OPTForCausalLM": _OPT,
@@ -348,7 +354,8 @@ def spec_from_recipe(section) -> ArchSpec | None:
 
     return ArchSpec(blocks=section.blocks, linears=tuple(section.linears), groups=tuple(group(g) for g in section.groups),
                     lm_head=section.lm_head, head_group=group(section.head_group) if section.head_group else None,
-                    norm_offset=section.norm_offset, kind=section.kind, output=section.output)
+                    norm_offset=section.norm_offset, kind=section.kind, output=section.output,
+                    grouped_attention=section.grouped_attention)
 
 
 def check_spec(model: torch.nn.Module, spec: ArchSpec, source: str) -> None:

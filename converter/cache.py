@@ -25,7 +25,8 @@ import torch
 
 from converter import scratch
 
-CACHE_FORMAT = 4  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls)
+CACHE_FORMAT = 5  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls;
+# 5: grouped-query attention exported without repeated K/V)
 ENV_DIR = "CONVERTER_CACHE_DIR"
 _META = "meta.json"
 

@@ -22,6 +22,7 @@ import onnx_ir as ir
 import torch
 
 from converter import kvcache
+from converter.attention import for_export
 from converter.archs import ArchSpec, arch_spec
 from converter.encoder import ModelIO, OutputOf, model_io
 from converter.errors import UserError
@@ -50,7 +51,8 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
     exports `logits`, and with `cfg.kv_cache` also takes and returns the key/value cache
     (converter/kvcache.py); an encoder exports its table entry's output.
     """
-    io: ModelIO = model_io(spec or arch_spec(model), model.config)
+    spec = spec or arch_spec(model)
+    io: ModelIO = model_io(spec, model.config)
     if cfg.kv_cache and io.kind == "decoder":
         layout = kvcache.model_kv_layout(model.config)
         wrapper = kvcache.KvWrapper(model, _WRAPPED).eval()
@@ -68,7 +70,8 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
             axes[1] = torch.export.Dim("sequence")
         dynamic = {"inputs": tuple(dict(axes) for _ in io.inputs)}  # the wrapper takes *inputs
         input_names, output_names = list(io.inputs), list(io.outputs)
-    with warnings.catch_warnings():
+    # grouped-query attention without repeating the cache per query head (converter/attention.py)
+    with warnings.catch_warnings(), for_export(model, spec.grouped_attention):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         # a failed down-conversion is logged there with a traceback; _check_opset reports it instead

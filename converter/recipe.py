@@ -306,6 +306,8 @@ class Architecture(_Section):
     norm_offset: float = Field(default=0.0, description="1.0 for norms computing x_hat * (1 + weight).")
     kind: Literal["decoder", "encoder"] = "decoder"
     output: str = Field(default="logits", description="Model output the export returns.")
+    grouped_attention: bool = Field(
+        default=True, description="Export GQA attention without repeating the cache per query head.")
 
 
 class Output(_Section):
