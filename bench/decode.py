@@ -1,12 +1,13 @@
 """Decode speed with the KV cache: FP32 ONNX vs the INT8 artifact, batch 1, 2 threads.
 
-    .venv/bin/python bench/decode.py [--artifact DIR] [--runs 31] [--new-tokens 64] [--prompt-tokens 32]
+    .venv/bin/python bench/decode.py [--artifact DIR] [--runs 31] [--new-tokens 64] [--prompt-tokens 32 448]
 
 Without --artifact the shipped recipe is converted first (through the real CLI). The FP32 baseline
 is the original checkpoint exported with the same KV-cache graph layout. Each run prefills the same
 prompt (from the evaluation text), then times `--new-tokens` greedy one-token decode steps; runs
-alternate between the two models. Reported: the median tokens/s of each, and the INT8/FP32 ratio of
-each back-to-back pair of runs (median, min, max). This machine's speed changes every few tens of
+alternate between the two models (and the prompt lengths: a short prompt, and a long one where the
+attention over the cache weighs more). Reported per prompt length: the median tokens/s of each, and
+the INT8/FP32 ratio of each back-to-back pair of runs (median, min, max). This machine's speed changes every few tens of
 seconds under other load, and INT8 loses more than FP32 in its slow phase, so the runs span about a
 minute and a pair's ratio is taken within one phase. Writes bench/results/decode.json and
 bench/results/decode.md, which the README quotes.
@@ -45,7 +46,8 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, help="an artifact folder (default: convert the shipped recipe)")
     parser.add_argument("--runs", type=int, default=31)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 448],
+                        help="prompt lengths (tokens of the evaluation text), each timed in every run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = parser.parse_args()
@@ -70,7 +72,10 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
         windows = token_windows(recipe, recipe.recipe.parity.eval, tokenizer, shuffle=False)
-        prompt = [int(t) for t in windows.input_ids[0, : args.prompt_tokens]]
+        text = [int(t) for t in windows.input_ids.reshape(-1)]
+        if max(args.prompt_tokens) > len(text):
+            raise SystemExit(f"--prompt-tokens {max(args.prompt_tokens)}: the evaluation text holds {len(text)}")
+        prompts = {n: text[:n] for n in args.prompt_tokens}
         del model
         sessions = {}
         for name, path in (("fp32", fp32_path), ("int8", int8_path)):
@@ -80,32 +85,40 @@ def main() -> None:
         # and warm each session with one full-length run.
         os.sync()
         for session, layout in sessions.values():
-            decode_rate(session, layout, prompt, args.new_tokens)
-        rates = {name: [] for name in sessions}
+            decode_rate(session, layout, prompts[max(prompts)], args.new_tokens)
+        rates = {(n, name): [] for n in prompts for name in sessions}
         tokens = {}
         for _ in range(args.runs):
-            for name, (session, layout) in sessions.items():
-                rate, tokens[name] = decode_rate(session, layout, prompt, args.new_tokens)
-                rates[name].append(rate)
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    pairs = [i8 / f32 for f32, i8 in zip(rates["fp32"], rates["int8"])]
-    same = sum(a == b for a, b in zip(tokens["fp32"], tokens["int8"])) / len(tokens["fp32"])
+            for n, prompt in prompts.items():
+                for name, (session, layout) in sessions.items():
+                    rate, tokens[n, name] = decode_rate(session, layout, prompt, args.new_tokens)
+                    rates[n, name].append(rate)
+    per_length = {}
+    for n in prompts:
+        pairs = [i8 / f32 for f32, i8 in zip(rates[n, "fp32"], rates[n, "int8"])]
+        per_length[n] = {
+            "tokens_per_s_median": {name: statistics.median(rates[n, name]) for name in sessions},
+            "tokens_per_s_all": {name: rates[n, name] for name in sessions},
+            "int8_over_fp32": statistics.median(pairs), "int8_over_fp32_pairs": pairs,
+            "int8_over_fp32_range": [min(pairs), max(pairs)],
+            "greedy_token_agreement_this_prompt":
+                sum(a == b for a, b in zip(tokens[n, "fp32"], tokens[n, "int8"])) / len(tokens[n, "fp32"]),
+        }
     results = {
         **stamp(),
         "note": args.note,
-        "batch": 1, "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "runs": args.runs, "tokens_per_s_median": medians, "tokens_per_s_all": rates,
-        "int8_over_fp32": statistics.median(pairs), "int8_over_fp32_pairs": pairs,
-        "int8_over_fp32_range": [min(pairs), max(pairs)], "greedy_token_agreement_this_prompt": same,
+        "batch": 1, "threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs,
+        "prompt_tokens": per_length,
     }
     lines = [f"SmolLM2-135M-Instruct decode with the KV cache, {results['machine']}, {results['date']}"
              + (f" ({args.note})" if args.note else ""), "",
-             f"| ONNX Runtime, batch 1, {args.threads} threads, {args.prompt_tokens}-token prompt, "
-             f"{args.new_tokens} decode steps | median of {args.runs} (interleaved) | vs FP32: median of pairs "
-             "[min, max] |", "|---|---|---|",
-             f"| FP32 ONNX (KV cache) | {medians['fp32']:.1f} tokens/s | 1.00x |",
-             f"| INT8 QDQ artifact (KV cache) | {medians['int8']:.1f} tokens/s | {results['int8_over_fp32']:.2f}x "
-             f"[{min(pairs):.2f}, {max(pairs):.2f}] |"]
+             f"| ONNX Runtime, batch 1, {args.threads} threads, {args.new_tokens} decode steps | prompt | "
+             f"median of {args.runs} (interleaved) | vs FP32: median of pairs [min, max] |", "|---|---|---|---|"]
+    for n, r in per_length.items():
+        low, high = r["int8_over_fp32_range"]
+        lines += [f"| FP32 ONNX (KV cache) | {n} tokens | {r['tokens_per_s_median']['fp32']:.1f} tokens/s | 1.00x |",
+                  f"| INT8 QDQ artifact (KV cache) | {n} tokens | {r['tokens_per_s_median']['int8']:.1f} tokens/s | "
+                  f"{r['int8_over_fp32']:.2f}x [{low:.2f}, {high:.2f}] |"]
     table = "\n".join(lines) + "\n"
     write_results("decode", results, table)
     print(table)
