@@ -38,9 +38,21 @@ def shipped_artifact(artifact: Path | None, recipe: Path, work: Path) -> Path:
 
 
 def stamp() -> dict:
-    """The UTC date and the machine that every results file records."""
+    """The UTC date and the machine that every results file records (the CPU model too: ratios such
+    as INT8 / FP32 move with the vector units, e.g. full- or half-width AVX-512)."""
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.processor() or 'cpu'}"}
+            "machine": f"{os.cpu_count()} cores, {platform.machine()}, {cpu_model()}"}
+
+
+def cpu_model() -> str:
+    """'AMD EPYC (family 26, model 2)' from /proc/cpuinfo; platform.processor() elsewhere."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or "cpu"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or platform.processor() or "cpu"
+    return f"{name} (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else name
 
 
 def write_results(name: str, results: dict, table: str) -> None:
