@@ -3,14 +3,14 @@
     .venv/bin/python bench/decode.py [--artifact DIR] [--runs 31] [--new-tokens 64] [--prompt-tokens 32 448]
 
 Without --artifact the shipped recipe is converted first (through the real CLI). The FP32 baseline
-is the original checkpoint exported with the same KV-cache graph layout. Each run prefills the same
-prompt (from the evaluation text), then times `--new-tokens` greedy one-token decode steps; runs
-alternate between the two models (and the prompt lengths: a short prompt, and a long one where the
-attention over the cache weighs more). Reported per prompt length: the median tokens/s of each, and
-the INT8/FP32 ratio of each back-to-back pair of runs (median, min, max). This machine's speed changes every few tens of
-seconds under other load, and INT8 loses more than FP32 in its slow phase, so the runs span about a
-minute and a pair's ratio is taken within one phase. Writes bench/results/decode.json and
-bench/results/decode.md, which the README quotes.
+is the original checkpoint exported with the same KV-cache graph layout. Each run prefills each
+prompt of the evaluation text (a short one, and a long one where the attention over the cache
+weighs more), then times `--new-tokens` greedy one-token decode steps; runs alternate between the
+two models. Reported per prompt length: the median tokens/s of each, and the INT8/FP32 ratio of
+each back-to-back pair of runs (median, min, max). This machine's speed changes every few tens of
+seconds under other load, and the phases hit the two graphs differently (on some days INT8 drops,
+on others FP32), so the runs span a few minutes and a pair's ratio is taken within one phase.
+Writes bench/results/decode.json and bench/results/decode.md, which the README quotes.
 """
 
 from __future__ import annotations
