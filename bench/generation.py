@@ -41,8 +41,11 @@ QUESTIONS = ROOT / "recipes" / "data" / "clinical-questions.txt"
 
 def rounded_weights(model, bits: int):
     """A copy of `model` whose every nn.Linear weight (an untied copy of a tied lm_head included) is
-    rounded to symmetric `bits`-bit integers per output channel (absmax scale, round to nearest)."""
+    rounded to symmetric `bits`-bit integers per output channel: the converter's own weight rounding
+    (absmax scale, round half to even) on a grid of 2**(bits-1) - 1 steps a side."""
     import torch
+
+    from converter.quantize import fake_quantize_weight, weight_scales
 
     copied = copy.deepcopy(model)
     top = 2 ** (bits - 1) - 1
@@ -50,8 +53,7 @@ def rounded_weights(model, bits: int):
         for module in copied.modules():
             if isinstance(module, torch.nn.Linear):
                 weight = module.weight.detach().clone()
-                scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
-                module.weight = torch.nn.Parameter((weight / scale).round().clamp(-top, top) * scale)
+                module.weight = torch.nn.Parameter(fake_quantize_weight(weight, weight_scales(weight, top), top))
     return copied
 
 

@@ -26,21 +26,27 @@ TINY_AMAX = 1e-30  # keeps a per-token scale positive for an all-zero token
 ACT_MODES = ("static", "dynamic_per_tensor", "dynamic_per_token")
 
 
-def weight_scales(weight: torch.Tensor) -> torch.Tensor:
-    """(out,) float32 per-output-channel scales; an all-zero row gets scale 1 (any positive works)."""
+def weight_scales(weight: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    """(out,) float32 per-output-channel scales max|W_row| / qmax; an all-zero row gets scale 1 (any
+    positive works). `qmax` other than 127 only serves yardsticks of other widths (2**(bits-1) - 1)."""
     amax = weight.detach().abs().amax(dim=1).float()
-    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def _round_weight(weight: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
+    """round_half_even(W / scale_row), clamped to [-qmax, qmax], as float32."""
+    return torch.round(weight.detach().float() / scales.view(-1, 1)).clamp(-qmax, qmax)
 
 
 def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(out, in) int8 = round_half_even(W / scale_row), clamped to [-127, 127]."""
-    q = torch.round(weight.detach().float() / scales.view(-1, 1))
-    return q.clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return _round_weight(weight, scales, WEIGHT_QMAX).to(torch.int8)
 
 
-def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(out, in) float32: the int8 weight dequantized, what the QDQ graph's weight DequantizeLinear yields."""
-    return quantize_weight(weight, scales).float() * scales.view(-1, 1)
+def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    """(out, in) float32: the int8 weight dequantized, what the QDQ graph's weight DequantizeLinear
+    yields (with another `qmax`: the same rounding on a wider grid)."""
+    return _round_weight(weight, scales, qmax) * scales.view(-1, 1)
 
 
 def activation_scale(amax: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ from converter.quantize import (
     LinearQuant,
     activation_scale,
     apply_fake_quant,
+    fake_quantize_weight,
     fake_quantize_activation,
     fake_quantize_input,
     plan_quantization,
@@ -46,6 +47,15 @@ def test_weight_quantization_formula_inline():
     q = quantize_weight(w, scales)
     assert q.dtype == torch.int8
     assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -31]]  # round half to even: 63.5 -> 64
+
+
+def test_wider_weight_grids_round_the_same_way_on_more_steps():
+    w = torch.tensor([[0.5, -1.0, 0.25], [3.0, 1.5, -0.74]])
+    int8 = fake_quantize_weight(w, weight_scales(w))
+    torch.testing.assert_close(int8, quantize_weight(w, weight_scales(w)).float() * weight_scales(w).view(-1, 1))
+    ten = fake_quantize_weight(w, weight_scales(w, 511), 511)  # 10 bits: 3.0 / 511 a step in row 2
+    torch.testing.assert_close(ten[1], torch.tensor([511.0, 256.0, -126.0]) * (3.0 / 511))  # 255.5 -> 256
+    assert (ten - w).abs().max() < (int8 - w).abs().max() / 3
 
 
 def test_activation_fake_quant_saturates_and_rounds_half_even():
