@@ -62,14 +62,14 @@ def smoothed_fp32(recipe, model, tokenizer):
     decode steps included, and alphas), left in FP32."""
     from converter.archs import arch_spec, block_linear_names
     from converter.calibrate import collect_input_amax
-    from converter.data import token_windows
+    from converter.data import token_windows, window_wrap
     from converter.quantize import split_by_exclusions
     from converter.search import choose_alphas
     from converter.smooth import smooth
 
     r = recipe.recipe
     copied = copy.deepcopy(model)
-    calib = token_windows(recipe, r.calibration, tokenizer, shuffle=True)
+    calib = token_windows(recipe, r.calibration, tokenizer, shuffle=True, wrap=window_wrap(tokenizer, "decoder"))
     if r.export.kv_cache:
         calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
     spec = arch_spec(copied)
@@ -115,7 +115,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from converter.archs import arch_spec
-    from converter.data import token_windows
+    from converter.data import token_windows, window_wrap
     from converter.export import export_fp32
     from converter.generation import compare_tokens, generation_prompts, greedy_graph, greedy_torch, session_step
     from converter.kvcache import graph_kv_layout
@@ -131,7 +131,7 @@ def main() -> None:
         artifact = shipped_artifact(args.artifact, RECIPE, Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
         short = r.parity.eval.model_copy(update={"seq_len": 128, "num_samples": args.prompts})
-        windows = token_windows(recipe, short, tokenizer, shuffle=False)
+        windows = token_windows(recipe, short, tokenizer, shuffle=False, wrap=window_wrap(tokenizer, "decoder"))
         questions = Generation(prompts_file=str(QUESTIONS), chat_template=True, prompts=args.prompts)
         cut = r.parity.generation.model_copy(update={"prompts": args.prompts})
         prompt_sets = {

@@ -86,15 +86,51 @@ def shared_files(recipe: LoadedRecipe, calibration: TextData, evaluation: TextDa
     return shared
 
 
+_PROBE = "The patient is afebrile."
+
+
+def added_special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the ids `tokenizer` puts around every text by default (`add_special_tokens`):
+    ([BOS], []) for Llama 3, Gemma, Mistral or Phi-3, ([CLS], [SEP]) for BERT, ([], []) for GPT-2,
+    Qwen or SmolLM2. Found by tokenizing a probe text both ways, so it holds whatever the tokenizer's
+    post-processor does, whatever its `add_bos_token` attribute says."""
+    plain = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    full = tokenizer(_PROBE)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain):])
+    return [], []
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """`text` as a decoder gets it in use: its tokens after the tokenizer's leading special tokens
+    (a BOS), without any it appends (an EOS would tell the model the text has ended)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return added_special_tokens(tokenizer)[0] + list(ids) if ids else []
+
+
+def window_wrap(tokenizer, kind: str) -> tuple[int | None, int | None] | None:
+    """The special tokens around every calibration and evaluation window, as the model meets them in
+    use: an encoder's (first, last) = ([CLS], [SEP]) when its tokenizer has both; a decoder's
+    (BOS, None) when its tokenizer starts every text with one (what `generate` and every prompt get;
+    Gemma and Llama 3 put their largest activations on it). None: plain text tokens."""
+    if kind == "encoder":
+        first, last = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+        return (first, last) if first is not None and last is not None else None
+    prefix, _ = added_special_tokens(tokenizer)
+    return (prefix[0], None) if len(prefix) == 1 else None
+
+
 def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool,
-                  wrap: tuple[int, int] | None = None) -> Windows:
+                  wrap: tuple[int | None, int | None] | None = None) -> Windows:
     """Tokenize the data files and cut non-overlapping windows of `data.seq_len` tokens.
 
     Args:
         shuffle: pick `num_samples` windows at random with `data.seed` (calibration) instead of
             the first `num_samples` in order (evaluation).
-        wrap: (first, last) token ids around each window's `seq_len - 2` text tokens: an encoder
-            always sees [CLS] ... [SEP], and those tokens carry its largest activations.
+        wrap: (first, last) token ids around each window's text tokens, either None for none on
+            that side (see `window_wrap`): an encoder always sees [CLS] ... [SEP], a Gemma its BOS
+            first, and those tokens carry the model's largest activations.
 
     Raises:
         UserError: the corpus is shorter than one window.
@@ -102,7 +138,7 @@ def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool
     files = [recipe.path(f) for f in data.files]
     corpus = read_corpus(files, data.jsonl_field)
     ids = tokenizer(corpus, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    width = data.seq_len - (2 if wrap else 0)
+    width = data.seq_len - (sum(t is not None for t in wrap) if wrap else 0)
     total = len(ids) // width
     if total == 0:
         raise UserError(
@@ -111,7 +147,7 @@ def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool
         )
     windows = torch.tensor(ids[: total * width], dtype=torch.int64).view(total, width)
     if wrap:
-        first, last = (torch.full((total, 1), t, dtype=torch.int64) for t in wrap)
+        first, last = (torch.full((total, 1 if t is not None else 0), t or 0, dtype=torch.int64) for t in wrap)
         windows = torch.cat([first, windows, last], dim=1)
     if shuffle:
         order = torch.randperm(total, generator=torch.Generator().manual_seed(data.seed))

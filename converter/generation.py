@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converter.data import text_ids
 from converter.kvcache import KvLayout, past_names, prefill_feed, present_names
 
 Step = Callable[[dict], dict]  # feed dict -> {"logits", "present.*"}: a runner's infer, or an ORT session
@@ -166,7 +167,8 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """The prompt's token ids: as text to continue, or (`chat`) as one user message in the chat template.
+    """The prompt's token ids: as text to continue (after the tokenizer's BOS, if it puts one before
+    every text, as the calibration windows have it), or (`chat`) as one user message in the chat template.
 
     Raises:
         UserError: the prompt is empty after tokenization, or `chat` with a tokenizer that has no template.
@@ -177,7 +179,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("--chat: the artifact's tokenizer has no chat template (drop --chat to continue raw text)")
         return chat_prompt(tokenizer, prompt)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = text_ids(tokenizer, prompt)  # with the BOS a Gemma or Llama 3 tokenizer starts every text with
     if not ids:
         raise UserError("--prompt is empty after tokenization")
     return ids
@@ -234,8 +236,8 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
 
 def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int]]:
     """Prompt token ids: the first `cfg.prompt_tokens` of the first `cfg.prompts` evaluation windows,
-    or the lines of `cfg.prompts_file` (resolved against `base_dir`), each wrapped in the chat
-    template with `cfg.chat_template`.
+    or the lines of `cfg.prompts_file` (resolved against `base_dir`): each after the tokenizer's BOS
+    (if it puts one before every text), or wrapped in the chat template with `cfg.chat_template`.
 
     Raises:
         UserError: the prompts file is missing or has no non-empty line, or a chat template is asked
@@ -252,7 +254,7 @@ def generation_prompts(windows, cfg, tokenizer, base_dir: Path) -> list[list[int
             raise UserError("parity.generation.chat_template: the checkpoint's tokenizer has no chat template")
         prompts = [chat_prompt(tokenizer, line) for line in lines[: cfg.prompts]]
     else:
-        prompts = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines[: cfg.prompts]]
+        prompts = [text_ids(tokenizer, line) for line in lines[: cfg.prompts]]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise UserError(f"parity.generation.prompts_file {path}: no non-empty prompt")

@@ -27,7 +27,7 @@ import yaml
 from converter import cache, kvcache, package, scratch, triton
 from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
 from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import shared_files, token_windows
+from converter.data import shared_files, token_windows, window_wrap
 from converter.encoder import checkpoint_io, evaluate_encoder
 from converter.errors import ParityFailure, UserError
 from converter.export import export_fp32, insert_qdq
@@ -155,7 +155,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     with stages.run("load"):
         loaded = load(recipe)
         io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
-        wrap = _special_tokens(loaded.tokenizer) if io.kind == "encoder" else None
+        wrap = window_wrap(loaded.tokenizer, io.kind)
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
         if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
             calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
@@ -243,12 +243,6 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         manifest["stages"] = [s.__dict__ for s in stages.records]
         package.write_manifest(staging, manifest)
     return manifest
-
-
-def _special_tokens(tokenizer) -> tuple[int, int] | None:
-    """(first, last) ids an encoder's tokenizer puts around every input ([CLS], [SEP]), if it has them."""
-    first, last = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
-    return (first, last) if first is not None and last is not None else None
 
 
 def _cache_state(store: cache.StageCache, hit: bool) -> str | None:

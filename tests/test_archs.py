@@ -267,6 +267,10 @@ def test_encoder_windows_are_wrapped_in_its_special_tokens(tmp_path, write_recip
     # the text in between is the same token stream, 14 tokens per window
     assert torch.equal(wrapped.input_ids[:, 1:-1].reshape(-1)[:64], plain.input_ids.reshape(-1)[:64])
     assert wrapped.sha256 != plain.sha256  # the stage cache must not mix them up
+    led = token_windows(recipe, data, tok, shuffle=False, wrap=(7, None))  # a decoder's BOS, nothing after
+    assert led.input_ids.shape[1] == 16 and (led.input_ids[:, 0] == 7).all()
+    assert torch.equal(led.input_ids[:, 1:].reshape(-1)[:64], plain.input_ids.reshape(-1)[:64])
+    assert len({plain.sha256, wrapped.sha256, led.sha256}) == 3
 
 
 @pytest.mark.parametrize("arch, attr, value", [

@@ -17,21 +17,29 @@ from test_cli import run_cli
 from tiny_models import build_tiny
 
 
-@pytest.fixture(scope="module")
-def kv_artifact(tiny_checkpoints, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kv-cli")
-    data = tiny_recipe_dict(tiny_checkpoints["qwen2"])
+def _convert_kv(checkpoint, tmp, decode_windows: int, generation: dict, thresholds: dict | None = None):
+    """Convert `checkpoint` with a KV-cache recipe through the CLI: (recipe, artifact, manifest, result)."""
+    data = tiny_recipe_dict(checkpoint)
     data["export"] = {"kv_cache": True}
-    data["calibration"].update(decode_windows=4, decode_steps=8)
-    data["parity"]["generation"] = {"prompts": 3, "prompt_tokens": 12, "max_new_tokens": 10}
-    data["parity"]["thresholds"] = {"min_token_agreement": 0.8}
+    data["calibration"].update(decode_windows=decode_windows, decode_steps=8)
+    data["parity"]["generation"] = generation
+    if thresholds:
+        data["parity"]["thresholds"] = thresholds
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     code, stdout, stderr = run_cli(recipe, "--output-dir", tmp / "out", "--json", "--quiet")
     assert code == 0, stderr
     result = json.loads(stdout)
     artifact = tmp / "out" / result["name"] / result["version"]
-    return artifact, json.loads((artifact / "manifest.json").read_text()), result
+    return recipe, artifact, json.loads((artifact / "manifest.json").read_text()), result
+
+
+@pytest.fixture(scope="module")
+def kv_artifact(tiny_checkpoints, tmp_path_factory):
+    _, artifact, manifest, result = _convert_kv(
+        tiny_checkpoints["qwen2"], tmp_path_factory.mktemp("kv-cli"), 4,
+        {"prompts": 3, "prompt_tokens": 12, "max_new_tokens": 10}, {"min_token_agreement": 0.8})
+    return artifact, manifest, result
 
 
 def test_manifest_records_kv_io_and_decode_calibration(kv_artifact):
@@ -81,18 +89,22 @@ def test_triton_config_carries_the_cache_tensors(kv_artifact):
     assert dims["attention_mask"] == [-1] and dims["logits"] == [-1, 320]
 
 
-def test_generate_streams_the_artifacts_greedy_tokens(kv_artifact):
-    artifact, _, _ = kv_artifact
+def _generate_json(artifact, prompt: str, new_tokens: int):
+    """(`generate --json` record, the artifact's tokenizer, the greedy tokens ORT gives for `ids`)."""
     from transformers import AutoTokenizer
 
-    code, stdout, stderr = run_cli("generate", artifact, "--prompt", "Licensed under the", "--max-new-tokens", 7,
-                                   "--json")
+    code, stdout, stderr = run_cli("generate", artifact, "--prompt", prompt, "--max-new-tokens", new_tokens, "--json")
     assert code == 0, stderr
-    record = json.loads(stdout)
     tok = AutoTokenizer.from_pretrained(str(artifact))
-    prompt = tok("Licensed under the", add_special_tokens=False)["input_ids"]
     step = session_step(onnxruntime_session(artifact / "model.onnx"))
-    expected = list(greedy_graph(step, kvcache.graph_kv_layout(artifact / "model.onnx"), prompt, 7, tok.eos_token_id))
+    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    return json.loads(stdout), tok, lambda ids: list(greedy_graph(step, layout, ids, new_tokens, tok.eos_token_id))
+
+
+def test_generate_streams_the_artifacts_greedy_tokens(kv_artifact):
+    artifact, _, _ = kv_artifact
+    record, tok, greedy = _generate_json(artifact, "Licensed under the", 7)
+    expected = greedy(tok("Licensed under the", add_special_tokens=False)["input_ids"])
     assert record["tokens"] == expected and record["new_tokens"] == len(expected)
     assert record["text"] == tok.decode(expected, skip_special_tokens=True)
     code, stdout, _ = run_cli("generate", artifact, "--prompt", "Licensed under the", "--max-new-tokens", 7)
@@ -193,3 +205,76 @@ def test_chat_template_without_one_in_the_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no chat template"):
         generation_prompts(None, Generation(prompts_file="prompts.txt", chat_template=True), _word_tokenizer(None),
                            tmp_path)
+
+
+def _bos_word_tokenizer():
+    """The word tokenizer with a post-processor that puts [BOS] before and EOT after every text."""
+    from tokenizers import processors
+
+    tok = _word_tokenizer(None)
+    core = tok.backend_tokenizer
+    core.add_special_tokens(["[BOS]"])
+    core.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A EOT", special_tokens=[("[BOS]", core.token_to_id("[BOS]")), ("EOT", 3)])
+    return tok
+
+
+def test_prompts_get_the_tokenizers_leading_bos_and_never_its_trailing_eos(tmp_path):
+    from converter.data import added_special_tokens, text_ids, window_wrap
+    from converter.generation import generation_prompts, prompt_ids
+    from converter.recipe import Generation
+
+    bos_tok, plain_tok = _bos_word_tokenizer(), _word_tokenizer(None)
+    bos = bos_tok.convert_tokens_to_ids("[BOS]")
+    assert bos_tok("what is a cyst ?")["input_ids"] == [bos, 4, 5, 6, 7, 8, 3]  # what HF's default adds
+    assert added_special_tokens(bos_tok) == ([bos], [3]) and added_special_tokens(plain_tok) == ([], [])
+    assert text_ids(bos_tok, "what is a cyst ?") == [bos, 4, 5, 6, 7, 8]  # an EOS would end the text
+    assert prompt_ids(bos_tok, "what is a cyst ?", chat=False) == [bos, 4, 5, 6, 7, 8]
+    assert prompt_ids(plain_tok, "what is a cyst ?", chat=False) == [4, 5, 6, 7, 8]
+    (tmp_path / "prompts.txt").write_text("what is a cyst ?\nnodule\n")
+    assert generation_prompts(None, Generation(prompts_file="prompts.txt"), bos_tok, tmp_path) == [
+        [bos, 4, 5, 6, 7, 8], [bos, 9]]
+    assert window_wrap(bos_tok, "decoder") == (bos, None) and window_wrap(plain_tok, "decoder") is None
+    assert text_ids(bos_tok, "") == []  # an empty prompt stays empty (and is refused), not a lone BOS
+
+
+@pytest.fixture(scope="module")
+def bos_artifact(tmp_path_factory):
+    """A tiny Llama whose tokenizer starts every text with <bos> (as Gemma's and Llama 3's do), converted."""
+    from tiny_models import save_tiny_checkpoint
+
+    from conftest import CALIBRATION_TEXT
+
+    tmp = tmp_path_factory.mktemp("bos")
+    checkpoint = save_tiny_checkpoint("llama", tmp / "ckpt", CALIBRATION_TEXT.read_text(), bos=True)
+    return _convert_kv(checkpoint, tmp, 2, {"prompts": 2, "prompt_tokens": 12, "max_new_tokens": 6})[:3]
+
+
+def test_a_bos_tokenizer_calibrates_and_evaluates_windows_that_start_with_bos(bos_artifact):
+    from transformers import AutoTokenizer
+
+    from converter.data import token_windows
+    from converter.recipe import load_recipe
+
+    recipe_path, artifact, manifest = bos_artifact
+    recipe = load_recipe(recipe_path)
+    tok = AutoTokenizer.from_pretrained(str(artifact))
+    bos = tok.bos_token_id
+    r = recipe.recipe
+    calib = token_windows(recipe, r.calibration, tok, shuffle=True, wrap=(bos, None))
+    assert calib.input_ids.shape[1] == r.calibration.seq_len and (calib.input_ids[:, 0] == bos).all()
+    assert (calib.input_ids[:, 1:] != bos).all()  # the text itself never holds one
+    plain = token_windows(recipe, r.calibration, tok, shuffle=True)
+    # the manifest records the digests of what the conversion calibrated and evaluated on
+    decode = (r.calibration.decode_windows, r.calibration.decode_steps)
+    assert manifest["calibration"]["sha256"] == calib.with_decode(*decode).sha256
+    assert manifest["calibration"]["sha256"] != plain.with_decode(*decode).sha256
+    evaluation = token_windows(recipe, r.parity.eval, tok, shuffle=False, wrap=(bos, None))
+    assert manifest["evaluation"]["sha256"] == evaluation.sha256
+
+
+def test_generate_puts_the_bos_before_the_prompt(bos_artifact):
+    _, artifact, _ = bos_artifact
+    record, tok, greedy = _generate_json(artifact, "Licensed under the", 4)
+    assert record["prompt_tokens"] == [tok.bos_token_id] + tok("Licensed under the", add_special_tokens=False)["input_ids"]
+    assert record["tokens"] == greedy(record["prompt_tokens"])

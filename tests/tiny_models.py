@@ -179,22 +179,27 @@ def build_tiny(arch: str, seed: int = 0, outliers: bool = True) -> torch.nn.Modu
     return model.eval()
 
 
-def tiny_tokenizer(text: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with fewer than VOCAB tokens, trained in milliseconds on `text`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(text: str, bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with fewer than VOCAB tokens, trained in milliseconds on `text`. With `bos`,
+    it starts every text with a `<bos>` token, as Gemma's and Llama 3's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<|endoftext|>"],
+    specials = ["<|endoftext|>", "<bos>"] if bos else ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<bos>")
 
 
-def save_tiny_checkpoint(arch: str, folder: Path, text: str, seed: int = 0) -> Path:
+def save_tiny_checkpoint(arch: str, folder: Path, text: str, seed: int = 0, bos: bool = False) -> Path:
     """Write a tiny model with planted outliers and its tokenizer as an HF safetensors folder."""
     model = _checkpoint_layout(build_tiny(arch, seed=seed))
     model.save_pretrained(folder)
-    tiny_tokenizer(text).save_pretrained(folder)
+    tiny_tokenizer(text, bos=bos).save_pretrained(folder)
     return folder
