@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from converter.data import token_windows, window_wrap
+    from converter.data import added_special_tokens, token_windows
     from converter.export import float_graph
     from converter.kvcache import graph_kv_layout
     from converter.load import load_reference
@@ -71,9 +71,9 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        windows = token_windows(recipe, recipe.recipe.parity.eval, tokenizer, shuffle=False,
-                                wrap=window_wrap(tokenizer, "decoder"))
-        text = [int(t) for t in windows.input_ids.reshape(-1)]
+        windows = token_windows(recipe, recipe.recipe.parity.eval, tokenizer, shuffle=False)
+        # one stream of text, after the BOS the tokenizer starts every text with (if any)
+        text = added_special_tokens(tokenizer)[0] + [int(t) for t in windows.input_ids.reshape(-1)]
         if max(args.prompt_tokens) > len(text):
             raise SystemExit(f"--prompt-tokens {max(args.prompt_tokens)}: the evaluation text holds {len(text)}")
         prompts = {n: text[:n] for n in args.prompt_tokens}
