@@ -111,14 +111,15 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 def window_wrap(tokenizer, kind: str) -> tuple[int | None, int | None] | None:
     """The special tokens around every calibration and evaluation window, as the model meets them in
-    use: an encoder's (first, last) = ([CLS], [SEP]) when its tokenizer has both; a decoder's
-    (BOS, None) when its tokenizer starts every text with one (what `generate` and every prompt get;
-    Gemma and Llama 3 put their largest activations on it). None: plain text tokens."""
-    if kind == "encoder":
-        first, last = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
-        return (first, last) if first is not None and last is not None else None
-    prefix, _ = added_special_tokens(tokenizer)
-    return (prefix[0], None) if len(prefix) == 1 else None
+    use, from what the tokenizer adds to a text (`added_special_tokens`): an encoder's (first, last),
+    e.g. ([CLS], [SEP]); a decoder's (BOS, None) when its tokenizer starts every text with one (what
+    `generate` and every prompt get; Gemma and Llama 3 put their largest activations on it), never an
+    EOS after. A side the tokenizer adds nothing to, or more than one token to, is None; None: plain
+    text tokens."""
+    prefix, suffix = added_special_tokens(tokenizer)
+    first = prefix[0] if len(prefix) == 1 else None
+    last = suffix[0] if kind == "encoder" and len(suffix) == 1 else None
+    return None if first is None and last is None else (first, last)
 
 
 def token_windows(recipe: LoadedRecipe, data: TextData, tokenizer, shuffle: bool,

@@ -273,6 +273,35 @@ def test_encoder_windows_are_wrapped_in_its_special_tokens(tmp_path, write_recip
     assert len({plain.sha256, wrapped.sha256, led.sha256}) == 3
 
 
+def test_window_wrap_follows_what_the_tokenizer_adds_to_a_text():
+    """An encoder's windows get the tokens its tokenizer puts around every text, found the same way as
+    a decoder's BOS: a tokenizer that names [CLS]/[SEP] but never adds them gives plain windows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from converter.data import window_wrap
+
+    def word_tokenizer(template: str | None):
+        words = ["[UNK]", "[CLS]", "[SEP]", "[BOS]", "the", "patient", "is", "afebrile", "."]
+        core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        if template:
+            core.post_processor = processors.TemplateProcessing(
+                single=template, special_tokens=[(w, words.index(w)) for w in ("[CLS]", "[SEP]", "[BOS]")])
+        return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", cls_token="[CLS]",
+                                       sep_token="[SEP]", bos_token="[BOS]", eos_token="[SEP]")
+
+    bert = word_tokenizer("[CLS] $A [SEP]")
+    assert bert("the patient")["input_ids"] == [1, 4, 5, 2]
+    assert window_wrap(bert, "encoder") == (1, 2)
+    assert window_wrap(bert, "decoder") == (1, None)  # a decoder never gets the trailing token
+    assert window_wrap(word_tokenizer("[BOS] $A"), "encoder") == (3, None)
+    assert window_wrap(word_tokenizer("[CLS] [BOS] $A"), "encoder") is None  # two tokens: not a single wrap
+    named_only = word_tokenizer(None)
+    assert named_only.cls_token_id == 1 and named_only("the patient")["input_ids"] == [4, 5]
+    assert window_wrap(named_only, "encoder") is None and window_wrap(named_only, "decoder") is None
+
+
 @pytest.mark.parametrize("arch, attr, value", [
     ("opt", "do_layer_norm_before", False),  # OPT-350m: post-LN
     ("bloom", "apply_residual_connection_post_layernorm", True),
