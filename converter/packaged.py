@@ -65,15 +65,7 @@ def materialize(name: str, dest: Path) -> Path:
         )
     pkg_dir = spec.submodule_search_locations[0]
     if entry.hf_folder is not None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            _copy_folder(Path(pkg_dir) / entry.hf_folder, staging)
-            staging.rename(dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return dest
+        return _publish(dest, lambda staging: _copy_folder(Path(pkg_dir) / entry.hf_folder, staging))
     # GGUF weights are dequantized to fp32 on load; the config carries the GGUF quantization_config,
     # which save_pretrained refuses, so rebuild a clean model from the config and copy the weights.
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -86,12 +78,28 @@ def materialize(name: str, dest: Path) -> Path:
     config._name_or_path = name
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict(), strict=True)
+
+    def write(staging: Path) -> None:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return _publish(dest, write)
+
+
+def _publish(dest: Path, write) -> Path:
+    """`write(folder)` into a staging folder beside `dest`, then rename it into place, so `dest` is
+    complete whenever it exists. Two runs materializing at once (CI jobs sharing a checkout) both
+    succeed: the second finds the first one's complete folder at `dest` and drops its own."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        clean.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(dest)
+        write(staging)
+        try:
+            staging.rename(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

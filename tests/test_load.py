@@ -123,3 +123,22 @@ def test_a_weights_file_given_as_the_checkpoint_folder_is_named(tiny_checkpoints
     weights = tiny_checkpoints["llama"] / "model.safetensors"
     with pytest.raises(UserError, match=r"source\.path .*model\.safetensors is a file; give the checkpoint folder"):
         load(load_recipe(write_recipe(tiny_recipe_dict(weights))))
+
+
+def test_a_concurrent_materialization_that_finishes_first_leaves_one_complete_folder(tmp_path, monkeypatch):
+    """Two runs materializing a packaged model at once (CI jobs sharing a checkout) both succeed:
+    the one that renames second finds a complete folder in place and drops its own copy."""
+    from converter import packaged
+
+    dest = tmp_path / "models" / "all-MiniLM-L6-v2"
+    copy = packaged._copy_folder
+
+    def copy_while_another_run_finishes(source, staging):
+        copy(source, staging)
+        dest.mkdir()
+        copy(source, dest)  # the other run's folder lands first
+
+    monkeypatch.setattr(packaged, "_copy_folder", copy_while_another_run_finishes)
+    assert packaged.materialize("all-minilm-l6-v2", dest) == dest
+    assert [p.name for p in dest.parent.iterdir()] == ["all-MiniLM-L6-v2"]  # no staging folder left
+    assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
