@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n auto`: the workers share the cores, one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads (here and in convert.py subprocesses)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models
@@ -21,6 +25,42 @@ def quantized_matmuls(path: Path) -> list[str]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return [i.name.removesuffix(WEIGHT_SUFFIX) for i in graph.initializer if i.name.endswith(WEIGHT_SUFFIX)]
+
+# Test files that read the session `exported` fixture (an export of every table family, minutes).
+EXPORTED_FILES = {"tests/test_export.py", "tests/test_lint.py", "tests/test_tensorrt.py"}
+
+
+def _scope(nodeid: str) -> str:
+    file = nodeid.split("::", 1)[0]
+    return "exported" if file in EXPORTED_FILES else file
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`-n auto`), each test file runs whole in one worker, so its module fixtures
+    are built once, and the `exported` files share one worker, or each worker would build all of it.
+    Files are handed out in collection order (see pytest_collection_modifyitems)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return FileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-model files first (each holds a conversion of minutes: started last, one would run alone at
+    the end), then the other files, most tests first. EXPORTED_FILES must name every file that reads
+    `exported` (the scheduler sees only node ids)."""
+    files = {_scope(item.nodeid) for item in items if "exported" in item.fixturenames}
+    if files - {"exported"}:
+        raise pytest.UsageError(f"add {sorted(files - {'exported'})} to EXPORTED_FILES in tests/conftest.py")
+    sizes: dict[str, int] = {}
+    for item in items:
+        sizes[_scope(item.nodeid)] = sizes.get(_scope(item.nodeid), 0) + 1
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -sizes[_scope(item.nodeid)]))
+
 
 CALIBRATION_TEXT = ROOT / "recipes" / "data" / "gpl-3.0.txt"
 EVALUATION_TEXT = ROOT / "recipes" / "data" / "apache-2.0.txt"
