@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def quantized_matmuls(path: Path) -> list[str]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return [i.name.removesuffix(WEIGHT_SUFFIX) for i in graph.initializer if i.name.endswith(WEIGHT_SUFFIX)]
+
 
 # Test files that read the session `exported` fixture (an export of every table family, minutes).
 EXPORTED_FILES = {"tests/test_export.py", "tests/test_lint.py", "tests/test_tensorrt.py"}
@@ -56,9 +58,7 @@ def pytest_collection_modifyitems(config, items):
     files = {_scope(item.nodeid) for item in items if "exported" in item.fixturenames}
     if files - {"exported"}:
         raise pytest.UsageError(f"add {sorted(files - {'exported'})} to EXPORTED_FILES in tests/conftest.py")
-    sizes: dict[str, int] = {}
-    for item in items:
-        sizes[_scope(item.nodeid)] = sizes.get(_scope(item.nodeid), 0) + 1
+    sizes = collections.Counter(_scope(item.nodeid) for item in items)
     items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -sizes[_scope(item.nodeid)]))
 
 
