@@ -25,8 +25,9 @@ import torch
 
 from converter import scratch
 
-CACHE_FORMAT = 5  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls;
-# 5: grouped-query attention exported without repeated K/V)
+CACHE_FORMAT = 6  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls;
+# 5: grouped-query attention exported without repeated K/V; 6: fake quant sums integer products, so a global
+# alpha search's and a fallback's scores moved in their last bits)
 ENV_DIR = "CONVERTER_CACHE_DIR"
 _META = "meta.json"
 

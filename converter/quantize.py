@@ -6,7 +6,10 @@ Activations, by level (see recipe.ActivationQuant):
   O2 dynamic per tensor: ONNX DynamicQuantizeLinear (uint8, asymmetric, from the tensor's min/max);
   O1 dynamic per token: int8, symmetric, scale = max|x_token| / 127 for every token.
 The functions below are the single definition of that arithmetic: the ONNX exporter writes the
-int8 weights they produce, and the fake-quant reference computes with them.
+int8 weights they produce, and the fake-quant reference computes with them. The reference sums its
+integer products as the int8 kernels do (`FakeQuantLinear`), not as a float MatMul of dequantized
+values would: the two orders differ in the last bits, and a last bit is enough to move a later
+activation across a rounding boundary.
 """
 
 from __future__ import annotations
@@ -54,21 +57,32 @@ def activation_scale(amax: float) -> torch.Tensor:
     return torch.tensor(amax / INT8_MAX if amax > 0 else 1.0, dtype=torch.float32)
 
 
+def _static_int(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(QuantizeLinear(x) with zero point 0, as float32 integers; scale)."""
+    return torch.clamp(torch.round(x / scale), INT8_MIN, INT8_MAX), scale
+
+
 def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """QuantizeLinear then DequantizeLinear with zero point 0, as ONNX defines them."""
-    return torch.clamp(torch.round(x / scale), INT8_MIN, INT8_MAX) * scale
+    q, scale = _static_int(x, scale)
+    return q * scale
 
 
-def fake_quantize_dynamic_per_tensor(x: torch.Tensor) -> torch.Tensor:
-    """What MatMulInteger sees after ONNX DynamicQuantizeLinear, dequantized: uint8, the range
-    [min(0, x_min), max(0, x_max)] over the whole tensor, zero point rounded and saturated."""
+def _dynamic_per_tensor_int(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 values of ONNX DynamicQuantizeLinear minus its zero point, as float32 integers; scale):
+    the range [min(0, x_min), max(0, x_max)] over the whole tensor, zero point rounded and saturated."""
     lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
     scale = (hi - lo) / 255.0
     if float(scale) == 0.0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x), scale
     zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
-    return (q - zero_point) * scale
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point, scale
+
+
+def fake_quantize_dynamic_per_tensor(x: torch.Tensor) -> torch.Tensor:
+    """What MatMulInteger sees after ONNX DynamicQuantizeLinear, dequantized."""
+    q, scale = _dynamic_per_tensor_int(x)
+    return q * scale
 
 
 def per_token_scales(x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +91,16 @@ def per_token_scales(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x.abs().amax(dim=-1, keepdim=True), min=TINY_AMAX) / INT8_MAX
 
 
+def _per_token_int(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(symmetric int8 values, one scale per token, as float32 integers; (..., 1) scales)."""
+    scale = per_token_scales(x)
+    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX), scale
+
+
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 with one scale per token, as the exported O1 graph computes it."""
-    scale = per_token_scales(x)
-    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX) * scale
+    q, scale = _per_token_int(x)
+    return q * scale
 
 
 def act_mode(level: str) -> str:
@@ -88,15 +108,23 @@ def act_mode(level: str) -> str:
     return {"O3": "static", "O2": "dynamic_per_tensor", "O1": "dynamic_per_token"}[level]
 
 
-def fake_quantize_input(x: torch.Tensor, mode: str, scale: torch.Tensor) -> torch.Tensor:
-    """A linear's input as the exported graph quantizes it (`scale` is used by `static` only)."""
+def quantize_input(x: torch.Tensor, mode: str, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's input as the exported graph quantizes it: (the integers the int8 kernel multiplies,
+    as float32 (zero point already subtracted); their scale: a scalar, or (..., 1) per token).
+    `scale` is used by `static` only."""
     if mode == "static":
-        return fake_quantize_activation(x, scale)
+        return _static_int(x, scale)
     if mode == "dynamic_per_tensor":
-        return fake_quantize_dynamic_per_tensor(x)
+        return _dynamic_per_tensor_int(x)
     if mode == "dynamic_per_token":
-        return fake_quantize_per_token(x)
+        return _per_token_int(x)
     raise ValueError(f"activation mode {mode!r} is not one of {ACT_MODES}")
+
+
+def fake_quantize_input(x: torch.Tensor, mode: str, scale: torch.Tensor) -> torch.Tensor:
+    """A linear's input quantized as the exported graph quantizes it, dequantized."""
+    q, x_scale = quantize_input(x, mode, scale)
+    return q * x_scale
 
 
 @dataclass(frozen=True)
@@ -194,18 +222,30 @@ def plan_quantization(
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """A linear that computes exactly what the QDQ graph computes, in float."""
+    """A linear that computes what the deployed int8 kernel computes, in float32.
+
+    The integer products are summed as integers (float32 holds every partial sum exactly below
+    2**24: int8 products reach that only with more than 1,032 inputs all near full scale), then
+    scaled once, in the exported graph's order: ORT's MatMulIntegerToFloat multiplies the sum by
+    s_x * s_w; the O1 graph by s_token, then s_w. Summing dequantized values instead rounds every
+    partial sum: a last-bit difference that can flip a later activation's rounding.
+    """
 
     def __init__(self, linear: torch.nn.Linear, quant: LinearQuant):
         super().__init__()
-        self.weight = torch.nn.Parameter(fake_quantize_weight(linear.weight, quant.weight_scale), requires_grad=False)
+        self.weight = torch.nn.Parameter(_round_weight(linear.weight, quant.weight_scale, WEIGHT_QMAX),
+                                         requires_grad=False)  # (out, in) int8 values as float32
+        self.register_buffer("weight_scale", quant.weight_scale.clone().float())
         self.bias = linear.bias
         self.register_buffer("act_scale", quant.act_scale.clone())
         self.act_mode = quant.act_mode
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quantize_input(x, self.act_mode, self.act_scale), self.weight, self.bias)
+        q, x_scale = quantize_input(x, self.act_mode, self.act_scale)
+        acc = F.linear(q, self.weight)  # integer sums
+        y = acc * x_scale * self.weight_scale if x_scale.dim() else acc * (x_scale * self.weight_scale)
+        return y if self.bias is None else y + self.bias
 
 
 @torch.no_grad()

@@ -1,7 +1,12 @@
+import collections
 import copy
 
+import numpy as np
+import onnx
 import pytest
 import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 
 from converter.archs import arch_spec, block_linear_names
 from converter.calibrate import collect_input_amax
@@ -20,6 +25,7 @@ from converter.quantize import (
     weight_scales,
 )
 from converter.recipe import Quantization, Smoothing
+from converter.runners import onnxruntime_session
 from converter.smooth import smooth
 from tiny_models import build_tiny
 
@@ -73,6 +79,50 @@ def test_an_unknown_activation_mode_is_refused_not_run_as_another():
     with pytest.raises(ValueError, match="not one of"):
         LinearQuant(name="fc", in_features=2, out_features=2, act_amax=1.0, act_scale=scale,
                     weight_scale=torch.ones(2), weight_rel_error=0.0, act_mode="per_token")
+
+
+def _qdq_linear_graph(weight_int8, weight_scale, act_scale, bias) -> onnx.ModelProto:
+    """x -> Q/DQ -> MatMul(DQ(W)) [+ bias]: the exporter's QDQ form of one static linear."""
+    k, n = weight_int8.shape
+    inits = [numpy_helper.from_array(weight_int8, "w"), numpy_helper.from_array(weight_scale, "w_scale"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"), numpy_helper.from_array(act_scale, "x_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["w_dq"], axis=1),
+             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y" if bias is None else "y_matmul"])]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        nodes.append(helper.make_node("Add", ["y_matmul", "bias"], ["y"]))
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("k,n,bias", [(576, 960, False), (64, 256, True), (1536, 576, False)])
+def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bias, tmp_path):
+    torch.manual_seed(k)
+    linear = torch.nn.Linear(k, n, bias=bias)
+    x = torch.randn(2, 19, k) * 3
+    amax = float(x.abs().max()) * 0.8  # some inputs saturate
+    quant = LinearQuant(name="fc", in_features=k, out_features=n, act_amax=amax, act_scale=activation_scale(amax),
+                        weight_scale=weight_scales(linear.weight), weight_rel_error=0.0, act_mode="static")
+    model = _qdq_linear_graph(quantize_weight(linear.weight, quant.weight_scale).T.contiguous().numpy(),
+                              quant.weight_scale.numpy(), quant.act_scale.numpy(),
+                              None if linear.bias is None else linear.bias.detach().numpy())
+    onnx.save(model, tmp_path / "linear.onnx")
+    session = onnxruntime_session(tmp_path / "linear.onnx", optimized_model_path=tmp_path / "optimized.onnx")
+    ops = collections.Counter(node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0  # the int8 kernel ran, not the float MatMul
+    y_ort = session.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        y_fake = FakeQuantLinear(linear, quant)(x).numpy()
+        # dequantized values summed in float: the ONNX definition of the same graph, a few ulps away
+        y_float = F.linear(fake_quantize_activation(x, quant.act_scale),
+                           fake_quantize_weight(linear.weight, quant.weight_scale), linear.bias).numpy()
+    assert np.array_equal(y_fake, y_ort), float(np.abs(y_fake - y_ort).max())
+    assert not np.array_equal(y_float, y_ort)  # so the equality above is not a property of any order
+    np.testing.assert_allclose(y_float, y_ort, rtol=0, atol=1e-5 * float(np.abs(y_ort).max()))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
