@@ -28,6 +28,32 @@ def quantized_matmuls(path: Path) -> list[str]:
     return [i.name.removesuffix(WEIGHT_SUFFIX) for i in graph.initializer if i.name.endswith(WEIGHT_SUFFIX)]
 
 
+def qdq_matmul_model(w_int8, w_scale, x_scale, *, x_zero_point: int = 0, weight_axis: int = 1, bias=None,
+                     x_shape=None, opset: int = 18):
+    """x -> Q/DQ -> MatMul with DQ(int8 W (K, N)) [+ bias] -> y: the exporter's QDQ form of one linear,
+    nodes named `fc/...`. `x_shape` defaults to (batch, sequence, K), both dynamic."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    x_scale = np.asarray(x_scale, np.float32)
+    inits = [numpy_helper.from_array(w_int8, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+             numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), "w_zp"),
+             numpy_helper.from_array(x_scale, "x_scale"),
+             numpy_helper.from_array(np.full(x_scale.shape, x_zero_point, np.int8), "x_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="fc/input_quantize"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"], name="fc/input_dequantize"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wdq"], name="fc/weight_dequantize",
+                              axis=weight_axis),
+             helper.make_node("MatMul", ["xdq", "wdq"], ["y" if bias is None else "y_matmul"], name="fc/matmul")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        nodes.append(helper.make_node("Add", ["y_matmul", "bias"], ["y"], name="fc/bias"))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape or [None, None, w_int8.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
 # Test files that read the session `exported` fixture (an export of every table family, minutes).
 EXPORTED_FILES = {"tests/test_export.py", "tests/test_lint.py", "tests/test_tensorrt.py"}
 

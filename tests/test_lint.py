@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.lint import lint_model, lint_qdq
-from conftest import quantized_matmuls
+from conftest import qdq_matmul_model, quantized_matmuls
 
 
 def _qdq_matmul(*, act_zero_point=0, weight_scale=None, weight_axis=1, act_scales=1, opset=18) -> onnx.ModelProto:
@@ -15,23 +15,8 @@ def _qdq_matmul(*, act_zero_point=0, weight_scale=None, weight_axis=1, act_scale
     w = rng.integers(-127, 128, (6, 4)).astype(np.int8)
     w_scale = np.full(4, 0.02, np.float32) if weight_scale is None else np.asarray(weight_scale, np.float32)
     x_scale = np.full(act_scales, 0.05, np.float32) if act_scales > 1 else np.array(0.05, np.float32)
-    inits = [
-        numpy_helper.from_array(w, "w_q"),
-        numpy_helper.from_array(w_scale, "w_scale"),
-        numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), "w_zp"),
-        numpy_helper.from_array(x_scale, "x_scale"),
-        numpy_helper.from_array(np.full(x_scale.shape, act_zero_point, np.int8), "x_zp"),
-    ]
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="fc/input_quantize"),
-        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"], name="fc/input_dequantize"),
-        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wdq"], name="fc/weight_dequantize",
-                         axis=weight_axis),
-        helper.make_node("MatMul", ["xdq", "wdq"], ["y"], name="fc/matmul"),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    return qdq_matmul_model(w, w_scale, x_scale, x_zero_point=act_zero_point, weight_axis=weight_axis,
+                            x_shape=[1, 6], opset=opset)
 
 
 def test_well_formed_graph_passes():

@@ -6,7 +6,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
 
 from converter.archs import arch_spec, block_linear_names
 from converter.calibrate import collect_input_amax
@@ -27,6 +26,7 @@ from converter.quantize import (
 from converter.recipe import Quantization, Smoothing
 from converter.runners import onnxruntime_session
 from converter.smooth import smooth
+from conftest import qdq_matmul_model
 from tiny_models import build_tiny
 
 
@@ -81,24 +81,6 @@ def test_an_unknown_activation_mode_is_refused_not_run_as_another():
                     weight_scale=torch.ones(2), weight_rel_error=0.0, act_mode="per_token")
 
 
-def _qdq_linear_graph(weight_int8, weight_scale, act_scale, bias) -> onnx.ModelProto:
-    """x -> Q/DQ -> MatMul(DQ(W)) [+ bias]: the exporter's QDQ form of one static linear."""
-    k, n = weight_int8.shape
-    inits = [numpy_helper.from_array(weight_int8, "w"), numpy_helper.from_array(weight_scale, "w_scale"),
-             numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"), numpy_helper.from_array(act_scale, "x_scale"),
-             numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
-             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
-             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["w_dq"], axis=1),
-             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y" if bias is None else "y_matmul"])]
-    if bias is not None:
-        inits.append(numpy_helper.from_array(bias, "bias"))
-        nodes.append(helper.make_node("Add", ["y_matmul", "bias"], ["y"]))
-    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-
-
 @pytest.mark.parametrize("k,n,bias", [(576, 960, False), (64, 256, True), (1536, 576, False)])
 def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bias, tmp_path):
     torch.manual_seed(k)
@@ -107,9 +89,9 @@ def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bi
     amax = float(x.abs().max()) * 0.8  # some inputs saturate
     quant = LinearQuant(name="fc", in_features=k, out_features=n, act_amax=amax, act_scale=activation_scale(amax),
                         weight_scale=weight_scales(linear.weight), weight_rel_error=0.0, act_mode="static")
-    model = _qdq_linear_graph(quantize_weight(linear.weight, quant.weight_scale).T.contiguous().numpy(),
-                              quant.weight_scale.numpy(), quant.act_scale.numpy(),
-                              None if linear.bias is None else linear.bias.detach().numpy())
+    model = qdq_matmul_model(quantize_weight(linear.weight, quant.weight_scale).T.contiguous().numpy(),
+                             quant.weight_scale.numpy(), quant.act_scale.numpy(),
+                             bias=None if linear.bias is None else linear.bias.detach().numpy())
     onnx.save(model, tmp_path / "linear.onnx")
     session = onnxruntime_session(tmp_path / "linear.onnx", optimized_model_path=tmp_path / "optimized.onnx")
     ops = collections.Counter(node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node)
