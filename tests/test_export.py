@@ -133,12 +133,15 @@ def test_onnxruntime_int8_equals_pytorch_fake_quant(exported):
     out = onnxruntime_session(int8_path).run([spec.output], io.feed(ids, mask))[0]
     ref, float_out = _run_torch(fq, spec, io, ids, mask), _run_torch(model, spec, io, ids, mask)
     scale = max(1.0, float(np.abs(ref).max()))  # BERT's hidden states reach ~100 with planted outliers
-    # Equal to float rounding at every token position: the fake quant sums integer products as the
-    # int8 kernels do. Summing dequantized floats instead, an activation on a rounding boundary
-    # could round the other way, depending on the CPU's float kernels (tiny Gemma: one position of
-    # 74 on one machine; tiny OPT: two of 38 in the merged-scale test below on another).
+    # Equal to float rounding at every token position but at most one. The int8 sums are exact on
+    # both sides (the fake quant sums integer products as the int8 kernels do), but the float ops
+    # between the linears (Erf for GELU, norms, softmax) are other kernels in ONNX Runtime than in
+    # PyTorch: a value they put on a rounding boundary can round the other way. Measured: tiny
+    # ModernBERT on an AMD EPYC, one GeGLU value feeding layers.1.mlp.Wo, so one position of 74 is
+    # off by 9e-4 (1.4e-5 of the output's size); every other linear's output there is bit-exact.
     per_position = np.abs(out - ref).reshape(-1, out.shape[-1]).max(-1) if out.ndim == 3 else np.abs(out - ref)
-    assert per_position.max() < 1e-5 * scale, np.sort(per_position)[-3:]
+    assert (per_position >= 1e-5 * scale).sum() <= 1, np.sort(per_position)[-3:]
+    assert per_position.max() < 1e-3 * scale
     # it is really quantized: far from float (relative to the output size; bert-cls logits are ~0.1)
     assert np.abs(out - float_out).max() > 1e-4 * float(np.abs(ref).max())
 
