@@ -194,10 +194,14 @@ def _cmd_generate(argv: list[str]) -> int:
                    help="wrap the prompt as one user message in the tokenizer's chat template (instruct models); "
                    "prints only the reply")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default 32 (stops early at EOS)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="ONNX Runtime intra-op threads (default 0: one per physical core)")
     p.add_argument("--json", action="store_true", help="print one JSON record (tokens, text, timings) instead")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: expected 0 (ONNX Runtime's default) or a positive count")
     from converter.generation import generate_record
     from converter.package import read_manifest
 
@@ -212,7 +216,8 @@ def _cmd_generate(argv: list[str]) -> int:
             sys.stdout.write((lead.pop() if lead else "") + piece)
             sys.stdout.flush()
 
-    record = generate_record(args.artifact, args.prompt, args.max_new_tokens, echo, chat=args.chat)
+    record = generate_record(args.artifact, args.prompt, args.max_new_tokens, echo, chat=args.chat,
+                             threads=args.threads)
     if args.json:
         print(json.dumps(record, indent=2))
     else:

@@ -132,6 +132,7 @@ class OpenArtifact:
     step: Step
     layout: KvLayout | None
     config: object  # the checkpoint's transformers config (context length), None without config.json
+    threads: int = 0  # the session's intra-op thread count, as ONNX Runtime holds it (0: its default)
 
 
 def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
@@ -155,8 +156,9 @@ def open_artifact(artifact: Path, threads: int = 0) -> OpenArtifact:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
         config = AutoConfig.from_pretrained(str(artifact)) if (artifact / "config.json").is_file() else None
-        return OpenArtifact(tokenizer, session_step(onnxruntime_session(model_path, threads=threads)),
-                            graph_kv_layout(model_path), config)
+        session = onnxruntime_session(model_path, threads=threads)
+        return OpenArtifact(tokenizer, session_step(session), graph_kv_layout(model_path), config,
+                            session.get_session_options().intra_op_num_threads)
     except Exception as exc:  # a truncated copy or download: say which files, not ONNX Runtime's traceback
         from converter.package import verify
 
@@ -198,14 +200,18 @@ def stream(opened: OpenArtifact, prompt: list[int], max_new_tokens: int) -> Iter
         text = full
 
 
-def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo, chat: bool = False) -> dict:
+def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo, chat: bool = False,
+                    threads: int = 0) -> dict:
     """Open `artifact` and run `stream`, handing each text piece to `echo`; returns the JSON record.
 
     Times are split: `load_s` (tokenizer and ONNX Runtime session), `first_token_s` (the prefill that
     yields the first new token), then `tokens_per_s` over the decode steps after it.
+
+    Args:
+        threads: ONNX Runtime intra-op threads; 0 leaves ONNX Runtime's default (one per physical core).
     """
     start = time.perf_counter()
-    opened = open_artifact(artifact)
+    opened = open_artifact(artifact, threads)
     ids = prompt_ids(opened.tokenizer, prompt, chat)
     if opened.config is not None:
         from converter.load import check_context
@@ -222,7 +228,8 @@ def generate_record(artifact: Path, prompt: str, max_new_tokens: int, echo, chat
         echo(piece)
     total = time.perf_counter() - start
     decode_s = total - (first or 0.0)
-    return {"artifact": str(artifact), "prompt": prompt, "chat": chat, "prompt_tokens": ids, "tokens": tokens,
+    return {"artifact": str(artifact), "prompt": prompt, "chat": chat, "threads": opened.threads,
+            "prompt_tokens": ids, "tokens": tokens,
             "text": "".join(pieces), "new_tokens": len(tokens), "load_s": round(load_s, 4),
             "first_token_s": round(first or 0.0, 4), "seconds": round(total, 4),
             "tokens_per_s": round((len(tokens) - 1) / decode_s, 2) if len(tokens) > 1 and decode_s > 0 else None}

@@ -262,6 +262,10 @@ class Triton(_Section):
     max_batch_size: int = Field(default=8, ge=0, description="0 when the graph's batch axis is fixed.")
     dynamic_batching: DynamicBatching = DynamicBatching()
     instance_count: int = Field(default=1, ge=1, description="Model instances per device.")
+    intra_op_thread_count: int = Field(
+        default=0, ge=0, description="ONNX Runtime models: threads inside one operator, per instance (Triton's "
+        "`intra_op_thread_count` parameter). 0 leaves ONNX Runtime's default, one per physical core, which "
+        "oversubscribes the cores when instance_count > 1.")
 
 
 class FusedRowsSpec(_Section):

@@ -99,7 +99,8 @@ def model_config(spec: ModelSpec, settings) -> object:
     """The `ModelConfig` message for `spec`.
 
     Args:
-        settings: the recipe's `triton` section (max_batch_size, dynamic_batching, instance_count).
+        settings: the recipe's `triton` section (max_batch_size, dynamic_batching, instance_count,
+            intra_op_thread_count).
 
     Returns:
         A `tritonclient.grpc.model_config_pb2.ModelConfig`.
@@ -117,10 +118,19 @@ def model_config(spec: ModelSpec, settings) -> object:
     group.count, group.kind = settings.instance_count, pb.ModelInstanceGroup.Kind.Value(KINDS[spec.backend])
     for cc, filename in sorted(spec.cc_model_filenames.items()):
         config.cc_model_filenames[cc] = filename
+    for key, value in backend_parameters(spec.backend, settings).items():
+        config.parameters[key].string_value = value
     if max_batch > 0 and settings.dynamic_batching.enabled:
         config.dynamic_batching.max_queue_delay_microseconds = settings.dynamic_batching.max_queue_delay_microseconds
         config.dynamic_batching.preferred_batch_size.extend(settings.dynamic_batching.preferred_batch_size)
     return config
+
+
+def backend_parameters(backend: str, settings) -> dict[str, str]:
+    """The `parameters` of a model config: the ONNX Runtime backend's thread count, when the recipe sets one."""
+    if backend == "onnxruntime" and getattr(settings, "intra_op_thread_count", 0):
+        return {"intra_op_thread_count": str(settings.intra_op_thread_count)}
+    return {}
 
 
 def render(config) -> str:
@@ -167,6 +177,9 @@ def check_config(config, spec: ModelSpec) -> list[str]:
             elif actual[name] != expected[name]:
                 problems.append(f"{kind} {name} is {actual[name][0]} {actual[name][1]}, graph has "
                                 f"{expected[name][0]} {expected[name][1]}")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    if parameters != backend_parameters(spec.backend, spec.settings):
+        problems.append(f"parameters {parameters}, expected {backend_parameters(spec.backend, spec.settings)}")
     if dict(config.cc_model_filenames) != spec.cc_model_filenames:
         problems.append(f"cc_model_filenames {dict(config.cc_model_filenames)}, expected {spec.cc_model_filenames}")
     return problems

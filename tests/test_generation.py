@@ -89,11 +89,12 @@ def test_triton_config_carries_the_cache_tensors(kv_artifact):
     assert dims["attention_mask"] == [-1] and dims["logits"] == [-1, 320]
 
 
-def _generate_json(artifact, prompt: str, new_tokens: int):
+def _generate_json(artifact, prompt: str, new_tokens: int, *extra):
     """(`generate --json` record, the artifact's tokenizer, the greedy tokens ORT gives for `ids`)."""
     from transformers import AutoTokenizer
 
-    code, stdout, stderr = run_cli("generate", artifact, "--prompt", prompt, "--max-new-tokens", new_tokens, "--json")
+    code, stdout, stderr = run_cli("generate", artifact, "--prompt", prompt, "--max-new-tokens", new_tokens, "--json",
+                                   *extra)
     assert code == 0, stderr
     tok = AutoTokenizer.from_pretrained(str(artifact))
     step = session_step(onnxruntime_session(artifact / "model.onnx"))
@@ -105,7 +106,9 @@ def test_generate_streams_the_artifacts_greedy_tokens(kv_artifact):
     artifact, _, _ = kv_artifact
     record, tok, greedy = _generate_json(artifact, "Licensed under the", 7)
     expected = greedy(tok("Licensed under the", add_special_tokens=False)["input_ids"])
-    assert record["tokens"] == expected and record["new_tokens"] == len(expected)
+    assert record["tokens"] == expected and record["new_tokens"] == len(expected) and record["threads"] == 0
+    one_thread, _, _ = _generate_json(artifact, "Licensed under the", 7, "--threads", 1)
+    assert one_thread["threads"] == 1 and one_thread["tokens"] == expected
     assert record["text"] == tok.decode(expected, skip_special_tokens=True)
     code, stdout, _ = run_cli("generate", artifact, "--prompt", "Licensed under the", "--max-new-tokens", 7)
     assert code == 0 and stdout == "Licensed under the" + record["text"] + "\n"
@@ -141,6 +144,7 @@ def test_generate_chat_answers_the_prompt_as_a_user_message(kv_artifact, tmp_pat
 @pytest.mark.parametrize("argv, why", [
     (["--prompt", "x"], "is not an artifact"),
     (["--prompt", "x", "--max-new-tokens", "0"], "expected a positive integer"),
+    (["--prompt", "x", "--threads", "-2"], "--threads -2: expected 0 (ONNX Runtime's default) or a positive count"),
     # the tiny model has 512 positions: "x" is 1 token
     (["--prompt", "x", "--max-new-tokens", "512"], "--prompt plus --max-new-tokens is 513 tokens, more than the "
                                                    "checkpoint's context of 512 positions"),

@@ -127,6 +127,24 @@ def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
     assert "max_batch_size is 4 but the graph's batch axis is fixed" in check_config(config, spec)
 
 
+def test_the_recipes_thread_count_reaches_only_onnx_runtime_models():
+    from converter.recipe import Triton
+    from converter.triton import ModelSpec, TensorSpec, check_config, validated_config_text
+
+    io = [TensorSpec("input_ids", "TYPE_INT64", (-1, -1))], [TensorSpec("logits", "TYPE_FP32", (-1, -1, 320))]
+    settings = Triton(intra_op_thread_count=2, instance_count=2)
+    cpu = ModelSpec("m-cpu", "onnxruntime", 1, *io, {}, settings=settings)
+    config = parse_config(validated_config_text(cpu, settings), "m-cpu")
+    assert {k: v.string_value for k, v in config.parameters.items()} == {"intra_op_thread_count": "2"}
+    del config.parameters["intra_op_thread_count"]  # a hand-edited repository loses it
+    assert check_config(config, cpu) == ["parameters {}, expected {'intra_op_thread_count': '2'}"]
+    # ONNX Runtime's default (0) writes no parameter; a TensorRT plan takes none
+    default = ModelSpec("m-cpu", "onnxruntime", 1, *io, {}, settings=Triton())
+    assert not parse_config(validated_config_text(default, Triton()), "m-cpu").parameters
+    gpu = ModelSpec("m-tensorrt", "tensorrt", 1, *io, {}, settings=settings)
+    assert not parse_config(validated_config_text(gpu, settings), "m-tensorrt").parameters
+
+
 def test_a_wrong_field_is_caught(artifact):
     text = (artifact / "triton" / CPU_MODEL / "config.pbtxt").read_text()
     assert parse_config(text, "ok").max_batch_size == 8
