@@ -61,6 +61,7 @@ def _summary(manifest: dict, artifact: Path | None, status: str, stages: list | 
         "version": manifest.get("version"),
         "source_sha256": manifest.get("source", {}).get("sha256"),
         "quantized_linears": manifest.get("model", {}).get("quantized_linears"),
+        "fallback": _fallback_summary(manifest.get("fallback")),
         "targets": {
             t: {"fused_linears": v["build"]["fused_linears"], "parity": v["parity"],
                 **({"build": v["build"]} if "planned_engine_file" in v["build"] else {})}
@@ -69,6 +70,13 @@ def _summary(manifest: dict, artifact: Path | None, status: str, stages: list | 
         "stages": stages if stages is not None else manifest.get("stages", []),
         "peak_rss_mb": manifest.get("peak_rss_mb"),
     }
+
+
+def _fallback_summary(fallback: dict | None) -> dict | None:
+    if not fallback:
+        return None
+    return {"float_linears": fallback["fallback"], "float_mac_share": fallback["float_mac_share"],
+            "target_met": fallback["target_met"], "final": fallback["final"]}
 
 
 def _print_table(manifest: dict, artifact: Path | None) -> None:
@@ -83,6 +91,11 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
     table.add_row("architecture", manifest["source"]["architecture"])
     model = manifest["model"]
     table.add_row("quantized linears", f"{model['quantized_linears']} (float: {', '.join(model['float_linears']) or 'none'})")
+    if manifest.get("fallback"):
+        from converter.package import fallback_outcome
+
+        table.add_row("sensitivity fallback",
+                      fallback_outcome(manifest["fallback"], manifest["recipe"]["quantization"]["fallback"]))
     for target, v in manifest["targets"].items():
         if v["parity"]["passed"] is None:  # a GPU target planned by --dry-run
             table.add_row(f"[bold]{target}[/bold]", f"planned: {v['build']['planned_engine_file']} (not built)")

@@ -135,6 +135,21 @@ def verify(folder: Path) -> list[str]:
     return problems
 
 
+def fallback_outcome(report: dict, cfg: dict) -> str:
+    """One line on what a fallback did (its manifest record and the recipe's `fallback` section, as dicts).
+
+    E.g. "5 linears in float (2.9% of linear MACs); on the scored calibration windows ppl x1.0046,
+    KL 0.0112: target ppl <= x1.005 met".
+    """
+    final, n = report["final"], len(report["fallback"])
+    wanted = [f"KL <= {cfg['target_kl']:g}"] if cfg.get("target_kl") is not None else []
+    wanted += [f"ppl <= x{cfg['target_ppl_ratio']:g}"] if cfg.get("target_ppl_ratio") is not None else []
+    verdict = "met" if report["target_met"] else f"NOT met within max_float_mac_share {cfg['max_float_mac_share']:g}"
+    return (f"{n} linear{'s' if n != 1 else ''} in float ({100 * report['float_mac_share']:.1f}% of linear MACs); "
+            f"on the scored calibration windows ppl x{final['ppl_ratio']:.4f}, KL {final['kl']:.4f}: "
+            f"target {' and '.join(wanted) or 'none'} {verdict}")
+
+
 def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
     """Human-readable parity report."""
     m = report["metrics"]

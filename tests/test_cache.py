@@ -259,3 +259,24 @@ def test_replacing_a_folder_leaves_no_retired_copy_and_removes_a_killed_swaps(tm
     assert (final / "model.onnx").read_text() == "new" and sorted(p.name for p in final.iterdir()) == ["model.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "1"]
     assert warnings == [f"removed 1 unfinished folder(s) left in {tmp_path} by a killed run: {dead.name}"]
+
+
+def test_a_fallback_that_misses_its_target_says_so_also_from_the_cache(first_run):
+    tmp, recipe, _ = first_run
+    sets = ("quantization.fallback.enabled=true", "quantization.fallback.target_kl=0",  # KL 0: never reached
+            "quantization.fallback.max_float_mac_share=0.2")
+    for out, state in (("missed", (True, "miss")), ("missed-again", (False, "hit"))):
+        code, result, stderr = cached_run(tmp, recipe, out, *sets)
+        assert code == 0, stderr  # the fallback's target is an objective; parity's thresholds gate publishing
+        assert stage_map(result)["export"] == state
+        fallback = result["fallback"]
+        assert not fallback["target_met"] and fallback["float_linears"]
+        assert 0 < fallback["float_mac_share"] <= 0.2 and fallback["final"]["kl"] > 0
+        n = len(fallback["float_linears"])
+        expected = (f"warning: quantization.fallback: {n} linear{'s' if n != 1 else ''} in float "
+                    f"({100 * fallback['float_mac_share']:.1f}% of linear MACs); on the scored calibration windows "
+                    f"ppl x{fallback['final']['ppl_ratio']:.4f}, KL {fallback['final']['kl']:.4f}: target KL <= 0 "
+                    "NOT met within max_float_mac_share 0.2 (parity's thresholds still decide publishing)")
+        assert expected in stderr.splitlines(), stderr
+    manifest = json.loads((tmp / "missed" / NAME / VERSION / "manifest.json").read_text())
+    assert manifest["model"]["float_linears"][-n:] == fallback["float_linears"]
