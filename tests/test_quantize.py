@@ -1,8 +1,10 @@
 import collections
 import copy
+import platform
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,8 +83,34 @@ def test_an_unknown_activation_mode_is_refused_not_run_as_another():
                     weight_scale=torch.ones(2), weight_rel_error=0.0, act_mode="per_token")
 
 
+@pytest.mark.skipif(platform.machine().lower() not in {"x86_64", "amd64"}, reason="x86 CPU flags")
+def test_only_an_x86_cpu_with_vnni_or_amx_counts_as_exact(tmp_path):
+    from converter.runners import int8_products_exact
+
+    def cpu(flags: str):
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        return str(path)
+
+    assert not int8_products_exact(cpu("fpu sse4_1 avx2 fma"))  # Haswell .. Skylake, Zen 1-3
+    assert not int8_products_exact(cpu("avx2 avx512f avx512bw avx512_vnnix"))  # AVX-512 without VNNI
+    assert int8_products_exact(cpu("avx2 avx512f avx512_vnni"))  # Cascade Lake+, Zen 4+
+    assert int8_products_exact(cpu("avx2 avx_vnni"))  # Alder Lake+
+    assert int8_products_exact(cpu("avx2 amx_int8 amx_tile"))
+    assert not int8_products_exact(str(tmp_path / "missing"))  # unknown: the exact kernels, to be safe
+
+
+@pytest.mark.parametrize("exact_kernels", [False, True], ids=["default-kernels", "x64quantprecision"])
 @pytest.mark.parametrize("k,n,bias", [(576, 960, False), (64, 256, True), (1536, 576, False)])
-def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bias, tmp_path):
+def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bias, exact_kernels, tmp_path,
+                                                                       monkeypatch):
+    """Also with the uint8 x uint8 kernels a session asks for on a CPU without VNNI (x86 builds of
+    ONNX Runtime switch to them on any AVX2 CPU when asked, so this machine runs them too)."""
+    from converter import runners
+
+    if exact_kernels and not runners.int8_products_exact():
+        pytest.skip("this CPU's sessions already ask for the exact kernels")
+    monkeypatch.setattr(runners, "int8_products_exact", lambda: not exact_kernels)
     torch.manual_seed(k)
     linear = torch.nn.Linear(k, n, bias=bias)
     x = torch.randn(2, 19, k) * 3
@@ -94,8 +122,19 @@ def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bi
                              bias=None if linear.bias is None else linear.bias.detach().numpy())
     onnx.save(model, tmp_path / "linear.onnx")
     session = onnxruntime_session(tmp_path / "linear.onnx", optimized_model_path=tmp_path / "optimized.onnx")
-    ops = collections.Counter(node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    options = session.get_session_options()
+    if exact_kernels:
+        assert options.get_session_config_entry(runners.EXACT_INT8_OPTION) == "1"
+    else:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry(runners.EXACT_INT8_OPTION)
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    ops = collections.Counter(node.op_type for node in optimized.graph.node)
     assert ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0  # the int8 kernel ran, not the float MatMul
+    kernel = next(node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat")
+    weight_type = next(i.data_type for i in optimized.graph.initializer if i.name == kernel.input[1])
+    if platform.machine().lower() in {"x86_64", "amd64"}:  # the exact kernels take the weights as uint8 (w + 128)
+        assert weight_type == (TensorProto.UINT8 if exact_kernels else TensorProto.INT8)
     y_ort = session.run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         y_fake = FakeQuantLinear(linear, quant)(x).numpy()
