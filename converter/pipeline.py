@@ -192,8 +192,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     else:
         qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, staging, fp32_path)
     if front["fallback"] and not front["fallback"]["target_met"]:  # also on a cache hit: the run should say it
-        warn(f"quantization.fallback: {package.fallback_outcome(front['fallback'], r.quantization.fallback.model_dump())} "
-             "(parity's thresholds still decide publishing)")
+        outcome = package.fallback_outcome(front["fallback"], r.quantization.fallback.model_dump())
+        warn(f"quantization.fallback: {outcome} (parity's thresholds still decide publishing)")
     del loaded.model
     gc.collect()
     level = r.quantization.activations.level
