@@ -54,6 +54,9 @@ class Target:
         return (not reasons, "; ".join(reasons) or "ok")
 
 
+ORT_U8_WEIGHT_SUFFIX = "_s8_2_u8"  # ONNX Runtime's name for an int8 weight it converted to uint8
+
+
 def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: QuantPlan, **_) -> BuildReport:
     """Create the ORT session, save its optimized graph and check every quantized linear fused.
 
@@ -71,7 +74,9 @@ def build_onnxruntime(target: str, model_path: Path, work_dir: Path, plan: Quant
     fused = set()
     for node in graph.node:
         if node.op_type in ORT_INT8_KERNELS:
-            fused.update(linear for name in node.input if name.endswith(WEIGHT_SUFFIX)
+            # ORT renames a weight it rewrites as uint8 for its exact kernels (see onnxruntime_session)
+            names = (name.removesuffix(ORT_U8_WEIGHT_SUFFIX) for name in node.input)
+            fused.update(linear for name in names if name.endswith(WEIGHT_SUFFIX)
                          for linear in linears_of(name.removesuffix(WEIGHT_SUFFIX)))
     optimized.unlink()
     for extra in work_dir.glob("ort_optimized.onnx*"):

@@ -108,8 +108,13 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
     assert not any(n.metadata_props for n in onnx_model.graph.node)
 
 
-def test_onnxruntime_runs_one_int8_kernel_per_quantized_matmul(exported):
+@pytest.mark.parametrize("exact_kernels", [False, True], ids=["default-kernels", "x64quantprecision"])
+def test_onnxruntime_runs_one_int8_kernel_per_quantized_matmul(exported, exact_kernels, monkeypatch):
+    """Also as a CPU without VNNI builds it: ORT then rewrites the int8 weights as uint8 (renamed)."""
+    from converter import runners
+
     _, _, plan, _, int8_path, tmp = exported
+    monkeypatch.setattr(runners, "int8_products_exact", lambda: not exact_kernels)
     report = build_onnxruntime("cpu-onnxruntime", int8_path, tmp, plan)
     assert report.unfused_linears == []
     assert report.fused_linears == len(plan.linears)
