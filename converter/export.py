@@ -441,6 +441,10 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
         _quantize_matmuls(graph, matmuls, first, names, [model.get_submodule(n).weight for n in names], plan)
     _fold_constant_subgraphs(onnx_model)
     _rsqrt_as_div(graph)
+    if cfg.attention == "onnxruntime":
+        from converter.ort_attention import fuse_attention
+
+        note(f"  attention: {fuse_attention(onnx_model, model)} layers as ONNX Runtime GroupQueryAttention")
     _strip_export_metadata(onnx_model)
     external = _needs_external_data(model, cfg)
     # Tensors still pointing into the FP32 work file's external data: ir.save would keep the

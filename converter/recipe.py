@@ -196,6 +196,12 @@ class Export(_Section):
         description="Decoders: the graph also takes past_key_values.{i}.key/value and returns "
         "present.{i}.key/value, so one graph serves prefill (empty past) and one-token decode steps.",
     )
+    attention: Literal["onnx", "onnxruntime"] = Field(
+        default="onnx",
+        description="onnx: attention in standard ONNX operators (every target). onnxruntime: each layer's "
+        "attention as ONNX Runtime's GroupQueryAttention kernel (KV-cache decoders with rotary embeddings, "
+        "ONNX Runtime targets only): fewer, larger kernels per decode step.",
+    )
 
 
 class Thresholds(_Section):
@@ -363,6 +369,21 @@ class Recipe(_Section):
                 f"cpu-onnxruntime target runs; {', '.join(gpu)} need static per-tensor scales "
                 "(quantization.activations: {mode: static, granularity: per_tensor}, O3)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _ort_attention_on_ort_only(self) -> Recipe:
+        from converter.targets import TARGETS
+
+        if self.export.attention != "onnxruntime":
+            return self
+        other = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        if other:
+            raise ValueError(f"export.attention onnxruntime writes ONNX Runtime's GroupQueryAttention, which "
+                             f"{', '.join(other)} cannot run; use export.attention: onnx for those targets")
+        if not self.export.kv_cache:
+            raise ValueError("export.attention onnxruntime fuses the KV-cache graph's attention: "
+                             "it needs export.kv_cache: true")
         return self
 
 

@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -12,9 +13,10 @@ from converter import kvcache
 from converter.archs import arch_spec, block_linear_names
 from converter.calibrate import collect_input_amax
 from converter.data import Windows
+from converter.errors import UserError
 from converter.export import export_fp32, insert_qdq
 from converter.generation import compare_tokens, greedy_graph, greedy_torch, session_step
-from converter.quantize import apply_fake_quant, plan_quantization
+from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
 from converter.recipe import Export, Quantization, Smoothing
 from converter.runners import onnxruntime_session
 from converter.smooth import smooth
@@ -150,3 +152,83 @@ def test_tensorrt_parser_and_builder_accept_the_kv_graph(kv_exported, past_opt):
     assert sorted(result["network"]["int8_matmul_linears"]) == sorted(plan.linears)
     assert result["network"]["int8_matmul_layers"] == kv_int8.quantized_matmuls
     assert result["profiles"][0]["past_key_values.0.key"]["opt"][2] == past_opt
+
+
+# families whose exported attention `export.attention: onnxruntime` rewrites; the others keep the
+# standard graph (sliding-window caches, NoPE layers, ALiBi, learned positions, partial rotary)
+# and must get a one-line error instead
+ORT_ATTENTION = ("llama", "qwen2", "qwen3", "granite", "starcoder2", "gemma", "phi3", "llama-tied")
+GQA = Export(kv_cache=True, attention="onnxruntime")
+
+
+def _decode_logits(path, ids, mask, prefill: int) -> np.ndarray:
+    """Logits of a prefill of `prefill` tokens, then one-token steps over the rest of `ids`."""
+    step, layout = session_step(onnxruntime_session(path)), kvcache.graph_kv_layout(path)
+    out = step(kvcache.prefill_feed(ids[:, :prefill], mask[:, :prefill], layout))
+    got = [out["logits"]]
+    for t in range(prefill, ids.shape[1]):
+        past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
+        out = step({"input_ids": ids[:, t : t + 1], "attention_mask": mask[:, : t + 1], **past})
+        got.append(out["logits"])
+    return np.concatenate(got, axis=1)
+
+
+@pytest.fixture(scope="module")
+def ort_attention(kv_exported):
+    """(fused fp32, fused int8) graphs of the family, or the UserError the rewrite raised."""
+    model, plan, _, kv_fp32, _, _, tmp = kv_exported
+    try:
+        fp32 = insert_qdq(kv_fp32, tmp / "gqa.fp32.onnx", model, QuantPlan(linears={}, excluded=[]), GQA)
+        return fp32.path, insert_qdq(kv_fp32, tmp / "gqa.onnx", model, plan, GQA)
+    except UserError as err:
+        return err
+
+
+def test_ort_attention_fuses_every_layer_or_names_the_layer(kv_exported, ort_attention, request):
+    model, plan, _, _, kv_int8, _, tmp = kv_exported
+    family = request.node.callspec.params["kv_exported"]
+    if isinstance(ort_attention, UserError):
+        assert family not in ORT_ATTENTION, ort_attention
+        assert re.fullmatch(r"export\.attention onnxruntime: layer \d+ of \w+ is not attention this rewrite knows "
+                            r"\(.+\); use export\.attention: onnx", str(ort_attention))
+        return
+    assert family in ORT_ATTENTION
+    _, int8 = ort_attention
+    graph = onnx.load(str(int8.path)).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["GroupQueryAttention"] == model.config.num_hidden_layers and not ops["Softmax"]
+    assert [v.name for v in graph.input] == [v.name for v in onnx.load(str(kv_int8.path)).graph.input]
+    assert [v.name for v in graph.output] == kvcache.io_names(model.config.num_hidden_layers)[1]
+    assert int8.quantized_matmuls == kv_int8.quantized_matmuls
+    report = build_onnxruntime("cpu-onnxruntime", int8.path, tmp, plan)
+    assert report.unfused_linears == [] and report.fused_linears == len(plan.linears)
+
+
+def test_ort_attention_logits_match_the_standard_graph(kv_exported, ort_attention):
+    """FP32, so the comparison is of attention alone: prefill, decode steps, and a left-padded row."""
+    if isinstance(ort_attention, UserError):
+        pytest.skip("the rewrite does not apply to this family (checked above)")
+    _, _, _, kv_fp32, _, _, _ = kv_exported
+    fused, _ = ort_attention
+    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(5)).numpy()
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # row 1 is left-padded: its first 4 tokens are masked everywhere
+    ref, got = _decode_logits(kv_fp32, ids, mask, 13), _decode_logits(fused, ids, mask, 13)
+    scale = np.abs(ref).max()
+    assert np.abs(got[0] - ref[0]).max() < 1e-5 * scale + 1e-5
+    assert np.abs(got[1, 4:] - ref[1, 4:]).max() < 1e-5 * scale + 1e-5
+    # the padding mattered: the padded row differs from the same tokens unpadded
+    unpadded = _decode_logits(fused, ids, np.ones_like(ids), 13)
+    assert np.abs(unpadded[1, 4:] - got[1, 4:]).max() > 1e-3
+
+
+def test_ort_attention_int8_greedy_tokens_equal_pytorch_fake_quant(kv_exported, ort_attention):
+    if isinstance(ort_attention, UserError):
+        pytest.skip("the rewrite does not apply to this family (checked above)")
+    model, plan, *_ = kv_exported
+    _, int8 = ort_attention
+    fq = apply_fake_quant(copy.deepcopy(model), plan)
+    step, layout = session_step(onnxruntime_session(int8.path)), kvcache.graph_kv_layout(int8.path)
+    prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (3, 11, 24)]
+    assert [list(greedy_graph(step, layout, p, 20)) for p in prompts] == [greedy_torch(fq, p, 20) for p in prompts]

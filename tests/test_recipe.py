@@ -77,6 +77,17 @@ def test_out_of_range_and_unsupported_values_are_rejected():
                                                                     "parity.eval.seq_len=256"])
 
 
+def test_ort_attention_needs_ort_targets_and_a_kv_cache():
+    shipped = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
+    assert load_recipe(shipped).recipe.export.attention == "onnxruntime"
+    with pytest.raises(UserError, match=r"GroupQueryAttention, which h100-tensorrt cannot run; use export\.attention: onnx"):
+        load_recipe(shipped, ["targets=[cpu-onnxruntime, h100-tensorrt]"])
+    with pytest.raises(UserError, match=r"export\.attention onnxruntime .* needs export\.kv_cache: true"):
+        load_recipe(shipped, ["export.kv_cache=false"])
+    both = load_recipe(shipped, ["targets=[cpu-onnxruntime, h100-tensorrt]", "export.attention=onnx"])
+    assert both.recipe.export.attention == "onnx"
+
+
 def test_the_default_prompt_length_is_not_held_against_short_windows(tiny_checkpoints, write_recipe):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     data["parity"]["eval"]["seq_len"] = 16  # shorter than the default 32 prompt tokens (encoders do not generate)

@@ -1,0 +1,284 @@
+"""`export.attention: onnxruntime`: each layer's attention as ONNX Runtime's GroupQueryAttention.
+
+The standard-ONNX KV graph spends about 40 small nodes per layer on attention: reshapes and
+transposes into heads, rotary (Slice, Neg, Concat, two Mul, Add for each of q and k), the cache
+Concat, two batched MatMuls, the mask Add and the Softmax. At batch 1 each runs on a few hundred
+floats, so the INT8 decode step, whose int8 matmuls are fast, spends a large share of its time there
+(SmolLM2-135M: see the README's decode benchmark). ONNX Runtime's `com.microsoft.GroupQueryAttention`
+does all of it in one kernel: rotary from cos/sin tables, the cache append, grouped heads, causal
+softmax, plus the graph's own additive mask as `attention_bias`, so `attention_mask` (padding)
+means what it meant before. A per-head q/k RMSNorm (Qwen3) stays in the graph before the kernel:
+ONNX Runtime's CPU kernel refuses its q/k norm inputs.
+
+The rewrite matches the graph this converter exports, layer by layer, from the `present.{i}.*`
+outputs back to the projections and forward to the attention output, and replaces it only when
+every layer matches; otherwise it is a one-line error naming the layer and what differed. The
+result runs only in ONNX Runtime (the recipe allows it only with ONNX Runtime targets). Limits that
+the standard graph does not have, both from the kernel: a multi-token step after a non-empty past
+(chunked prefill) needs batch 1, and positions end at the model's `max_position_embeddings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from converter import kvcache
+from converter.errors import UserError
+
+MS_DOMAIN = "com.microsoft"
+# rotary variants whose cos/sin for a position do not depend on the sequence length: one table serves
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class _Layer:
+    q: ir.Value  # (B, S, H, D): the projections split into heads (and normed per head, if the model does)
+    k: ir.Value
+    v: ir.Value
+    bias: ir.Value | None  # additive mask (B, 1, S, T)
+    scale: float
+    out: ir.Value  # (B, S, H * D) attention output, before o_proj
+    present: tuple[ir.Value, ir.Value]
+    first: ir.Node  # the earliest matched node: the fused node goes there
+    reshapes: tuple[ir.Node, ir.Node, ir.Node]  # q, k, v: (B, S, heads * D) -> (B, S, heads, D)
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _producer(value: ir.Value | None, *ops: str) -> ir.Node:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+        found = "a graph input or initializer" if node is None else node.op_type
+        raise _NoMatch(f"expected {' or '.join(ops)} producing {value.name if value else None}, found {found}")
+    return node
+
+
+def _only_use(value: ir.Value, *ops: str) -> ir.Node:
+    uses = [u.node for u in value.uses()]
+    if len(uses) != 1 or uses[0].op_type not in ops:
+        raise _NoMatch(f"expected {value.name} to feed one {' or '.join(ops)}, found {[u.op_type for u in uses]}")
+    return uses[0]
+
+
+def _perm(node: ir.Node) -> list[int]:
+    return list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else []
+
+
+def _scalar(value: ir.Value) -> float:
+    node = value.producer()
+    tensor = value.const_value if value.const_value is not None else (
+        node.attributes["value"].as_tensor() if node is not None and node.op_type == "Constant" else None)
+    if tensor is None or tensor.numpy().size != 1:
+        raise _NoMatch(f"{value.name}: expected a constant scalar")
+    return float(tensor.numpy().reshape(()))
+
+
+def _heads(value: ir.Value) -> tuple[ir.Value, ir.Node, bool]:
+    """`value` = Transpose(perm 0,2,1,3)(x), x = Reshape(projection) (B, S, heads, D), or a per-head
+    RMSNorm of it (Qwen3's q_norm / k_norm): returns (x, the Reshape, whether a norm sits between).
+
+    The norm stays in the graph: ONNX Runtime's CPU GroupQueryAttention refuses its q/k norm inputs.
+    """
+    transpose = _producer(value, "Transpose")
+    if _perm(transpose) != [0, 2, 1, 3]:
+        raise _NoMatch(f"{transpose.name}: perm {_perm(transpose)}")
+    heads = transpose.inputs[0]
+    producer = heads.producer()
+    if producer is not None and producer.op_type == "Reshape":
+        return heads, producer, False
+    mul = _producer(heads, "Mul")  # weight * (y / Sqrt(ReduceMean(y^2) + eps)), after `_rsqrt_as_div`
+    div = next((v.producer() for v in mul.inputs if v.producer() is not None and v.producer().op_type == "Div"), None)
+    if div is None:
+        raise _NoMatch(f"{mul.name}: neither the head Reshape nor an RMSNorm")
+    mean = _producer(_producer(_producer(div.inputs[1], "Sqrt").inputs[0], "Add").inputs[0], "ReduceMean")
+    if _producer(mean.inputs[0], "Pow").inputs[0] is not div.inputs[0]:
+        raise _NoMatch(f"{mul.name}: not an RMSNorm of its own input")
+    return heads, _producer(div.inputs[0], "Reshape"), True
+
+
+def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """`value` = x * cos + rotate_half(x) * sin, rotate_half(x) = Concat(-x[..., D/2:], x[..., :D/2]):
+    returns (x, cos, sin)."""
+    add = _producer(value, "Add")
+    muls = [_producer(v, "Mul") for v in add.inputs]
+    for plain, rotated in (muls, muls[::-1]):
+        for j in (0, 1):
+            half = rotated.inputs[j].producer()
+            if half is None or half.op_type != "Concat" or len(half.inputs) != 2:
+                continue
+            neg = _producer(half.inputs[0], "Neg")
+            upper, lower = _producer(neg.inputs[0], "Slice"), _producer(half.inputs[1], "Slice")
+            x = upper.inputs[0]
+            if lower.inputs[0] is not x or x not in plain.inputs:
+                raise _NoMatch(f"{half.name}: rotate_half of a different tensor")
+            return x, plain.inputs[1 - list(plain.inputs).index(x)], rotated.inputs[1 - j]
+    raise _NoMatch(f"{add.name}: not a rotary embedding")
+
+
+def _match_layer(graph: ir.Graph, i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> _Layer:
+    present_k, present_v = (outputs[n] for n in kvcache.present_names(i + 1)[-2:])
+    past_k, past_v = (inputs[n] for n in kvcache.past_names(i + 1)[-2:])
+    cat_k, cat_v = _producer(present_k, "Concat"), _producer(present_v, "Concat")
+    if list(cat_k.inputs)[:1] != [past_k] or list(cat_v.inputs)[:1] != [past_v]:
+        raise _NoMatch("the cache Concat does not start with the past tensor")
+    k_heads, cos, sin = _rotary(cat_k.inputs[1])
+    k, k_reshape, _ = _heads(k_heads)
+    v, v_reshape, v_norm = _heads(cat_v.inputs[1])
+    if v_norm:
+        raise _NoMatch("a norm on the values")
+    key_t = [u.node for u in present_k.uses() if u.node.op_type == "Transpose"]
+    if len(key_t) != 1 or _perm(key_t[0]) != [0, 1, 3, 2]:
+        raise _NoMatch(f"present.{i}.key: expected one Transpose(perm 0,1,3,2)")
+    scores = _only_use(key_t[0].outputs[0], "MatMul")
+    rows = scores.inputs[0]
+    q_rot = _producer(rows, "Reshape").inputs[0] if rows.producer() and rows.producer().op_type == "Reshape" else rows
+    q_heads, q_cos, q_sin = _rotary(q_rot)
+    if (q_cos, q_sin) != (cos, sin):
+        raise _NoMatch("query and key rotate with different tables")
+    q, q_reshape, _ = _heads(q_heads)
+    scaled = _only_use(scores.outputs[0], "Mul")
+    scale = _scalar(scaled.inputs[1] if scaled.inputs[0] is scores.outputs[0] else scaled.inputs[0])
+    node, bias, prev = _only_use(scaled.outputs[0], "Reshape", "Add", "Softmax"), None, scaled.outputs[0]
+    if node.op_type == "Reshape":  # grouped scores (B, H_kv, G*S, T) viewed as (B, H_kv, G, S, T) for the mask
+        node, prev = _only_use(node.outputs[0], "Add"), node.outputs[0]
+    if node.op_type == "Add":
+        mask = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
+        unsqueeze = mask.producer()  # the grouped form broadcasts (B, 1, S, T) over G as (B, 1, 1, S, T)
+        bias = unsqueeze.inputs[0] if prev is not scaled.outputs[0] and unsqueeze is not None \
+            and unsqueeze.op_type == "Unsqueeze" else mask
+        node = _only_use(node.outputs[0], "Reshape", "Softmax")
+        if node.op_type == "Reshape":
+            node = _only_use(node.outputs[0], "Softmax")
+    softmax = node
+    axis = softmax.attributes["axis"].as_int() if "axis" in softmax.attributes else -1
+    if axis not in (-1, 3):
+        raise _NoMatch(f"{softmax.name}: softmax over axis {axis}")
+    node = _only_use(softmax.outputs[0], "Cast", "MatMul")
+    if node.op_type == "Cast":
+        node = _only_use(node.outputs[0], "MatMul")
+    if node.inputs[1] is not present_v:
+        raise _NoMatch(f"{node.name}: the probabilities do not multiply present.{i}.value")
+    node = _only_use(node.outputs[0], "Reshape", "Transpose")
+    if node.op_type == "Reshape":
+        node = _only_use(node.outputs[0], "Transpose")
+    if _perm(node) != [0, 2, 1, 3]:
+        raise _NoMatch(f"{node.name}: perm {_perm(node)}")
+    out = _only_use(node.outputs[0], "Reshape").outputs[0]
+    order = {id(n): j for j, n in enumerate(graph)}
+    first = min((q_reshape, k_reshape, v_reshape), key=lambda n: order[id(n)])
+    return _Layer(q, k, v, bias, scale, out, (present_k, present_v), first, (q_reshape, k_reshape, v_reshape))
+
+
+def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own rotary cos/sin, (max_position_embeddings, head_dim / 2) each, as GQA reads them.
+
+    Raises:
+        UserError: no single rotary module, a rotary whose tables change with the sequence length,
+            or rotary over part of each head.
+    """
+    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(found) != 1:
+        raise UserError(f"export.attention onnxruntime needs one rotary embedding module; "
+                        f"{type(model).__name__} has {len(found)}")
+    rotary, config = found[0], model.config
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise UserError(f"export.attention onnxruntime: rotary type {rope_type!r} changes with the sequence "
+                        f"length; supported: {', '.join(STATIC_ROPE)}")
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
+    dim = kvcache.model_kv_layout(config).head_dim
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    if cos.shape[-1] != dim:
+        raise UserError(f"export.attention onnxruntime: rotary covers {cos.shape[-1]} of {dim} head dimensions "
+                        "(partial rotary is not supported)")
+    return (cos[0, :, : dim // 2].float().numpy().copy(), sin[0, :, : dim // 2].float().numpy().copy())
+
+
+def _value(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                    const_value=ir.tensor(array, name=name))
+
+
+def _op(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, n_out: int = 1,
+        domain: str = "", **attrs) -> ir.Node:
+    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+                   name=name, num_outputs=n_out)
+    for j, out in enumerate(node.outputs):
+        out.name = f"{name}/out{j}" if n_out > 1 else f"{name}/out"
+    graph.insert_before(before, [node])
+    return node
+
+
+def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
+    """Replace every layer's attention with GroupQueryAttention; returns the number of layers.
+
+    Raises:
+        UserError: the model is not a KV-cache decoder, or a layer's attention is not the pattern
+            this rewrite knows (the message names the layer and what differed).
+    """
+    from converter.archs import head_layout
+
+    graph = onnx_model.graph
+    inputs, outputs = {v.name: v for v in graph.inputs}, {v.name: v for v in graph.outputs}
+    heads = head_layout(model.config)
+    layers = model.config.num_hidden_layers
+    if kvcache.past_names(1)[0] not in inputs:
+        raise UserError(f"export.attention onnxruntime fuses a KV-cache decoder's attention; the "
+                        f"{type(model).__name__} graph has no past_key_values inputs (an encoder, or "
+                        "export.kv_cache: false)")
+    matched = []
+    for i in range(layers):
+        try:
+            matched.append(_match_layer(graph, i, outputs, inputs))
+        except _NoMatch as err:
+            raise UserError(f"export.attention onnxruntime: layer {i} of {type(model).__name__} is not attention "
+                            f"this rewrite knows ({err}); use export.attention: onnx") from None
+    cos, sin = rotary_tables(model)
+    first = min((m.first for m in matched), key=list(graph).index)
+    mask = inputs["attention_mask"]
+    # total length T = attention_mask's width; seqlens_k = T - 1 for every row (the mask does the padding)
+    width = _op(graph, first, "Shape", [mask], "gqa/total_length_i64", start=1, end=2).outputs[0]
+    width32 = _op(graph, first, "Cast", [width], "gqa/total_length_i32", to=ir.DataType.INT32).outputs[0]
+    total = _op(graph, first, "Squeeze", [width32], "gqa/total_sequence_length").outputs[0]
+    batch = _op(graph, first, "Shape", [mask], "gqa/batch", start=0, end=1).outputs[0]
+    one = _value("gqa/one", np.array(1, np.int32))
+    last = _op(graph, first, "Sub", [total, one], "gqa/last_position").outputs[0]
+    seqlens = _op(graph, first, "Expand", [last, batch], "gqa/seqlens_k").outputs[0]
+    tables = [_value("gqa/cos_cache", cos), _value("gqa/sin_cache", sin)]
+    merge = _value("gqa/merge_heads", np.array([0, 0, -1], np.int64))  # (B, S, heads, D) -> (B, S, heads * D)
+    for value in (one, merge, *tables):
+        graph.register_initializer(value)
+    for i, m in enumerate(matched):
+        before = m.out.producer()
+        # GQA takes (B, S, heads * D): the projection itself, or the per-head norm's output merged back
+        flat = [reshape.inputs[0] if x is reshape.outputs[0] else
+                _op(graph, before, "Reshape", [x, merge], f"model.layers.{i}.self_attn/{role}_merged").outputs[0]
+                for role, x, reshape in zip(("query", "key", "value"), (m.q, m.k, m.v), m.reshapes)]
+        gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention",
+                      [*flat, *(inputs[n] for n in kvcache.past_names(i + 1)[-2:]), seqlens, total,
+                       *tables, None, m.bias],
+                      attributes=[ir.AttrInt64("num_heads", heads.num_heads),
+                                  ir.AttrInt64("kv_num_heads", heads.num_kv_heads),
+                                  ir.AttrInt64("do_rotary", 1), ir.AttrFloat32("scale", m.scale)],
+                      name=f"model.layers.{i}.self_attn/GroupQueryAttention", num_outputs=3)
+        graph.insert_before(before, [gqa])
+        out, present_k, present_v = gqa.outputs
+        ir.convenience.replace_all_uses_with(m.out, out)
+        for old, new in zip(m.present, (present_k, present_v)):
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        out.name, (out.type, out.shape) = f"{m.out.name}.gqa", (m.out.type, m.out.shape)
+        for old, new in zip(m.present, (present_k, present_v)):
+            name, old.name = old.name, f"{old.name}.replaced"
+            new.name, new.type, new.shape = name, old.type, old.shape
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(onnx_model)
+    onnx_model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return len(matched)
