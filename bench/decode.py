@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/decode.py [--artifact DIR] [--runs 31] [--new-tokens 64] [--prompt-tokens 32 448]
 
-Without --artifact the shipped recipe is converted first (through the real CLI). The FP32 baseline
-is the original checkpoint exported with the same KV-cache graph layout. Each run prefills each
+Without --artifact the shipped recipe is converted first (through the real CLI), and, when it fuses
+attention (`export.attention: onnxruntime`), converted once more with `export.attention=onnx` so the
+standard-ONNX graphs run side by side in the same runs. Each FP32 baseline is the original
+checkpoint exported with the same KV-cache graph layout and attention as its INT8 graph. Each run prefills each
 prompt of the evaluation text (a short one, and a long one where the attention over the cache
 weighs more), then times `--new-tokens` greedy one-token decode steps; runs alternate between the
 two models. Reported per prompt length: the median tokens/s of each, and the INT8/FP32 ratio of
@@ -23,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_run import shipped_artifact, stamp, write_results
+from cli_run import run_convert, shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -39,6 +41,14 @@ def decode_rate(session, layout, prompt: list[int], new_tokens: int) -> tuple[fl
     start = time.perf_counter()
     tokens += list(stream)
     return new_tokens / (time.perf_counter() - start), tokens
+
+
+def fused_attention(path: Path) -> str:
+    """The `export.attention` a graph was exported with: 'onnxruntime' when it holds GroupQueryAttention."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+    return "onnxruntime" if "GroupQueryAttention" in ops else "onnx"
 
 
 def main() -> None:
@@ -62,12 +72,18 @@ def main() -> None:
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = shipped_artifact(args.artifact, RECIPE, Path(tmp))
-        int8_path = artifact / "model.onnx"
-        if graph_kv_layout(int8_path) is None:
-            raise SystemExit(f"{int8_path} has no KV cache inputs (export.kv_cache: false)")
+        int8 = {fused_attention(artifact / "model.onnx"): artifact / "model.onnx"}
+        if args.artifact is None and "onnxruntime" in int8:
+            int8["onnx"] = Path(run_convert(RECIPE, Path(tmp) / "standard", ["export.attention=onnx"], [])[0]["artifact"]) / "model.onnx"
+        if graph_kv_layout(artifact / "model.onnx") is None:
+            raise SystemExit(f"{artifact / 'model.onnx'} has no KV cache inputs (export.kv_cache: false)")
         model = load_reference(recipe.path(recipe.recipe.source.path), recipe.recipe.source)
-        # the artifact's graph passes (constant folding, RMSNorm fusable), nothing quantized
-        fp32_path = float_graph(model, Path(tmp) / "fp32.onnx", Export(kv_cache=True))
+        graphs = {}
+        for attention, int8_path in int8.items():
+            # the artifact's graph passes (constant folding, RMSNorm fusable, attention), nothing quantized
+            graphs[f"fp32/{attention}"] = float_graph(model, Path(tmp) / f"fp32-{attention}.onnx",
+                                                      Export(kv_cache=True, attention=attention))
+            graphs[f"int8/{attention}"] = int8_path
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
@@ -79,7 +95,7 @@ def main() -> None:
         prompts = {n: text[:n] for n in args.prompt_tokens}
         del model
         sessions = {}
-        for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        for name, path in graphs.items():
             sessions[name] = (onnxruntime_session(path, threads=args.threads), graph_kv_layout(path))
         # Settle before timing: flush the freshly written model files (their write-back otherwise
         # competes for the CPU: INT8 runs right after a conversion climbed from 80 to 104 tokens/s)
@@ -96,30 +112,47 @@ def main() -> None:
                     rates[n, name].append(rate)
     per_length = {}
     for n in prompts:
-        pairs = [i8 / f32 for f32, i8 in zip(rates[n, "fp32"], rates[n, "int8"])]
         per_length[n] = {
             "tokens_per_s_median": {name: statistics.median(rates[n, name]) for name in sessions},
             "tokens_per_s_all": {name: rates[n, name] for name in sessions},
-            "int8_over_fp32": statistics.median(pairs), "int8_over_fp32_pairs": pairs,
-            "int8_over_fp32_range": [min(pairs), max(pairs)],
-            "greedy_token_agreement_this_prompt":
-                sum(a == b for a, b in zip(tokens[n, "fp32"], tokens[n, "int8"])) / len(tokens[n, "fp32"]),
         }
+        for attention in int8:
+            pairs = [i8 / f32 for f32, i8 in zip(rates[n, f"fp32/{attention}"], rates[n, f"int8/{attention}"])]
+            per_length[n][f"int8_over_fp32/{attention}"] = {
+                "median": statistics.median(pairs), "range": [min(pairs), max(pairs)], "pairs": pairs,
+                "greedy_token_agreement_this_prompt": sum(
+                    a == b for a, b in zip(tokens[n, f"fp32/{attention}"], tokens[n, f"int8/{attention}"]))
+                / len(tokens[n, f"fp32/{attention}"])}
+        if len(int8) == 2:
+            pairs = [f / s for s, f in zip(rates[n, "int8/onnx"], rates[n, "int8/onnxruntime"])]
+            per_length[n]["int8_fused_over_standard_attention"] = {
+                "median": statistics.median(pairs), "range": [min(pairs), max(pairs)]}
     results = {
         **stamp(),
         "note": args.note,
         "batch": 1, "threads": args.threads, "new_tokens": args.new_tokens, "runs": args.runs,
         "prompt_tokens": per_length,
     }
+    label = {"onnxruntime": "GroupQueryAttention", "onnx": "standard ONNX attention"}
     lines = [f"SmolLM2-135M-Instruct decode with the KV cache, {results['machine']}, {results['date']}"
              + (f" ({args.note})" if args.note else ""), "",
              f"| ONNX Runtime, batch 1, {args.threads} threads, {args.new_tokens} decode steps | prompt | "
-             f"median of {args.runs} (interleaved) | vs FP32: median of pairs [min, max] |", "|---|---|---|---|"]
+             f"median of {args.runs} (interleaved) | vs FP32 (same attention): median of pairs [min, max] |",
+             "|---|---|---|---|"]
     for n, r in per_length.items():
-        low, high = r["int8_over_fp32_range"]
-        lines += [f"| FP32 ONNX (KV cache) | {n} tokens | {r['tokens_per_s_median']['fp32']:.1f} tokens/s | 1.00x |",
-                  f"| INT8 QDQ artifact (KV cache) | {n} tokens | {r['tokens_per_s_median']['int8']:.1f} tokens/s | "
-                  f"{r['int8_over_fp32']:.2f}x [{low:.2f}, {high:.2f}] |"]
+        for attention in int8:
+            ratio = r[f"int8_over_fp32/{attention}"]
+            low, high = ratio["range"]
+            lines += [f"| FP32 ONNX, {label[attention]} | {n} tokens | "
+                      f"{r['tokens_per_s_median'][f'fp32/{attention}']:.1f} tokens/s | 1.00x |",
+                      f"| INT8 QDQ artifact, {label[attention]} | {n} tokens | "
+                      f"{r['tokens_per_s_median'][f'int8/{attention}']:.1f} tokens/s | "
+                      f"{ratio['median']:.2f}x [{low:.2f}, {high:.2f}] |"]
+    for n, r in per_length.items():
+        if "int8_fused_over_standard_attention" in r:
+            f = r["int8_fused_over_standard_attention"]
+            lines.append(f"\nINT8, {n}-token prompt: GroupQueryAttention over standard ONNX attention, median of pairs "
+                         f"{f['median']:.2f}x [{f['range'][0]:.2f}, {f['range'][1]:.2f}]")
     table = "\n".join(lines) + "\n"
     write_results("decode", results, table)
     print(table)
