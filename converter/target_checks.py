@@ -56,7 +56,14 @@ def tensorrt_checks(model_path: Path, options: EngineOptions, strict: bool) -> d
     lint = lint_qdq(model_path)
     if not lint.passed:
         raise RuntimeError(f"{model_path.name}: {lint.summary()}")
-    acceptance = accept(model_path, options)
+    import onnx
+
+    domains = {n.domain for n in onnx.load(str(model_path), load_external_data=False).graph.node} - {"", "ai.onnx"}
+    if domains and not strict:  # export.attention: onnxruntime (the recipe allows it only without TensorRT)
+        acceptance = {"passed": None, "skipped": f"the graph holds {', '.join(sorted(domains))} operators "
+                      "(export.attention: onnxruntime) that only ONNX Runtime runs"}
+    else:
+        acceptance = accept(model_path, options)
     if acceptance["passed"]:
         net = acceptance["network"]
         note(f"  TensorRT(-RTX) parser + builder accept {model_path.name}: {net['int8_matmul_layers']} int8 matmuls, "
