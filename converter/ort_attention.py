@@ -43,7 +43,6 @@ class _Layer:
     scale: float
     out: ir.Value  # (B, S, H * D) attention output, before o_proj
     present: tuple[ir.Value, ir.Value]
-    first: ir.Node  # the earliest matched node: the fused node goes there
     reshapes: tuple[ir.Node, ir.Node, ir.Node]  # q, k, v: (B, S, heads * D) -> (B, S, heads, D)
 
 
@@ -121,7 +120,7 @@ def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
     raise _NoMatch(f"{add.name}: not a rotary embedding")
 
 
-def _match_layer(graph: ir.Graph, i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> _Layer:
+def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> _Layer:
     present_k, present_v = (outputs[n] for n in kvcache.present_names(i + 1)[-2:])
     past_k, past_v = (inputs[n] for n in kvcache.past_names(i + 1)[-2:])
     cat_k, cat_v = _producer(present_k, "Concat"), _producer(present_v, "Concat")
@@ -170,9 +169,7 @@ def _match_layer(graph: ir.Graph, i: int, outputs: dict[str, ir.Value], inputs: 
     if _perm(node) != [0, 2, 1, 3]:
         raise _NoMatch(f"{node.name}: perm {_perm(node)}")
     out = _only_use(node.outputs[0], "Reshape").outputs[0]
-    order = {id(n): j for j, n in enumerate(graph)}
-    first = min((q_reshape, k_reshape, v_reshape), key=lambda n: order[id(n)])
-    return _Layer(q, k, v, bias, scale, out, (present_k, present_v), first, (q_reshape, k_reshape, v_reshape))
+    return _Layer(q, k, v, bias, scale, out, (present_k, present_v), (q_reshape, k_reshape, v_reshape))
 
 
 def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -206,9 +203,8 @@ def _value(name: str, array: np.ndarray) -> ir.Value:
                     const_value=ir.tensor(array, name=name))
 
 
-def _op(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, n_out: int = 1,
-        domain: str = "", **attrs) -> ir.Node:
-    node = ir.Node(domain, op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+def _op(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, n_out: int = 1, **attrs) -> ir.Node:
+    node = ir.Node("", op, inputs, attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
                    name=name, num_outputs=n_out)
     for j, out in enumerate(node.outputs):
         out.name = f"{name}/out{j}" if n_out > 1 else f"{name}/out"
@@ -236,12 +232,13 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
     matched = []
     for i in range(layers):
         try:
-            matched.append(_match_layer(graph, i, outputs, inputs))
+            matched.append(_match_layer(i, outputs, inputs))
         except _NoMatch as err:
             raise UserError(f"export.attention onnxruntime: layer {i} of {type(model).__name__} is not attention "
                             f"this rewrite knows ({err}); use export.attention: onnx") from None
     cos, sin = rotary_tables(model)
-    first = min((m.first for m in matched), key=list(graph).index)
+    order = {id(n): j for j, n in enumerate(graph)}  # the shared inputs go before the first block's reshapes
+    first = min((r for m in matched for r in m.reshapes), key=lambda n: order[id(n)])
     mask = inputs["attention_mask"]
     # total length T = attention_mask's width; seqlens_k = T - 1 for every row (the mask does the padding)
     width = _op(graph, first, "Shape", [mask], "gqa/total_length_i64", start=1, end=2).outputs[0]
