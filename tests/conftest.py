@@ -119,13 +119,14 @@ def tiny_checkpoints(tmp_path_factory):
     return {arch: save_tiny_checkpoint(arch, base / arch, text) for arch in TINY_CONFIGS}
 
 
-def convert_shipped(recipe: str, out: Path) -> tuple[dict, dict]:
-    """Run `convert.py <recipe>` as a user would; returns (JSON result, the artifact's manifest)."""
+def convert_shipped(recipe: str, out: Path, *overrides: str) -> tuple[dict, dict]:
+    """Run `convert.py <recipe> [--set KEY=VALUE ...]` as a user would; returns (JSON result, the artifact's manifest)."""
     import json
     import subprocess
 
     proc = subprocess.run(
-        [sys.executable, "convert.py", recipe, "--output-dir", str(out), "--json", "--quiet"],
+        [sys.executable, "convert.py", recipe, *(a for o in overrides for a in ("--set", o)),
+         "--output-dir", str(out), "--json", "--quiet"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
