@@ -8,14 +8,16 @@ floats, so the INT8 decode step, whose int8 matmuls are fast, spends a large sha
 does all of it in one kernel: rotary from cos/sin tables, the cache append, grouped heads, causal
 softmax, plus the graph's own additive mask as `attention_bias`, so `attention_mask` (padding)
 means what it meant before. A per-head q/k RMSNorm (Qwen3) stays in the graph before the kernel:
-ONNX Runtime's CPU kernel refuses its q/k norm inputs.
+ONNX Runtime's CPU kernel refuses its q/k norm inputs. A layer without rotary (SmolLM3's NoPE
+layers; OPT and GPT-2, whose learned positions are added before the blocks) runs the kernel with
+`do_rotary` 0.
 
 The rewrite matches the graph this converter exports, layer by layer, from the `present.{i}.*`
 outputs back to the projections and forward to the attention output, and replaces it only when
 every layer matches; otherwise it is a one-line error naming the layer and what differed. The
 result runs only in ONNX Runtime (the recipe allows it only with ONNX Runtime targets). Limits that
 the standard graph does not have, both from the kernel: a multi-token step after a non-empty past
-(chunked prefill) needs batch 1, and positions end at the model's `max_position_embeddings`.
+(chunked prefill) needs batch 1, and rotary positions end at the model's `max_position_embeddings`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class _Layer:
     v: ir.Value
     bias: ir.Value | None  # additive mask (B, 1, S, T)
     scale: float
+    rotary: bool  # False for a NoPE layer
     out: ir.Value  # (B, S, H * D) attention output, before o_proj
     present: tuple[ir.Value, ir.Value]
     reshapes: tuple[ir.Node, ir.Node, ir.Node]  # q, k, v: (B, S, heads * D) -> (B, S, heads, D)
@@ -101,9 +104,12 @@ def _heads(value: ir.Value) -> tuple[ir.Value, ir.Node, bool]:
     return heads, _producer(div.inputs[0], "Reshape"), True
 
 
-def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Value | None]:
     """`value` = x * cos + rotate_half(x) * sin, rotate_half(x) = Concat(-x[..., D/2:], x[..., :D/2]):
-    returns (x, cos, sin)."""
+    returns (x, cos, sin); (value, None, None) for a layer without rotary (SmolLM3's NoPE layers),
+    where the heads Transpose feeds the cache directly."""
+    if value.producer() is not None and value.producer().op_type == "Transpose":
+        return value, None, None
     add = _producer(value, "Add")
     muls = [_producer(v, "Mul") for v in add.inputs]
     for plain, rotated in (muls, muls[::-1]):
@@ -169,7 +175,7 @@ def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Valu
     if _perm(node) != [0, 2, 1, 3]:
         raise _NoMatch(f"{node.name}: perm {_perm(node)}")
     out = _only_use(node.outputs[0], "Reshape").outputs[0]
-    return _Layer(q, k, v, bias, scale, out, (present_k, present_v), (q_reshape, k_reshape, v_reshape))
+    return _Layer(q, k, v, bias, scale, cos is not None, out, (present_k, present_v), (q_reshape, k_reshape, v_reshape))
 
 
 def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +242,7 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
         except _NoMatch as err:
             raise UserError(f"export.attention onnxruntime: layer {i} of {type(model).__name__} is not attention "
                             f"this rewrite knows ({err}); use export.attention: onnx") from None
-    cos, sin = rotary_tables(model)
+    cos, sin = rotary_tables(model) if any(m.rotary for m in matched) else (None, None)
     order = {id(n): j for j, n in enumerate(graph)}  # the shared inputs go before the first block's reshapes
     first = min((r for m in matched for r in m.reshapes), key=lambda n: order[id(n)])
     mask = inputs["attention_mask"]
@@ -248,8 +254,10 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
     one = _value("gqa/one", np.array(1, np.int32))
     last = _op(graph, first, "Sub", [total, one], "gqa/last_position").outputs[0]
     seqlens = _op(graph, first, "Expand", [last, batch], "gqa/seqlens_k").outputs[0]
-    tables = [_value("gqa/cos_cache", cos), _value("gqa/sin_cache", sin)]
     merge = _value("gqa/merge_heads", np.array([0, 0, -1], np.int64))  # (B, S, heads, D) -> (B, S, heads * D)
+    tables = []
+    if any(m.rotary for m in matched):
+        tables = [_value("gqa/cos_cache", cos), _value("gqa/sin_cache", sin)]
     for value in (one, merge, *tables):
         graph.register_initializer(value)
     for i, m in enumerate(matched):
@@ -260,10 +268,10 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
                 for role, x, reshape in zip(("query", "key", "value"), (m.q, m.k, m.v), m.reshapes)]
         gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention",
                       [*flat, *(inputs[n] for n in kvcache.past_names(i + 1)[-2:]), seqlens, total,
-                       *tables, None, m.bias],
+                       *(tables if m.rotary else (None, None)), None, m.bias],
                       attributes=[ir.AttrInt64("num_heads", heads.num_heads),
                                   ir.AttrInt64("kv_num_heads", heads.num_kv_heads),
-                                  ir.AttrInt64("do_rotary", 1), ir.AttrFloat32("scale", m.scale)],
+                                  ir.AttrInt64("do_rotary", int(m.rotary)), ir.AttrFloat32("scale", m.scale)],
                       name=f"model.layers.{i}.self_attn/GroupQueryAttention", num_outputs=3)
         graph.insert_before(before, [gqa])
         out, present_k, present_v = gqa.outputs

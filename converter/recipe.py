@@ -199,7 +199,7 @@ class Export(_Section):
     attention: Literal["onnx", "onnxruntime"] = Field(
         default="onnx",
         description="onnx: attention in standard ONNX operators (every target). onnxruntime: each layer's "
-        "attention as ONNX Runtime's GroupQueryAttention kernel (KV-cache decoders with rotary embeddings, "
+        "attention as ONNX Runtime's GroupQueryAttention kernel (KV-cache decoders with full-width rotary or none, "
         "ONNX Runtime targets only): fewer, larger kernels per decode step.",
     )
 
