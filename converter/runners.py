@@ -88,6 +88,18 @@ EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 EXACT_INT8_OPTION = "session.x64quantprecision"
 
 
+def x86_int8_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str] | None:
+    """This x86 CPU's flags from EXACT_INT8_FLAGS (sorted); None off x86 or when they cannot be read."""
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}:
+        return None
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(EXACT_INT8_FLAGS.intersection(flags))
+
+
 @functools.cache
 def int8_products_exact(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether ONNX Runtime's default int8 kernels are exact on this CPU.
@@ -99,12 +111,18 @@ def int8_products_exact(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """
     if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}:
         return True
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return not EXACT_INT8_FLAGS.isdisjoint(flags)
+    return bool(x86_int8_flags(cpuinfo))
+
+
+def int8_kernels_here() -> str:
+    """One line on the int8 kernels ONNX Runtime runs on this CPU (for `convert.py targets`)."""
+    flags = x86_int8_flags()
+    if flags:
+        return f"{', '.join(flags)}: ONNX Runtime's fast int8 kernels, exact"
+    if int8_products_exact():
+        return f"{platform.machine()}: exact int8 kernels"
+    return ("no VNNI or AMX: sessions use ONNX Runtime's exact uint8 kernels (session.x64quantprecision), "
+            "slower than on a VNNI CPU (see bench/saturation.py)")
 
 
 def onnxruntime_session(path: Path, optimized_model_path: Path | None = None, threads: int = 0):

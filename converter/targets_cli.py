@@ -13,6 +13,7 @@ from converter.cli import ArgumentParser
 
 def target_rows() -> list[dict]:
     """One row per target: backend, hardware, available here and why not, plus the CPU-side checks."""
+    from converter.runners import int8_kernels_here
     from converter.targets import TARGETS
     from converter.tensorrt_rtx import RTX_MODULE, rtx_available
 
@@ -22,6 +23,8 @@ def target_rows() -> list[dict]:
         rows.append({"target": name, "backend": target.backend, "hardware": target.hardware,
                      "builds_and_runs_here": ok, "why_not": None if ok else why,
                      "dry_run": target.gpu})
+        if target.backend == "onnxruntime":
+            rows[-1]["int8_here"] = int8_kernels_here()
     rows.append({"target": "(check) tensorrt-acceptance", "backend": "tensorrt-rtx parser + builder",
                  "hardware": "CPU", "builds_and_runs_here": rtx_available(),
                  "why_not": None if rtx_available() else f"missing Python module: {RTX_MODULE}", "dry_run": False})
@@ -40,6 +43,8 @@ def cmd_targets(argv: list[str]) -> int:
     for row in rows:
         status = "yes" if row["builds_and_runs_here"] else "no"
         line = f"{row['target']:<30} {row['backend']:<30} here: {status:<3}  {row['hardware']}"
+        if row.get("int8_here"):
+            line += f"\n{'':<30} int8 here: {row['int8_here']}"
         if row["why_not"]:
             line += f"\n{'':<30} why not: {row['why_not']}" + ("; --dry-run records its plan" if row["dry_run"] else "")
         print(line)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import tiny_recipe_dict
+from converter.runners import int8_products_exact, x86_int8_flags
 from converter.targets import TARGETS
 from test_cli import run_cli, run_subprocess
 
@@ -34,6 +35,22 @@ def test_targets_command_says_what_runs_here_and_why_not():
             assert not ok and module in rows[name]["why_not"]
     rtx = rows["(check) tensorrt-acceptance"]
     assert rtx["builds_and_runs_here"] == (importlib.util.find_spec("tensorrt_rtx_bindings") is not None)
+    flags = x86_int8_flags()
+    int8 = rows["cpu-onnxruntime"]["int8_here"]
+    assert (int8.startswith(", ".join(flags)) if flags else "exact" in int8) and "int8_here" not in rows["h100-tensorrt"]
+
+
+@pytest.mark.parametrize(("flags", "found"), [("fpu sse4_1 avx2 avx512f", []), ("avx2 avx512_vnni avx512f", ["avx512_vnni"]),
+                                              ("amx_int8 avx_vnni avx512_vnni", ["amx_int8", "avx512_vnni", "avx_vnni"])])
+def test_int8_flags_are_read_from_cpuinfo(tmp_path, monkeypatch, flags, found):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+    assert x86_int8_flags(str(cpuinfo)) == found
+    assert int8_products_exact.__wrapped__(str(cpuinfo)) == bool(found)  # no VNNI/AMX: saturating pairs
+    assert x86_int8_flags(str(tmp_path / "missing")) is None and not int8_products_exact.__wrapped__(str(tmp_path / "missing"))
 
 
 @no_tensorrt
