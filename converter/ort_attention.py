@@ -10,7 +10,8 @@ softmax, plus the graph's own additive mask as `attention_bias`, so `attention_m
 means what it meant before. A per-head q/k RMSNorm (Qwen3) stays in the graph before the kernel:
 ONNX Runtime's CPU kernel refuses its q/k norm inputs. A layer without rotary (SmolLM3's NoPE
 layers; OPT and GPT-2, whose learned positions are added before the blocks) runs the kernel with
-`do_rotary` 0.
+`do_rotary` 0. A rotary over the first R dimensions of each head (Phi) gives the kernel tables R / 2
+wide.
 
 The rewrite matches the graph this converter exports, layer by layer, from the `present.{i}.*`
 outputs back to the projections and forward to the attention output, and replaces it only when
@@ -110,6 +111,8 @@ def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Value | None
     where the heads Transpose feeds the cache directly."""
     if value.producer() is not None and value.producer().op_type == "Transpose":
         return value, None, None
+    if value.producer() is not None and value.producer().op_type == "Concat":
+        return _partial_rotary(value.producer())
     add = _producer(value, "Add")
     muls = [_producer(v, "Mul") for v in add.inputs]
     for plain, rotated in (muls, muls[::-1]):
@@ -124,6 +127,19 @@ def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Value | None
                 raise _NoMatch(f"{half.name}: rotate_half of a different tensor")
             return x, plain.inputs[1 - list(plain.inputs).index(x)], rotated.inputs[1 - j]
     raise _NoMatch(f"{add.name}: not a rotary embedding")
+
+
+def _partial_rotary(concat: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Concat(rotary(x[..., :R]), x[..., R:]) (GPT-NeoX, Phi: rotary over the first R of each head's
+    dimensions): returns (x, cos, sin) as `_rotary` does."""
+    axis = concat.attributes["axis"].as_int() if "axis" in concat.attributes else None
+    if len(concat.inputs) != 2 or axis not in (-1, 3):
+        raise _NoMatch(f"{concat.name}: not a partial rotary")
+    part, cos, sin = _rotary(concat.inputs[0])
+    rest = _producer(concat.inputs[1], "Slice")
+    if cos is None or _producer(part, "Slice").inputs[0] is not rest.inputs[0]:
+        raise _NoMatch(f"{concat.name}: not the rotary and the rest of one tensor")
+    return rest.inputs[0], cos, sin
 
 
 def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> _Layer:
@@ -179,11 +195,11 @@ def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Valu
 
 
 def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own rotary cos/sin, (max_position_embeddings, head_dim / 2) each, as GQA reads them.
+    """The model's own rotary cos/sin, (max_position_embeddings, rotary width / 2) each, as GQA reads them.
 
     Raises:
         UserError: no single rotary module, a rotary whose tables change with the sequence length,
-            or rotary over part of each head.
+            or a rotary width the kernel refuses (not a multiple of 16).
     """
     found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(found) != 1:
@@ -198,10 +214,12 @@ def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     dim = kvcache.model_kv_layout(config).head_dim
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    if cos.shape[-1] != dim:
-        raise UserError(f"export.attention onnxruntime: rotary covers {cos.shape[-1]} of {dim} head dimensions "
-                        "(partial rotary is not supported)")
-    return (cos[0, :, : dim // 2].float().numpy().copy(), sin[0, :, : dim // 2].float().numpy().copy())
+    rotary_dim = cos.shape[-1]  # less than head_dim for a partial rotary (GPT-NeoX, Phi)
+    if rotary_dim > dim or rotary_dim % 16:  # the kernel: cos_cache width <= head_size / 2, a multiple of 8
+        raise UserError(f"export.attention onnxruntime: rotary over {rotary_dim} of {dim} head dimensions; ONNX "
+                        "Runtime's GroupQueryAttention needs a multiple of 16; use export.attention: onnx")
+    half = rotary_dim // 2
+    return (cos[0, :, :half].float().numpy().copy(), sin[0, :, :half].float().numpy().copy())
 
 
 def _value(name: str, array: np.ndarray) -> ir.Value:

@@ -157,7 +157,7 @@ def test_tensorrt_parser_and_builder_accept_the_kv_graph(kv_exported, past_opt):
 # families whose exported attention `export.attention: onnxruntime` rewrites; the others keep the
 # standard graph (sliding-window caches, NoPE layers, ALiBi, learned positions, partial rotary)
 # and must get a one-line error instead
-ORT_ATTENTION = ("llama", "qwen2", "qwen3", "smollm3", "granite", "starcoder2", "gemma", "phi3", "opt", "gpt2", "llama-tied")
+ORT_ATTENTION = ("llama", "qwen2", "qwen3", "smollm3", "granite", "starcoder2", "gemma", "phi3", "phi", "opt", "gpt2", "llama-tied")
 GQA = Export(kv_cache=True, attention="onnxruntime")
 
 
