@@ -130,7 +130,7 @@ def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Value | None
 
 
 def _partial_rotary(concat: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Concat(rotary(x[..., :R]), x[..., R:]) (GPT-NeoX, Phi: rotary over the first R of each head's
+    """Concat(rotary(x[..., :R]), x[..., R:]) (Phi: rotary over the first R of each head's
     dimensions): returns (x, cos, sin) as `_rotary` does."""
     axis = concat.attributes["axis"].as_int() if "axis" in concat.attributes else None
     if len(concat.inputs) != 2 or axis not in (-1, 3):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from converter.engine_options import EngineOptions
 from converter.errors import UserError
-from converter.lint import lint_qdq
+from converter.lint import lint_model
 from converter.progress import note
 from converter.targets import TARGETS, BuildReport
 
@@ -53,12 +53,13 @@ def tensorrt_checks(model_path: Path, options: EngineOptions, strict: bool) -> d
     """
     from converter.tensorrt_rtx import accept
 
-    lint = lint_qdq(model_path)
-    if not lint.passed:
-        raise RuntimeError(f"{model_path.name}: {lint.summary()}")
     import onnx
 
-    domains = {n.domain for n in onnx.load(str(model_path), load_external_data=False).graph.node} - {"", "ai.onnx"}
+    proto = onnx.load(str(model_path), load_external_data=False)  # the graph this converter just wrote
+    lint = lint_model(proto, model_path.parent)
+    if not lint.passed:
+        raise RuntimeError(f"{model_path.name}: {lint.summary()}")
+    domains = {n.domain for n in proto.graph.node} - {"", "ai.onnx"}
     if domains and not strict:  # export.attention: onnxruntime (the recipe allows it only without TensorRT)
         acceptance = {"passed": None, "skipped": f"the graph holds {', '.join(sorted(domains))} operators "
                       "(export.attention: onnxruntime) that only ONNX Runtime runs"}
