@@ -222,6 +222,27 @@ def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     return (cos[0, :, :half].float().numpy().copy(), sin[0, :, :half].float().numpy().copy())
 
 
+def check_fusable(model: torch.nn.Module) -> None:
+    """Before any calibration: refuse what the rewrite is known to refuse later, from the model alone.
+
+    Raises:
+        UserError: a sliding-window cache (the exported graph keeps the last window of those layers'
+            cache; the kernel's present keeps all of it), or a rotary the kernel cannot take.
+    """
+    from transformers import DynamicCache
+
+    config = model.config
+    sliding = [type(layer).__name__ for layer in DynamicCache(config=config).layers]
+    sliding = sum("Sliding" in name for name in sliding)
+    if sliding:
+        raise UserError(f"export.attention onnxruntime: {type(model).__name__} keeps a sliding-window cache on "
+                        f"{sliding} of {config.num_hidden_layers} layers (sliding_window "
+                        f"{getattr(config, 'sliding_window', None)}), which ONNX Runtime's GroupQueryAttention "
+                        "does not keep; use export.attention: onnx")
+    if any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
+        rotary_tables(model)
+
+
 def _value(name: str, array: np.ndarray) -> ir.Value:
     return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                     const_value=ir.tensor(array, name=name))

@@ -171,6 +171,10 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
                 max(map(len, prompts)) + r.parity.generation.max_new_tokens)
         check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
+        if r.export.attention == "onnxruntime" and io.kind == "decoder":  # not after minutes of calibration
+            from converter.ort_attention import check_fusable
+
+            check_fusable(loaded.model)
         check_token_ids(loaded.model, {"calibration data": int(calib.input_ids.max()),
                                        "evaluation data": int(eval_windows.input_ids.max()),
                                        "generation prompts": max((max(p) for p in prompts), default=-1)})

@@ -236,7 +236,8 @@ def _with_tokenizer(tmp_path, source, case: str):
 @pytest.mark.parametrize("case", ["unknown_key", "missing_checkpoint", "pickle_only", "bad_yaml", "seq_len_over_context",
                                   "generation_over_context", "non_utf8_data", "output_dir_is_a_file",
                                   "no_tokenizer", "empty_tokenizer", "another_models_tokenizer",
-                                  "exclude_matches_nothing", "range_override_matches_nothing"])
+                                  "exclude_matches_nothing", "range_override_matches_nothing",
+                                  "fused_attention_sliding_window"])
 def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
@@ -255,7 +256,10 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
                 "seq_len_over_context": "parity.eval.seq_len is 520 tokens, more than the checkpoint's context of 512",
                 "generation_over_context": "generation prompt plus parity.generation.max_new_tokens is 513 tokens",
                 "non_utf8_data": "is not UTF-8 text (invalid continuation byte at byte 3)",
-                "output_dir_is_a_file": "artifacts is a file, not a folder"}[case]
+                "output_dir_is_a_file": "artifacts is a file, not a folder",
+                # at load, not after calibration and smoothing (the rewrite itself runs in the export stage)
+                "fused_attention_sliding_window": "export.attention onnxruntime: MistralForCausalLM keeps a "
+                                                  "sliding-window cache on 2 of 2 layers (sliding_window 4096)"}[case]
     out = tmp_path / "artifacts"
     if case == "non_utf8_data":
         (tmp_path / "latin-1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -276,6 +280,9 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
         data["quantization"] = {"exclude": ["model.layers.*.mlp.down_proj", "lm_haed"]}
     elif case == "range_override_matches_nothing":
         data["quantization"] = {"activations": {"range_overrides": {"*.down_prj": "mse"}}}
+    elif case == "fused_attention_sliding_window":
+        data["source"]["path"] = str(tiny_checkpoints["mistral"])
+        data["export"] = {"kv_cache": True, "attention": "onnxruntime"}
     elif case.endswith("tokenizer"):
         source = tiny_checkpoints["gpt2" if case == "empty_tokenizer" else "llama"]
         data["source"]["path"] = str(_with_tokenizer(tmp_path, source, case))

@@ -15,6 +15,7 @@ from converter.calibrate import collect_input_amax
 from converter.data import Windows
 from converter.errors import UserError
 from converter.export import export_fp32, insert_qdq
+from converter.ort_attention import check_fusable
 from converter.generation import compare_tokens, greedy_graph, greedy_torch, session_step
 from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
 from converter.recipe import Export, Quantization, Smoothing
@@ -202,6 +203,20 @@ def test_ort_attention_fuses_every_layer_or_names_the_layer(kv_exported, ort_att
     assert int8.quantized_matmuls == kv_int8.quantized_matmuls
     report = build_onnxruntime("cpu-onnxruntime", int8.path, tmp, plan)
     assert report.unfused_linears == [] and report.fused_linears == len(plan.linears)
+
+
+def test_ort_attention_preflight_refuses_only_what_the_rewrite_refuses(kv_exported, ort_attention, request):
+    """`check_fusable` runs at load, before calibration: it may refuse a family early only if the
+    graph rewrite would refuse it too (sliding-window caches, a rotary width the kernel refuses)."""
+    family = request.node.callspec.params["kv_exported"]
+    try:
+        check_fusable(kv_exported[0])
+    except UserError as err:
+        assert isinstance(ort_attention, UserError), f"the rewrite fuses {family}, the pre-flight refused it: {err}"
+        assert family in ("mistral", "gemma2", "gemma3", "gpt-neox"), err
+        assert re.fullmatch(r"export\.attention onnxruntime: .+; use export\.attention: onnx", str(err))
+        return
+    assert family not in ("mistral", "gemma2", "gemma3", "gpt-neox")
 
 
 def test_ort_attention_logits_match_the_standard_graph(kv_exported, ort_attention):
