@@ -232,8 +232,7 @@ def check_fusable(model: torch.nn.Module) -> None:
     from transformers import DynamicCache
 
     config = model.config
-    sliding = [type(layer).__name__ for layer in DynamicCache(config=config).layers]
-    sliding = sum("Sliding" in name for name in sliding)
+    sliding = sum("Sliding" in type(layer).__name__ for layer in DynamicCache(config=config).layers)
     if sliding:
         raise UserError(f"export.attention onnxruntime: {type(model).__name__} keeps a sliding-window cache on "
                         f"{sliding} of {config.num_hidden_layers} layers (sliding_window "
@@ -281,7 +280,6 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
         except _NoMatch as err:
             raise UserError(f"export.attention onnxruntime: layer {i} of {type(model).__name__} is not attention "
                             f"this rewrite knows ({err}); use export.attention: onnx") from None
-    cos, sin = rotary_tables(model) if any(m.rotary for m in matched) else (None, None)
     order = {id(n): j for j, n in enumerate(graph)}  # the shared inputs go before the first block's reshapes
     first = min((r for m in matched for r in m.reshapes), key=lambda n: order[id(n)])
     mask = inputs["attention_mask"]
@@ -294,9 +292,8 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
     last = _op(graph, first, "Sub", [total, one], "gqa/last_position").outputs[0]
     seqlens = _op(graph, first, "Expand", [last, batch], "gqa/seqlens_k").outputs[0]
     merge = _value("gqa/merge_heads", np.array([0, 0, -1], np.int64))  # (B, S, heads, D) -> (B, S, heads * D)
-    tables = []
-    if any(m.rotary for m in matched):
-        tables = [_value("gqa/cos_cache", cos), _value("gqa/sin_cache", sin)]
+    tables = ([_value(name, table) for name, table in zip(("gqa/cos_cache", "gqa/sin_cache"), rotary_tables(model))]
+              if any(m.rotary for m in matched) else [])
     for value in (one, merge, *tables):
         graph.register_initializer(value)
     for i, m in enumerate(matched):

@@ -199,8 +199,8 @@ class Export(_Section):
     attention: Literal["onnx", "onnxruntime"] = Field(
         default="onnx",
         description="onnx: attention in standard ONNX operators (every target). onnxruntime: each layer's "
-        "attention as ONNX Runtime's GroupQueryAttention kernel (KV-cache decoders with full-width rotary or none, "
-        "ONNX Runtime targets only): fewer, larger kernels per decode step.",
+        "attention as ONNX Runtime's GroupQueryAttention kernel (KV-cache decoders, with or without rotary "
+        "embeddings; ONNX Runtime targets only): fewer, larger kernels per decode step.",
     )
 
 

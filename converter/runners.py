@@ -88,9 +88,13 @@ EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 EXACT_INT8_OPTION = "session.x64quantprecision"
 
 
+def _on_x86() -> bool:
+    return platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
+
+
 def x86_int8_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str] | None:
     """This x86 CPU's flags from EXACT_INT8_FLAGS (sorted); None off x86 or when they cannot be read."""
-    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}:
+    if not _on_x86():
         return None
     try:
         text = Path(cpuinfo).read_text()
@@ -109,9 +113,7 @@ def int8_products_exact(cpuinfo: str = "/proc/cpuinfo") -> bool:
     saturates at 32767 (see bench/saturation.py). Other architectures are exact. An x86 CPU whose
     flags cannot be read counts as inexact.
     """
-    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686", "x86"}:
-        return True
-    return bool(x86_int8_flags(cpuinfo))
+    return not _on_x86() or bool(x86_int8_flags(cpuinfo))
 
 
 def int8_kernels_here() -> str:

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,25 @@ def test_artifact_is_complete_and_manifest_hashes_match(converted):
     assert (folder.stat().st_mode & 0o777) == 0o755
     # nothing half-written is left beside the published version
     assert sorted(p.name for p in (out / NAME).iterdir()) == [VERSION]
+
+
+def test_fused_attention_converts_end_to_end(tiny_checkpoints, tmp_path):
+    """export.attention onnxruntime through the whole CLI: pre-flight, rewrite, generation parity."""
+    import onnx
+
+    data = tiny_recipe_dict(tiny_checkpoints["smollm3"])  # one layer with rotary, one without
+    data["export"] = {"kv_cache": True, "attention": "onnxruntime"}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    code, stdout, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--json", "--quiet")
+    assert code == 0, stderr
+    folder = Path(json.loads(stdout)["artifact"])
+    nodes = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"]
+    assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in nodes] == [1, 0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["checks"]["tensorrt_rtx"]["passed"] is None  # ONNX Runtime's own kernel: not TensorRT's
+    generation = manifest["targets"]["cpu-onnxruntime"]["parity"]["generation"]
+    assert generation["prompts"] > 0 and 0 <= generation["token_agreement"] <= 1
 
 
 def test_json_result_and_parity_report_agree(converted):
