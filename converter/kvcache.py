@@ -10,6 +10,7 @@ cache API exports the same way (no per-architecture code here).
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,11 +117,27 @@ class KvWrapper(torch.nn.Module):
         model = getattr(self, self._attr)
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         cache = DynamicCache(ddp_cache_data=pairs, config=model.config)
+        # A sliding-window layer keeps only its last window - 1 tokens, so the cache rebuilt from them
+        # would count that many as seen: positions and the window mask would drift once past the
+        # window. The mask says how many tokens came before this call.
+        seen = attention_mask.shape[1] - input_ids.shape[1]
+        for layer in cache.layers:
+            if getattr(layer, "is_sliding", False):
+                layer.cumulative_length = seen
+                layer.get_mask_sizes = types.MethodType(_window_mask_sizes, layer)
         out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
         flat = []
         for layer in out.past_key_values.layers:
             flat += [layer.keys, layer.values]
         return (out.logits, *flat)
+
+
+def _window_mask_sizes(layer, query_length: int) -> tuple[int, int]:
+    """(kv_length, kv_offset) of a sliding-window layer's mask: the kept past plus the new tokens,
+    starting where the kept past starts. HF's own version branches on the past length, which the
+    exporter would fix to the example's branch; this one is the same value on both branches."""
+    kept = layer.keys.shape[-2]
+    return kept + query_length, layer.cumulative_length - kept
 
 
 def example_inputs(config, layout: KvLayout) -> tuple[torch.Tensor, ...]:

@@ -56,7 +56,7 @@ def test_the_model_has_the_recipes_opset_or_the_run_is_refused(arch, tiny_checkp
     ("gpt-neox", "GPTNeoXForCausalLM", {"attn_in", "mlp_in", "attn_out"}, 8),  # parallel residual
     ("phi", "PhiForCausalLM", {"attn_in", "attn_out"}, 12),  # one norm feeds q/k/v and fc1
     ("starcoder2", "Starcoder2ForCausalLM", {"attn_in", "mlp_in", "attn_out"}, 12),
-    # 64-token windows, past its 32-token sliding window
+    # 64-token windows, past its 16-token sliding window
     ("gemma2", "Gemma2ForCausalLM", {"attn_in", "mlp_in", "mlp_down", "attn_out"}, 14),
 ])
 def test_new_decoder_converts_end_to_end(arch, architecture, groups, int8, tiny_checkpoints, tmp_path):

@@ -279,7 +279,7 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
                 "output_dir_is_a_file": "artifacts is a file, not a folder",
                 # at load, not after calibration and smoothing (the rewrite itself runs in the export stage)
                 "fused_attention_sliding_window": "export.attention onnxruntime: MistralForCausalLM keeps a "
-                                                  "sliding-window cache on 2 of 2 layers (sliding_window 4096)"}[case]
+                                                  "sliding-window cache on 2 of 2 layers (sliding_window 16)"}[case]
     out = tmp_path / "artifacts"
     if case == "non_utf8_data":
         (tmp_path / "latin-1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))

@@ -25,6 +25,8 @@ from converter.targets import build_onnxruntime
 from tiny_models import DECODERS, build_tiny
 
 KV = Export(kv_cache=True)
+# cache lengths per block after 40 tokens, of the tiny configs with 16-token sliding windows
+SLIDING = {"mistral": [15, 15], "gemma2": [15, 40], "gemma3_text": [15, 15]}
 
 
 @pytest.fixture(scope="module", params=[*DECODERS, "llama-tied"])
@@ -68,26 +70,29 @@ def test_kv_graph_quantizes_the_same_matmuls(kv_exported):
     assert report.unfused_linears == [] and report.fused_linears == len(plan.linears)
 
 
+@pytest.mark.parametrize("prefill", [13, 24])
 @pytest.mark.parametrize("which", ["fp32", "int8"])
-def test_prefill_then_decode_matches_no_cache_logits(kv_exported, which):
-    _, _, plain, kv_fp32, kv_int8, plain_int8, _ = kv_exported
+def test_prefill_then_decode_matches_no_cache_logits(kv_exported, which, prefill):
+    """40 tokens: past the tiny models' 16-token sliding windows, from a prefill inside and one past it."""
+    model, _, plain, kv_fp32, kv_int8, plain_int8, _ = kv_exported
     kv_path, plain_path = (kv_fp32, plain) if which == "fp32" else (kv_int8.path, plain_int8.path)
     kv, full = onnxruntime_session(kv_path), onnxruntime_session(plain_path)
     layout = kvcache.graph_kv_layout(kv_path)
-    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(5)).numpy()
-    ref = full.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]  # (2, 21, V)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(5)).numpy()
+    ref = full.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]  # (2, 40, V)
     step = session_step(kv)
-    out = step(kvcache.prefill_feed(ids[:, :13], np.ones((2, 13), np.int64), layout))
-    assert out["present.0.key"].shape == (2, layout.kv_heads, 13, layout.head_dim)
+    out = step(kvcache.prefill_feed(ids[:, :prefill], np.ones((2, prefill), np.int64), layout))
     got = [out["logits"]]
-    for t in range(13, 21):  # one-token decode steps feeding the cache back
+    for t in range(prefill, 40):  # one-token decode steps feeding the cache back
         past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
         out = step({"input_ids": ids[:, t : t + 1], "attention_mask": np.ones((2, t + 1), np.int64), **past})
         got.append(out["logits"])
     got = np.concatenate(got, axis=1)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < 1e-4
-    assert np.abs(got[:, 13:] - ref[:, 12:-1]).max() > 1e-2  # a step off by one position would show
+    assert np.abs(got[:, prefill:] - ref[:, prefill - 1 : -1]).max() > 1e-2  # a step off by one position would show
+    kept = {kind: [out[f"present.{i}.{kind}"].shape[2] for i in range(layout.num_layers)] for kind in ("key", "value")}
+    assert kept["key"] == kept["value"] == SLIDING.get(model.config.model_type, [40, 40])  # windows keep the last 15
 
 
 def test_ort_int8_greedy_tokens_equal_pytorch_fake_quant(kv_exported):

@@ -52,11 +52,12 @@ TINY_CONFIGS = {
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                bos_token_id=0, eos_token_id=0),
     # RMSNorm x_hat * (1 + w), q/k norms, GQA, tied lm_head
-    "gemma3": lambda: Gemma3TextConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16,
+    # (sliding windows of 16 tokens here and below, so that the tests decode past them)
+    "gemma3": lambda: Gemma3TextConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16, sliding_window=16,
                                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # fused qkv_proj and gate_up_proj, GQA
     "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    "mistral": lambda: MistralConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=16),
     "smollm3": lambda: SmolLM3Config(**_COMMON, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1,
                                      eos_token_id=2),  # block 1 without RoPE
     # constant multipliers on embeddings, residual branches, attention scores and logits
@@ -69,7 +70,7 @@ TINY_CONFIGS = {
     "gemma": lambda: GemmaConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # Gemma 3's norms without q/k norms; attention and final logit soft-capping, sliding-window layers
-    "gemma2": lambda: Gemma2Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16, sliding_window=32,
+    "gemma2": lambda: Gemma2Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16, sliding_window=16,
                                    pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # per-head interleaved query_key_value, parallel residual, partial rotary
     "gpt-neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
