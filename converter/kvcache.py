@@ -119,11 +119,13 @@ class KvWrapper(torch.nn.Module):
         cache = DynamicCache(ddp_cache_data=pairs, config=model.config)
         # A sliding-window layer keeps only its last window - 1 tokens, so the cache rebuilt from them
         # would count that many as seen: positions and the window mask would drift once past the
-        # window. The mask says how many tokens came before this call.
+        # window. The mask says how many tokens came before this call. The layer also holds the past
+        # as fed, not cut to the window again, so a graph whose past keeps every token (fused
+        # attention) gets a mask as wide as that past.
         seen = attention_mask.shape[1] - input_ids.shape[1]
-        for layer in cache.layers:
+        for layer, (keys, values) in zip(cache.layers, pairs):
             if getattr(layer, "is_sliding", False):
-                layer.cumulative_length = seen
+                layer.keys, layer.values, layer.cumulative_length = keys, values, seen
                 layer.get_mask_sizes = types.MethodType(_window_mask_sizes, layer)
         out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
         flat = []

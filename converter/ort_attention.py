@@ -11,7 +11,14 @@ means what it meant before. A per-head q/k RMSNorm (Qwen3) stays in the graph be
 ONNX Runtime's CPU kernel refuses its q/k norm inputs. A layer without rotary (SmolLM3's NoPE
 layers; OPT and GPT-2, whose learned positions are added before the blocks) runs the kernel with
 `do_rotary` 0. A rotary over the first R dimensions of each head (Phi) gives the kernel tables R / 2
-wide.
+wide. Gemma 2's logit soft-capping, cap * tanh(scores / cap) before the mask, is the kernel's
+`softcap`. Gemma 3's layer types rotate with their own tables, one pair per type, and its q/k norms
+act on (B, heads, S, D): they stay in the graph and a Transpose takes them back to (B, S, heads, D).
+A cache repeated per query head (HF's `repeat_kv`) is read through the repetition. A
+sliding-window layer (Mistral, Gemma 2 and 3) keeps its whole cache in the kernel's present,
+where the standard graph keeps the last window - 1 tokens: the graph's own sliding-window mask,
+computed from the true past length, does the windowing as `attention_bias`, so the logits are the
+same and the cache grows as a full layer's does.
 
 The rewrite matches the graph this converter exports, layer by layer, from the `present.{i}.*`
 outputs back to the projections and forward to the attention output, and replaces it only when
@@ -44,10 +51,12 @@ class _Layer:
     v: ir.Value
     bias: ir.Value | None  # additive mask (B, 1, S, T)
     scale: float
+    softcap: float  # 0 without soft-capping
     rotary: bool  # False for a NoPE layer
     out: ir.Value  # (B, S, H * D) attention output, before o_proj
     present: tuple[ir.Value, ir.Value]
     reshapes: tuple[ir.Node, ir.Node, ir.Node]  # q, k, v: (B, S, heads * D) -> (B, S, heads, D)
+    heads_first: tuple[bool, bool, bool]  # q, k, v given as (B, heads, S, D): normed after the Transpose
 
 
 class _NoMatch(Exception):
@@ -82,27 +91,39 @@ def _scalar(value: ir.Value) -> float:
     return float(tensor.numpy().reshape(()))
 
 
-def _heads(value: ir.Value) -> tuple[ir.Value, ir.Node, bool]:
+def _heads(value: ir.Value) -> tuple[ir.Value, ir.Node, str | None]:
     """`value` = Transpose(perm 0,2,1,3)(x), x = Reshape(projection) (B, S, heads, D), or a per-head
-    RMSNorm of it (Qwen3's q_norm / k_norm): returns (x, the Reshape, whether a norm sits between).
+    RMSNorm of x (Qwen3's q_norm / k_norm) or of the Transpose (Gemma 3's): returns (x, the Reshape,
+    where the norm sits: None, "before" the Transpose with x (B, S, heads, D), or "after" it with
+    x = `value`, (B, heads, S, D)).
 
     The norm stays in the graph: ONNX Runtime's CPU GroupQueryAttention refuses its q/k norm inputs.
     """
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
+        transpose = _producer(_rms_norm_input(producer), "Transpose")
+        if _perm(transpose) != [0, 2, 1, 3]:
+            raise _NoMatch(f"{transpose.name}: perm {_perm(transpose)}")
+        return value, _producer(transpose.inputs[0], "Reshape"), "after"
     transpose = _producer(value, "Transpose")
     if _perm(transpose) != [0, 2, 1, 3]:
         raise _NoMatch(f"{transpose.name}: perm {_perm(transpose)}")
     heads = transpose.inputs[0]
     producer = heads.producer()
     if producer is not None and producer.op_type == "Reshape":
-        return heads, producer, False
-    mul = _producer(heads, "Mul")  # weight * (y / Sqrt(ReduceMean(y^2) + eps)), after `_rsqrt_as_div`
+        return heads, producer, None
+    return heads, _producer(_rms_norm_input(_producer(heads, "Mul")), "Reshape"), "before"
+
+
+def _rms_norm_input(mul: ir.Node) -> ir.Value:
+    """y of weight * (y / Sqrt(ReduceMean(y^2) + eps)) (the RMSNorm after `_rsqrt_as_div`), from its Mul."""
     div = next((v.producer() for v in mul.inputs if v.producer() is not None and v.producer().op_type == "Div"), None)
     if div is None:
         raise _NoMatch(f"{mul.name}: neither the head Reshape nor an RMSNorm")
     mean = _producer(_producer(_producer(div.inputs[1], "Sqrt").inputs[0], "Add").inputs[0], "ReduceMean")
     if _producer(mean.inputs[0], "Pow").inputs[0] is not div.inputs[0]:
         raise _NoMatch(f"{mul.name}: not an RMSNorm of its own input")
-    return heads, _producer(div.inputs[0], "Reshape"), True
+    return div.inputs[0]
 
 
 def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Value | None]:
@@ -142,18 +163,44 @@ def _partial_rotary(concat: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
     return rest.inputs[0], cos, sin
 
 
+def _cache_concat(present: ir.Value) -> ir.Node:
+    """The Concat(past, new) behind a present output: its producer, or, for a sliding-window layer
+    whose present keeps the last window - 1 tokens, the Concat that Slice cuts."""
+    node = _producer(present, "Concat", "Slice")
+    while node.op_type == "Slice":  # the exporter may slice axis by axis
+        node = _producer(node.inputs[0], "Concat", "Slice")
+    return node
+
+
+def _attended(full: ir.Value) -> list[ir.Value]:
+    """The cache as the scores read it: `full` (past and new tokens) and, where the graph repeats it
+    per query head (HF's `repeat_kv`: Unsqueeze, Expand, Reshape, as Gemma 3 exports), the repeated
+    tensor. The kernel reads each KV head for its group of query heads, which is the same."""
+    found = [full]
+    for use in full.uses():
+        node, expanded = use.node, False
+        while (node.op_type in ("Slice", "Unsqueeze", "Expand", "Identity") and node.domain in ("", "ai.onnx")
+               and len(node.outputs[0].uses()) == 1):
+            expanded |= node.op_type == "Expand"
+            node = next(iter(node.outputs[0].uses())).node
+        if expanded and node.op_type == "Reshape":
+            found.append(node.outputs[0])
+    return found
+
+
 def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> _Layer:
     present_k, present_v = (outputs[n] for n in kvcache.present_names(i + 1)[-2:])
     past_k, past_v = (inputs[n] for n in kvcache.past_names(i + 1)[-2:])
-    cat_k, cat_v = _producer(present_k, "Concat"), _producer(present_v, "Concat")
+    cat_k, cat_v = _cache_concat(present_k), _cache_concat(present_v)
     if list(cat_k.inputs)[:1] != [past_k] or list(cat_v.inputs)[:1] != [past_v]:
         raise _NoMatch("the cache Concat does not start with the past tensor")
+    full_k, full_v = cat_k.outputs[0], cat_v.outputs[0]  # what attention reads: past and new tokens
     k_heads, cos, sin = _rotary(cat_k.inputs[1])
-    k, k_reshape, _ = _heads(k_heads)
+    k, k_reshape, k_norm = _heads(k_heads)
     v, v_reshape, v_norm = _heads(cat_v.inputs[1])
     if v_norm:
         raise _NoMatch("a norm on the values")
-    key_t = [u.node for u in present_k.uses() if u.node.op_type == "Transpose"]
+    key_t = [u.node for x in _attended(full_k) for u in x.uses() if u.node.op_type == "Transpose"]
     if len(key_t) != 1 or _perm(key_t[0]) != [0, 1, 3, 2]:
         raise _NoMatch(f"present.{i}.key: expected one Transpose(perm 0,1,3,2)")
     scores = _only_use(key_t[0].outputs[0], "MatMul")
@@ -162,16 +209,17 @@ def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Valu
     q_heads, q_cos, q_sin = _rotary(q_rot)
     if (q_cos, q_sin) != (cos, sin):
         raise _NoMatch("query and key rotate with different tables")
-    q, q_reshape, _ = _heads(q_heads)
+    q, q_reshape, q_norm = _heads(q_heads)
     scaled = _only_use(scores.outputs[0], "Mul")
     scale = _scalar(scaled.inputs[1] if scaled.inputs[0] is scores.outputs[0] else scaled.inputs[0])
-    node, bias, prev = _only_use(scaled.outputs[0], "Reshape", "Add", "Softmax"), None, scaled.outputs[0]
+    logits, softcap = _softcap(scaled.outputs[0])
+    node, bias, prev = _only_use(logits, "Reshape", "Add", "Softmax"), None, logits
     if node.op_type == "Reshape":  # grouped scores (B, H_kv, G*S, T) viewed as (B, H_kv, G, S, T) for the mask
         node, prev = _only_use(node.outputs[0], "Add"), node.outputs[0]
     if node.op_type == "Add":
         mask = node.inputs[1] if node.inputs[0] is prev else node.inputs[0]
         unsqueeze = mask.producer()  # the grouped form broadcasts (B, 1, S, T) over G as (B, 1, 1, S, T)
-        bias = unsqueeze.inputs[0] if prev is not scaled.outputs[0] and unsqueeze is not None \
+        bias = unsqueeze.inputs[0] if prev is not logits and unsqueeze is not None \
             and unsqueeze.op_type == "Unsqueeze" else mask
         node = _only_use(node.outputs[0], "Reshape", "Softmax")
         if node.op_type == "Reshape":
@@ -183,7 +231,7 @@ def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Valu
     node = _only_use(softmax.outputs[0], "Cast", "MatMul")
     if node.op_type == "Cast":
         node = _only_use(node.outputs[0], "MatMul")
-    if node.inputs[1] is not present_v:
+    if not any(node.inputs[1] is x for x in _attended(full_v)):
         raise _NoMatch(f"{node.name}: the probabilities do not multiply present.{i}.value")
     node = _only_use(node.outputs[0], "Reshape", "Transpose")
     if node.op_type == "Reshape":
@@ -191,11 +239,29 @@ def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Valu
     if _perm(node) != [0, 2, 1, 3]:
         raise _NoMatch(f"{node.name}: perm {_perm(node)}")
     out = _only_use(node.outputs[0], "Reshape").outputs[0]
-    return _Layer(q, k, v, bias, scale, cos is not None, out, (present_k, present_v), (q_reshape, k_reshape, v_reshape))
+    return _Layer(q, k, v, bias, scale, softcap, cos is not None, out, (present_k, present_v),
+                  (q_reshape, k_reshape, v_reshape), (q_norm == "after", k_norm == "after", False))
 
 
-def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own rotary cos/sin, (max_position_embeddings, rotary width / 2) each, as GQA reads them.
+def _softcap(scores: ir.Value) -> tuple[ir.Value, float]:
+    """Gemma 2's logit soft-capping, cap * tanh(scores / cap), after the scale: (its output, cap),
+    or (scores, 0.0) without it (the kernel's `softcap` 0 is off)."""
+    uses = [u.node for u in scores.uses()]
+    if len(uses) != 1 or uses[0].op_type != "Div":
+        return scores, 0.0
+    div = uses[0]
+    tanh = _only_use(div.outputs[0], "Tanh")
+    mul = _only_use(tanh.outputs[0], "Mul")
+    cap, back = _scalar(div.inputs[1]), _scalar(mul.inputs[1] if mul.inputs[0] is tanh.outputs[0] else mul.inputs[0])
+    if cap != back or cap <= 0:
+        raise _NoMatch(f"{div.name}: soft-capping divides by {cap} and multiplies by {back}")
+    return mul.outputs[0], cap
+
+
+def rotary_tables(model: torch.nn.Module) -> dict[str | None, tuple[np.ndarray, np.ndarray]]:
+    """The model's own rotary cos/sin, (max_position_embeddings, rotary width / 2) each, as GQA reads
+    them: {None: tables}, or one entry per layer type for a rotary with a table per type (Gemma 3's
+    sliding and full attention layers rotate with different bases).
 
     Raises:
         UserError: no single rotary module, a rotary whose tables change with the sequence length,
@@ -207,37 +273,33 @@ def rotary_tables(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
                         f"{type(model).__name__} has {len(found)}")
     rotary, config = found[0], model.config
     rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in STATIC_ROPE:
-        raise UserError(f"export.attention onnxruntime: rotary type {rope_type!r} changes with the sequence "
-                        f"length; supported: {', '.join(STATIC_ROPE)}")
+    kinds = rope_type if isinstance(rope_type, dict) else {None: rope_type}
+    for kind in kinds.values():
+        if kind not in STATIC_ROPE:
+            raise UserError(f"export.attention onnxruntime: rotary type {kind!r} changes with the sequence "
+                            f"length; supported: {', '.join(STATIC_ROPE)}")
     positions = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
     dim = kvcache.model_kv_layout(config).head_dim
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    rotary_dim = cos.shape[-1]  # less than head_dim for a partial rotary (GPT-NeoX, Phi)
-    if rotary_dim > dim or rotary_dim % 16:  # the kernel: cos_cache width <= head_size / 2, a multiple of 8
-        raise UserError(f"export.attention onnxruntime: rotary over {rotary_dim} of {dim} head dimensions; ONNX "
-                        "Runtime's GroupQueryAttention needs a multiple of 16; use export.attention: onnx")
-    half = rotary_dim // 2
-    return (cos[0, :, :half].float().numpy().copy(), sin[0, :, :half].float().numpy().copy())
+    tables = {}
+    for layer_type in kinds:
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions,
+                              **({} if layer_type is None else {"layer_type": layer_type}))
+        rotary_dim = cos.shape[-1]  # less than head_dim for a partial rotary (GPT-NeoX, Phi)
+        if rotary_dim > dim or rotary_dim % 16:  # the kernel: cos_cache width <= head_size / 2, a multiple of 8
+            raise UserError(f"export.attention onnxruntime: rotary over {rotary_dim} of {dim} head dimensions; ONNX "
+                            "Runtime's GroupQueryAttention needs a multiple of 16; use export.attention: onnx")
+        half = rotary_dim // 2
+        tables[layer_type] = (cos[0, :, :half].float().numpy().copy(), sin[0, :, :half].float().numpy().copy())
+    return tables
 
 
 def check_fusable(model: torch.nn.Module) -> None:
     """Before any calibration: refuse what the rewrite is known to refuse later, from the model alone.
 
     Raises:
-        UserError: a sliding-window cache (the exported graph keeps the last window of those layers'
-            cache; the kernel's present keeps all of it), or a rotary the kernel cannot take.
+        UserError: a rotary the kernel cannot take (see `rotary_tables`).
     """
-    from transformers import DynamicCache
-
-    config = model.config
-    sliding = sum("Sliding" in type(layer).__name__ for layer in DynamicCache(config=config).layers)
-    if sliding:
-        raise UserError(f"export.attention onnxruntime: {type(model).__name__} keeps a sliding-window cache on "
-                        f"{sliding} of {config.num_hidden_layers} layers (sliding_window "
-                        f"{getattr(config, 'sliding_window', None)}), which ONNX Runtime's GroupQueryAttention "
-                        "does not keep; use export.attention: onnx")
     if any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
         rotary_tables(model)
 
@@ -292,22 +354,30 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
     last = _op(graph, first, "Sub", [total, one], "gqa/last_position").outputs[0]
     seqlens = _op(graph, first, "Expand", [last, batch], "gqa/seqlens_k").outputs[0]
     merge = _value("gqa/merge_heads", np.array([0, 0, -1], np.int64))  # (B, S, heads, D) -> (B, S, heads * D)
-    tables = ([_value(name, table) for name, table in zip(("gqa/cos_cache", "gqa/sin_cache"), rotary_tables(model))]
-              if any(m.rotary for m in matched) else [])
-    for value in (one, merge, *tables):
+    tables = {kind: [_value(f"gqa/{name}{'' if kind is None else '.' + kind}", table)
+                     for name, table in zip(("cos_cache", "sin_cache"), pair)]
+              for kind, pair in (rotary_tables(model).items() if any(m.rotary for m in matched) else ())}
+    for value in (one, merge, *(v for pair in tables.values() for v in pair)):
         graph.register_initializer(value)
     for i, m in enumerate(matched):
         before = m.out.producer()
         # GQA takes (B, S, heads * D): the projection itself, or the per-head norm's output merged back
-        flat = [reshape.inputs[0] if x is reshape.outputs[0] else
-                _op(graph, before, "Reshape", [x, merge], f"model.layers.{i}.self_attn/{role}_merged").outputs[0]
-                for role, x, reshape in zip(("query", "key", "value"), (m.q, m.k, m.v), m.reshapes)]
+        flat = []
+        for role, x, reshape, heads_first in zip(("query", "key", "value"), (m.q, m.k, m.v), m.reshapes, m.heads_first):
+            name = f"model.layers.{i}.self_attn/{role}"
+            if heads_first:
+                x = _op(graph, before, "Transpose", [x], f"{name}_heads_last", perm=[0, 2, 1, 3]).outputs[0]
+            flat.append(reshape.inputs[0] if x is reshape.outputs[0] else
+                        _op(graph, before, "Reshape", [x, merge], f"{name}_merged").outputs[0])
+        rotary = ((None, None) if not m.rotary else
+                  tables[None] if None in tables else tables[model.config.layer_types[i]])
         gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention",
                       [*flat, *(inputs[n] for n in kvcache.past_names(i + 1)[-2:]), seqlens, total,
-                       *(tables if m.rotary else (None, None)), None, m.bias],
+                       *rotary, None, m.bias],
                       attributes=[ir.AttrInt64("num_heads", heads.num_heads),
                                   ir.AttrInt64("kv_num_heads", heads.num_kv_heads),
-                                  ir.AttrInt64("do_rotary", int(m.rotary)), ir.AttrFloat32("scale", m.scale)],
+                                  ir.AttrInt64("do_rotary", int(m.rotary)), ir.AttrFloat32("scale", m.scale),
+                                  *([ir.AttrFloat32("softcap", m.softcap)] if m.softcap else [])],
                       name=f"model.layers.{i}.self_attn/GroupQueryAttention", num_outputs=3)
         graph.insert_before(before, [gqa])
         out, present_k, present_v = gqa.outputs

@@ -257,7 +257,7 @@ def _with_tokenizer(tmp_path, source, case: str):
                                   "generation_over_context", "non_utf8_data", "output_dir_is_a_file",
                                   "no_tokenizer", "empty_tokenizer", "another_models_tokenizer",
                                   "exclude_matches_nothing", "range_override_matches_nothing",
-                                  "fused_attention_sliding_window"])
+                                  "fused_attention_narrow_rotary"])
 def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     expected = {"unknown_key": "calibration.num_sample: unknown key", "missing_checkpoint": "does not exist",
@@ -278,8 +278,9 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
                 "non_utf8_data": "is not UTF-8 text (invalid continuation byte at byte 3)",
                 "output_dir_is_a_file": "artifacts is a file, not a folder",
                 # at load, not after calibration and smoothing (the rewrite itself runs in the export stage)
-                "fused_attention_sliding_window": "export.attention onnxruntime: MistralForCausalLM keeps a "
-                                                  "sliding-window cache on 2 of 2 layers (sliding_window 16)"}[case]
+                "fused_attention_narrow_rotary": "export.attention onnxruntime: rotary over 4 of 16 head "
+                                                 "dimensions; ONNX Runtime's GroupQueryAttention needs a multiple "
+                                                 "of 16"}[case]
     out = tmp_path / "artifacts"
     if case == "non_utf8_data":
         (tmp_path / "latin-1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -300,8 +301,8 @@ def test_user_errors_exit_1_with_one_line(case, tiny_checkpoints, tmp_path):
         data["quantization"] = {"exclude": ["model.layers.*.mlp.down_proj", "lm_haed"]}
     elif case == "range_override_matches_nothing":
         data["quantization"] = {"activations": {"range_overrides": {"*.down_prj": "mse"}}}
-    elif case == "fused_attention_sliding_window":
-        data["source"]["path"] = str(tiny_checkpoints["mistral"])
+    elif case == "fused_attention_narrow_rotary":
+        data["source"]["path"] = str(tiny_checkpoints["gpt-neox"])
         data["export"] = {"kv_cache": True, "attention": "onnxruntime"}
     elif case.endswith("tokenizer"):
         source = tiny_checkpoints["gpt2" if case == "empty_tokenizer" else "llama"]

@@ -51,10 +51,11 @@ TINY_CONFIGS = {
     # Conv1D (weights (in, out)), fused c_attn; tied lm_head
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                bos_token_id=0, eos_token_id=0),
-    # RMSNorm x_hat * (1 + w), q/k norms, GQA, tied lm_head
-    # (sliding windows of 16 tokens here and below, so that the tests decode past them)
+    # RMSNorm x_hat * (1 + w), q/k norms, GQA, tied lm_head; a sliding and a full block, which rotate
+    # with different bases (sliding windows of 16 tokens here and below, so the tests decode past them)
     "gemma3": lambda: Gemma3TextConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16, sliding_window=16,
-                                       pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                                       layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                                       bos_token_id=1, eos_token_id=2),
     # fused qkv_proj and gate_up_proj, GQA
     "phi3": lambda: Phi3Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=16),
@@ -70,8 +71,9 @@ TINY_CONFIGS = {
     "gemma": lambda: GemmaConfig(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # Gemma 3's norms without q/k norms; attention and final logit soft-capping, sliding-window layers
+    # (an attention cap small enough to move the tiny model's logits: by 1e-4, where 50 moves them 2e-7)
     "gemma2": lambda: Gemma2Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=16, sliding_window=16,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                                   attn_logit_softcapping=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # per-head interleaved query_key_value, parallel residual, partial rotary
     "gpt-neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,
