@@ -1,7 +1,8 @@
 """KV-cache decoder graphs: one ONNX graph for prefill (empty past) and one-token decode steps.
 
 Inputs  `input_ids` (B, T), `attention_mask` (B, P + T), `past_key_values.{i}.key/value` (B, H_kv, P, D)
-Outputs `logits` (B, T, V), `present.{i}.key/value` (B, H_kv, P + T, D)
+Outputs `logits` (B, T, V), `present.{i}.key/value` (B, H_kv, P + T, D); a sliding-window block's
+        present keeps its last window - 1 of those (the fused-attention graph keeps them all)
 B, T and P are dynamic; prefill feeds P = 0 (zero-length past tensors). The wrapper rebuilds an HF
 `DynamicCache` from the flat past tensors inside forward, so any decoder that takes the generic
 cache API exports the same way (no per-architecture code here).
