@@ -113,8 +113,10 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
             table.add_row("  KL mean", f"{m['kl_mean']:.5f}")
         g = v["parity"].get("generation")
         if g:
+            stepwise = g.get("stepwise_agreement")  # absent from artifacts written before it was reported
             table.add_row(f"  greedy token agreement ({g['new_tokens']} tokens)",
-                          f"{g['token_agreement']:.4f} (prefix {g['prefix_agreement']:.4f})")
+                          f"{g['token_agreement']:.4f} (prefix {g['prefix_agreement']:.4f}"
+                          + ("" if stepwise is None else f", stepwise {stepwise:.4f}") + ")")
             table.add_row("  first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]))
         for c in v["parity"]["comparator"]:
             value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]

@@ -9,6 +9,9 @@ always produce N tokens):
   * prefix agreement = first divergence / N: the strict reading, where everything after the first
     different token counts as wrong.
   * first divergence = the index of the first different token, or N when all N agree.
+  * stepwise agreement = (steps i < N where the candidate, fed the prompt and the reference's own
+    first i tokens, picks the reference's token i) / N. Each step is judged on the same context, so
+    one flipped near-tie costs one step, not every step after it as in the two rates above.
 The reported rates are means over prompts.
 """
 
@@ -39,12 +42,8 @@ def greedy_graph(step: Step, layout: KvLayout | None, prompt: list[int], max_new
     ids = list(prompt)
     past = None
     for _ in range(max_new_tokens):
-        if layout is None:
-            x = np.array([ids], dtype=np.int64)
-            out = step({"input_ids": x, "attention_mask": np.ones_like(x)})
-        elif past is None:
-            x = np.array([ids], dtype=np.int64)
-            out = step(prefill_feed(x, np.ones_like(x), layout))
+        if layout is None or past is None:
+            out = step(_whole_sequence_feed(ids, layout))
         else:
             out = step({"input_ids": np.array([[ids[-1]]], dtype=np.int64),
                         "attention_mask": np.ones((1, len(ids)), dtype=np.int64), **past})
@@ -55,6 +54,35 @@ def greedy_graph(step: Step, layout: KvLayout | None, prompt: list[int], max_new
         yield token
         if eos_token_id is not None and token == eos_token_id:
             return
+
+
+def _whole_sequence_feed(ids: list[int], layout: KvLayout | None) -> dict:
+    """A batch-1 feed that runs all of `ids` at once: a prefill with empty past tensors on a KV graph."""
+    x = np.array([ids], dtype=np.int64)
+    mask = np.ones_like(x)
+    return {"input_ids": x, "attention_mask": mask} if layout is None else prefill_feed(x, mask, layout)
+
+
+def sequence_logits(step: Step, layout: KvLayout | None, ids: list[int]) -> np.ndarray:
+    """Logits (T, V) of one pass of a graph over `ids` (batch 1)."""
+    return np.asarray(step(_whole_sequence_feed(ids, layout))["logits"])[0]
+
+
+def stepwise_agreement(logits_of: Callable[[list[int]], np.ndarray], prompts: list[list[int]],
+                       reference: list[list[int]]) -> float:
+    """Mean over prompts of the steps where the candidate, fed the prompt and the reference's tokens
+    before the step, picks the reference's token (see the module docstring).
+
+    Args:
+        logits_of: token ids (T,) -> the candidate's logits (T, V), one causal pass.
+        reference: the reference's greedy continuation of each prompt.
+    """
+    rates = []
+    for prompt, tokens in zip(prompts, reference, strict=True):
+        logits = logits_of(list(prompt) + list(tokens[:-1]))  # (P + N - 1, V)
+        picks = logits[len(prompt) - 1:].argmax(-1)  # position P - 1 + i predicts token i
+        rates.append(float(np.mean(picks == np.asarray(tokens))))
+    return float(np.mean(rates))
 
 
 @torch.no_grad()
@@ -88,6 +116,7 @@ class GenerationMetrics:
     new_tokens: int
     token_agreement: float  # mean over prompts of matching positions / N
     prefix_agreement: float  # mean over prompts of first divergence / N
+    stepwise_agreement: float | None = None  # mean over prompts of steps matched in the reference's context
     first_divergence: list[int] = field(default_factory=list)  # per prompt; N = no divergence
     reference_tokens: list[list[int]] = field(default_factory=list)
     candidate_tokens: list[list[int]] = field(default_factory=list)
@@ -121,7 +150,11 @@ def generation_parity(reference_model: torch.nn.Module, candidate_step: Step, la
     for prompt in track(prompts, "generate", total=len(prompts)):
         reference.append(greedy_torch(reference_model, prompt, max_new_tokens))
         candidate.append(list(greedy_graph(candidate_step, layout, prompt, max_new_tokens)))
-    return compare_tokens(reference, candidate, len(prompts[0]) if prompts else 0)
+    metrics = compare_tokens(reference, candidate, len(prompts[0]) if prompts else 0)
+    if prompts:
+        metrics.stepwise_agreement = stepwise_agreement(lambda ids: sequence_logits(candidate_step, layout, ids),
+                                                        prompts, reference)
+    return metrics
 
 
 @dataclass

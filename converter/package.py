@@ -179,6 +179,8 @@ def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
             (f"greedy token agreement, {n} new tokens x {g['prompts']} prompts", f"{g['token_agreement']:.4f}",
              f">= {t.get('min_token_agreement')}"),
             ("greedy prefix agreement (first divergence / N)", f"{g['prefix_agreement']:.4f}", ""),
+            *([("stepwise agreement (each step fed the FP32 tokens before it)", f"{g['stepwise_agreement']:.4f}", "")]
+              if g.get("stepwise_agreement") is not None else []),
             ("first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]), f"{n} = none"),
         ]
     lines = [

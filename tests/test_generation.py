@@ -73,6 +73,13 @@ def test_generation_parity_is_reported_and_gated(kv_artifact):
 
     ids = AutoTokenizer.from_pretrained(str(artifact))(EVALUATION_TEXT.read_text(), add_special_tokens=False)["input_ids"]
     assert list(greedy_graph(step, layout, ids[:12], 10)) == g["candidate_tokens"][0]
+    # stepwise: each step a fresh prefill of the prompt and the reference's tokens before it (the
+    # evaluation windows are consecutive 64-token cuts of the text, so prompt k starts at 64 k)
+    picks = [[next(greedy_graph(step, layout, ids[64 * k : 64 * k + 12] + ref[:i], 1)) for i in range(10)]
+             for k, ref in enumerate(g["reference_tokens"])]
+    stepwise = np.mean([np.mean([a == b for a, b in zip(p, r)]) for p, r in zip(picks, g["reference_tokens"])])
+    assert g["stepwise_agreement"] == pytest.approx(stepwise)
+    assert "stepwise agreement" in (artifact / "parity_report.md").read_text()
 
 
 def test_triton_config_carries_the_cache_tensors(kv_artifact):

@@ -16,7 +16,7 @@ from converter.data import Windows
 from converter.errors import UserError
 from converter.export import export_fp32, insert_qdq
 from converter.ort_attention import check_fusable
-from converter.generation import compare_tokens, greedy_graph, greedy_torch, session_step
+from converter.generation import compare_tokens, greedy_graph, greedy_torch, session_step, stepwise_agreement
 from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
 from converter.recipe import Export, Quantization, Smoothing
 from converter.runners import onnxruntime_session
@@ -125,6 +125,20 @@ def test_compare_tokens_definitions():
     assert m.first_divergence == [2, 4]
     assert m.token_agreement == pytest.approx((3 / 4 + 1) / 2)  # position 3 lines up again: counted
     assert m.prefix_agreement == pytest.approx((2 / 4 + 1) / 2)  # strict: everything after index 2 wrong
+
+
+def test_stepwise_agreement_judges_each_step_on_the_references_context():
+    def next_is_previous_plus_one(ids):  # a candidate whose logits at position t pick ids[t] + 1
+        logits = np.zeros((len(ids), 16), np.float32)
+        logits[np.arange(len(ids)), (np.asarray(ids) + 1) % 16] = 1.0
+        return logits
+
+    # fed [2, 3, 4] and the reference's 5, 6, 9 it picks 5, 6, 7, 10: step 2 misses (7, not 9), step 3
+    # is judged after the reference's 9 and matches; left to itself it would generate 5, 6, 7, 8
+    rate = stepwise_agreement(next_is_previous_plus_one, [[2, 3, 4], [0]], [[5, 6, 9, 10], [1, 2, 3, 4]])
+    assert rate == pytest.approx((3 / 4 + 1) / 2)
+    free_running = compare_tokens([[5, 6, 9, 10]], [[5, 6, 7, 8]], prompt_tokens=3)
+    assert free_running.token_agreement == 0.5
 
 
 def test_tensorrt_profile_covers_past_and_mask_lengths(kv_exported):
