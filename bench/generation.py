@@ -19,7 +19,7 @@ Two prompt sets: the evaluation text (the recipe's parity.eval files) cut into 1
 each window's first 32 tokens a prompt (cut mid-sentence; the recipe's own 256-token windows give
 only 8 from this text), and recipes/data/clinical-questions.txt in the chat template (how an
 instruction-tuned model is used).
-Token and prefix agreement are defined in converter/generation.py. Writes
+Token, prefix and stepwise agreement are defined in converter/generation.py. Writes
 bench/results/generation.{json,md}, which the README quotes.
 """
 
@@ -117,7 +117,8 @@ def main() -> None:
     from converter.archs import arch_spec
     from converter.data import token_windows, window_wrap
     from converter.export import export_fp32
-    from converter.generation import compare_tokens, generation_prompts, greedy_graph, greedy_torch, session_step
+    from converter.generation import (compare_tokens, generation_prompts, greedy_graph, greedy_torch, sequence_logits,
+                                      session_step, stepwise_agreement)
     from converter.kvcache import graph_kv_layout
     from converter.load import load_reference
     from converter.recipe import Generation, load_recipe
@@ -147,27 +148,37 @@ def main() -> None:
         (Path(tmp) / "fp32").mkdir()
         fp32_path = export_fp32(model, Path(tmp) / "fp32" / "model.onnx", r.export, arch_spec(model))
         fp32 = session_step(onnxruntime_session(fp32_path, threads=args.threads))
-        candidates = {
-            "FP32 ONNX export with the KV cache (ONNX Runtime)": lambda p: list(greedy_graph(fp32, layout, p, n)),
-            "smoothed as the recipe smooths, FP32 (PyTorch)":
-                lambda p, m=smoothed_fp32(recipe, model, tokenizer): greedy_torch(m, p, n),
-            "PyTorch FP16": lambda p, m=copy.deepcopy(model).half(): greedy_torch(m, p, n),
-            "PyTorch BF16": lambda p, m=copy.deepcopy(model).bfloat16(): greedy_torch(m, p, n),
+        def torch_candidate(m):
+            @torch.no_grad()
+            def logits_of(ids):
+                return m(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+            return lambda p: greedy_torch(m, p, n), logits_of
+
+        def graph_candidate(step):
+            return lambda p: list(greedy_graph(step, layout, p, n)), lambda ids: sequence_logits(step, layout, ids)
+
+        candidates = {  # name: (greedy continuation of a prompt, logits of a sequence)
+            "FP32 ONNX export with the KV cache (ONNX Runtime)": graph_candidate(fp32),
+            "smoothed as the recipe smooths, FP32 (PyTorch)": torch_candidate(smoothed_fp32(recipe, model, tokenizer)),
+            "PyTorch FP16": torch_candidate(copy.deepcopy(model).half()),
+            "PyTorch BF16": torch_candidate(copy.deepcopy(model).bfloat16()),
             **{f"weights rounded to int{b} per channel, no smoothing, FP32 activations (PyTorch)":
-               (lambda p, m=rounded_weights(model, b): greedy_torch(m, p, n)) for b in WEIGHT_BITS},
+               torch_candidate(rounded_weights(model, b)) for b in WEIGHT_BITS},
             "INT8 artifact without activation Q/DQ: its int8 weights, FP32 activations (ONNX Runtime)":
-                lambda p: list(greedy_graph(weights_only, layout, p, n)),
-            "INT8 artifact (ONNX Runtime)": lambda p: list(greedy_graph(int8, layout, p, n)),
+                graph_candidate(weights_only),
+            "INT8 artifact (ONNX Runtime)": graph_candidate(int8),
         }
         rows: dict[str, dict] = {name: {} for name in candidates}
         for set_name, prompts in prompt_sets.items():
             reference = [greedy_torch(model, p, n) for p in prompts]
-            for name, generate in candidates.items():
+            for name, (generate, logits_of) in candidates.items():
                 metrics = compare_tokens(reference, [generate(p) for p in prompts], len(prompts[0]))
                 rows[name][set_name] = {"token_agreement": metrics.token_agreement,
                                         "prefix_agreement": metrics.prefix_agreement,
+                                        "stepwise_agreement": stepwise_agreement(logits_of, prompts, reference),
                                         "first_divergence": metrics.first_divergence}
-                print(f"{set_name:28s} {name:30s} {metrics.token_agreement:.3f}", file=sys.stderr, flush=True)
+                print(f"{set_name:28s} {name:30s} {metrics.token_agreement:.3f} "
+                      f"{rows[name][set_name]['stepwise_agreement']:.3f}", file=sys.stderr, flush=True)
     results = {
         **stamp(),
         "recipe": RECIPE.name, "new_tokens": n,
@@ -177,10 +188,12 @@ def main() -> None:
     sets = list(prompt_sets)
     lines = [f"SmolLM2-135M-Instruct greedy agreement with PyTorch FP32, {n} new tokens, {results['date']} "
              f"({RECIPE.name} artifact)", "",
-             "| candidate | " + " | ".join(f"{s} ({len(prompt_sets[s])}): token / prefix agreement" for s in sets) + " |",
+             "| candidate | " + " | ".join(f"{s} ({len(prompt_sets[s])}): token / prefix / stepwise agreement"
+                                         for s in sets) + " |",
              "|---|" + "---|" * len(sets)]
     for name, row in rows.items():
-        cells = [f"{row[s]['token_agreement']:.2f} / {row[s]['prefix_agreement']:.2f}" for s in sets]
+        cells = [f"{row[s]['token_agreement']:.2f} / {row[s]['prefix_agreement']:.2f} / "
+                 f"{row[s]['stepwise_agreement']:.3f}" for s in sets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     write_results("generation", results, table)
