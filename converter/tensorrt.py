@@ -306,6 +306,7 @@ def build_engine(target: str, model_path: Path, options: EngineOptions) -> dict:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, parser = parse_network(trt, builder, logger, model_path)
+    parsed = network_int8_summary(trt, network)  # while the parser, which owns the weights, is alive
     config, cache = make_config(trt, builder, plan, previous.read_bytes() if previous else b"")
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -319,9 +320,9 @@ def build_engine(target: str, model_path: Path, options: EngineOptions) -> dict:
     engine = runtime.deserialize_cuda_engine(serialized)
     inspector = engine.create_engine_inspector()
     note(f"  {target}: engine {plan['planned_engine_file']} built in {seconds:.1f} s")
-    del parser
+    del network, parser  # the network first: it borrows the parser's weights
     return {**plan, "engine_file": plan["planned_engine_file"], "build_seconds": round(seconds, 2),
-            "timing_cache_reused": previous is not None, "network": network_int8_summary(trt, network),
+            "timing_cache_reused": previous is not None, "network": parsed,
             **engine_layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))}
 
 
