@@ -68,11 +68,9 @@ def _tensorrt_runner(model_path: Path, build: BuildReport):
 
 
 def _migraphx_runner(model_path: Path, build: BuildReport):
-    from converter.kvcache import graph_io_names
     from converter.migraphx import MigraphxRunner
 
-    outputs = graph_io_names(model_path)[1]
-    return MigraphxRunner(model_path.parent / build.details["engine_file"], output_names=outputs, name="int8-migraphx")
+    return MigraphxRunner(model_path.parent / build.details["engine_file"], model_path, name="int8-migraphx")
 
 
 GPU_TARGETS: dict[str, Target] = {

@@ -4,6 +4,10 @@
 `migraphx.save` writes the `.mxr` program beside the model. MIGraphX compiles for fixed input sizes
 here (batch x sequence at the recipe's `opt` values): its dynamic-shape support does not cover every
 operator of a decoder graph, and one compiled size per program is how it is served.
+A KV-cache graph is refused (`KV_CACHE_REFUSAL`): its past grows by one token per decode step, so
+it would need one program per past length (parity's prefill, then every generation step), and its
+present outputs concatenate rather than write into a fixed-size cache buffer as MIGraphX LLM
+deployments do.
 MIGraphX ships with ROCm, not on PyPI: everything is behind an availability check.
 """
 
@@ -24,6 +28,8 @@ from converter.progress import note
 MIGRAPHX_MODULE = "migraphx"
 MIGRAPHX_GPUS = {"mi250x-migraphx": ("gfx90a", "AMD Instinct MI250X"), "mi300-migraphx": ("gfx942", "AMD Instinct MI300")}
 _KFD_NODES = Path("/sys/class/kfd/kfd/topology/nodes")
+KV_CACHE_REFUSAL = ("MIGraphX compiles one fixed input shape per program and a KV-cache graph's past grows every "
+                    "decode step; use export.kv_cache: false for MIGraphX targets")
 
 
 def program_file_name(target: str, gfx_arch: str, batch: int, sequence: int) -> str:
@@ -43,18 +49,18 @@ def visible_gfx_archs() -> list[str]:
 
 
 def plan_build(target: str, model_path: Path, options: EngineOptions) -> dict:
-    """What a MIGraphX target builds: what `--dry-run` prints and records."""
-    from converter.kvcache import PAST_PREFIX, graph_io_names, graph_kv_layout, past_names
+    """What a MIGraphX target builds: what `--dry-run` prints and records.
 
+    Raises:
+        UserError: a KV-cache graph (the recipe check refuses it first; this guards direct calls).
+    """
+    from converter.kvcache import graph_io_names, graph_kv_layout
+
+    if graph_kv_layout(model_path) is not None:
+        raise UserError(f"target {target}: {KV_CACHE_REFUSAL}")
     gfx_arch, gpu = MIGRAPHX_GPUS[target]
     batch, sequence = options.batch.opt, options.sequence.opt
-    input_dims = {name: [batch, sequence] for name in graph_io_names(model_path)[0]
-                  if not name.startswith(f"{PAST_PREFIX}.")}
-    layout = graph_kv_layout(model_path)
-    if layout is not None:  # KV-cache graph: one program at opt past length (0 = a prefill program)
-        past = options.past_sequence.opt
-        input_dims["attention_mask"] = [batch, past + sequence]
-        input_dims.update({name: [batch, layout.kv_heads, past, layout.head_dim] for name in past_names(layout.num_layers)})
+    input_dims = {name: [batch, sequence] for name in graph_io_names(model_path)[0]}
     return {
         "backend": "migraphx",
         "gpu": gpu,
@@ -90,24 +96,38 @@ def build_program(target: str, model_path: Path, options: EngineOptions) -> dict
     return {**plan, "engine_file": plan["planned_engine_file"], "build_seconds": round(seconds, 2)}
 
 
-class MigraphxRunner(BaseRunner):
-    """Runs a saved `.mxr` program; the same `activate / infer(dict) -> dict` shape as every runner."""
 
-    def __init__(self, program_path: Path, output_names=("logits",), name: str | None = None):
+class MigraphxRunner(BaseRunner):
+    """Runs a saved `.mxr` program; the same `activate / infer(dict) -> dict` shape as every runner.
+
+    Input element types and output names come from the ONNX graph the program was compiled from;
+    input shapes from the program (fixed at compile time).
+    """
+
+    def __init__(self, program_path: Path, model_path: Path, name: str | None = None):
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        from converter.kvcache import graph_signature
+
         super().__init__(name=name, prefix="migraphx-runner")
         self.program_path = Path(program_path)
-        self.output_names = tuple(output_names)
+        inputs, outputs = graph_signature(model_path)
+        self.dtypes = {v.name: np.dtype(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)) for v in inputs}
+        self.output_names = tuple(v.name for v in outputs)
 
     def activate_impl(self):
         import migraphx
 
         self.program = migraphx.load(str(self.program_path), format="msgpack")
         self.shapes = {name: tuple(shape.lens()) for name, shape in self.program.get_parameter_shapes().items()}
+        unknown = sorted(set(self.shapes) - set(self.dtypes))
+        if unknown:
+            raise UserError(f"{self.program_path.name}: program inputs {unknown} are not inputs of the ONNX graph")
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
         for name, lens in self.shapes.items():
-            meta.add(name, np.int64, lens)
+            meta.add(name, self.dtypes[name], lens)
         return meta
 
     def infer_impl(self, feed_dict):

@@ -387,6 +387,17 @@ class Recipe(_Section):
         return self
 
 
+    @model_validator(mode="after")
+    def _no_kv_cache_on_migraphx(self) -> Recipe:
+        from converter.migraphx import KV_CACHE_REFUSAL
+        from converter.targets import TARGETS
+
+        migraphx = [t for t in self.targets if TARGETS[t].backend == "migraphx"]
+        if migraphx and self.export.kv_cache:
+            raise ValueError(f"{', '.join(migraphx)}: {KV_CACHE_REFUSAL}")
+        return self
+
+
 class LoadedRecipe(BaseModel):
     """A validated recipe plus the folder its relative paths are resolved against."""
 

@@ -217,3 +217,64 @@ def test_profile_covers_every_feed_of_kv_cache_parity(tmp_path):
     no_prefill = profile_shapes(model, options.model_copy(update={"past_sequence": PastRange(min=1, opt=64, max=512)}))
     assert _in_profile(no_prefill, feeds[0]) == ["past_key_values.0.key: (2, 2, 0, 4) outside [1, 2, 1, 4]..[4, 2, 512, 4]",
                                                  "past_key_values.0.value: (2, 2, 0, 4) outside [1, 2, 1, 4]..[4, 2, 512, 4]"]
+
+
+# ---------------------------------------------------------------------------------------------- MIGraphX
+
+@pytest.fixture
+def fake_migraphx(monkeypatch):
+    from fakes import migraphx
+
+    from converter import migraphx as ours
+
+    migraphx.reset()
+    monkeypatch.setitem(sys.modules, "migraphx", migraphx)
+    monkeypatch.setattr(ours, "visible_gfx_archs", lambda: ["gfx90a"])
+    return migraphx
+
+
+def test_migraphx_runner_feeds_the_graphs_dtypes_and_names_its_outputs(fake_migraphx, tmp_path):
+    from converter.quantize import QuantPlan
+    from converter.runners import onnxruntime_runner
+    from converter.targets import TARGETS
+
+    model = encoder_graph(tmp_path / "model.onnx", mask_type=FLOAT)  # a float mask, as some exporters write it
+    target = TARGETS["mi250x-migraphx"]
+    runner = target.runner(model, target.build(target.name, model, tmp_path, QuantPlan({}, []), engine=OPTIONS))
+    ids = np.arange(128, dtype=np.int64).reshape(2, 64)
+    feed = {"input_ids": ids, "attention_mask": np.ones((2, 64), np.float32), "token_type_ids": ids % 2}
+    with runner, onnxruntime_runner(model) as ort_run:
+        meta = runner.get_input_metadata()
+        assert {name: np.dtype(meta[name].dtype) for name in meta} == {
+            "input_ids": np.int64, "attention_mask": np.float32, "token_type_ids": np.int64}
+        out = runner.infer(feed)
+        assert list(out) == ["last_hidden_state"]
+        np.testing.assert_array_equal(out["last_hidden_state"], ort_run.infer(feed)["last_hidden_state"])
+        short = {name: value[:, :32] for name, value in feed.items()}
+        with pytest.raises(PolygraphyException, match=r"input_ids \| Received incompatible shape: \(2, 32\)"):
+            runner.infer(short)  # the program was compiled for (2, 64)
+
+
+def test_migraphx_refuses_a_kv_cache_graph(fake_migraphx, tmp_path):
+    from converter.migraphx import build_program, plan_build
+
+    model = kv_graph(tmp_path / "model.onnx")
+    with pytest.raises(UserError, match="mi300-migraphx: MIGraphX compiles one fixed input shape per program"):
+        plan_build("mi300-migraphx", model, OPTIONS)
+    with pytest.raises(UserError, match="export.kv_cache: false"):
+        build_program("mi250x-migraphx", model, OPTIONS)
+    assert fake_migraphx.CALLS == []
+
+
+def test_recipe_refuses_migraphx_with_a_kv_cache(write_recipe, tmp_path):
+    from conftest import tiny_recipe_dict
+
+    from converter.recipe import load_recipe
+
+    data = {**tiny_recipe_dict(tmp_path / "ckpt"), "targets": ["cpu-onnxruntime", "mi300-migraphx"],
+            "export": {"kv_cache": True}}
+    with pytest.raises(UserError, match=r"mi300-migraphx: MIGraphX compiles one fixed input shape per program and a "
+                                        r"KV-cache graph's past grows every decode step; use export.kv_cache: false"):
+        load_recipe(write_recipe(data))
+    assert load_recipe(write_recipe({**data, "export": {"kv_cache": False}})).recipe.targets[1] == "mi300-migraphx"
+    assert load_recipe(write_recipe({**data, "targets": ["h100-tensorrt"]})).recipe.export.kv_cache is True
