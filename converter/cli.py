@@ -103,6 +103,8 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
         m = v["parity"]["metrics"]
         table.add_row(f"[bold]{target}[/bold]", "PASSED" if v["parity"]["passed"] else "[red]FAILED[/red]")
         table.add_row("  int8 kernels", ", ".join(f"{k} x{n}" for k, n in v["build"]["int8_kernels"].items()))
+        if v["build"].get("fused_linears", 0) is None:  # MIGraphX: instructions do not name their linears
+            table.add_row("  int8 linears", "unknown")
         if m["ppl_ratio"] is not None:  # encoders: no perplexity, no KL
             table.add_row("  perplexity FP32 -> INT8",
                           f"{m['reference_ppl']:.3f} -> {m['candidate_ppl']:.3f} (x{m['ppl_ratio']:.4f})")

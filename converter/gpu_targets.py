@@ -50,15 +50,19 @@ def build_tensorrt(target: str, model_path: Path, work_dir: Path, plan: QuantPla
 
 def build_migraphx(target: str, model_path: Path, work_dir: Path, plan: QuantPlan, engine: EngineOptions,
                    dry_run: bool = False) -> BuildReport:
-    """Compile (or with `dry_run` only plan) the MIGraphX program. MIGraphX reports no per-linear
-    precision, so `fused_linears` counts the Q/DQ linears handed to it."""
+    """Compile (or with `dry_run` only plan) the MIGraphX program.
+
+    MIGraphX's instructions do not name the ONNX nodes they came from, so which linears run in int8
+    is unknown: `fused_linears` and `unfused_linears` are None, and the report carries the compiled
+    program's int8 instructions (`quant_dot_instructions`, `program_ops`) instead."""
     from converter import migraphx
 
     if dry_run:
         details = {**migraphx.plan_build(target, model_path, engine), "engine_file": None, "dry_run": True}
         return BuildReport(target, "migraphx", {}, 0, [], details=details)
     details = migraphx.build_program(target, model_path, engine)
-    return BuildReport(target, "migraphx", {}, len(plan.linears), [], details=details)
+    int8 = {"quant_dot": details["quant_dot_instructions"]} if details["quant_dot_instructions"] else {}
+    return BuildReport(target, "migraphx", int8, None, None, details=details)
 
 
 def _tensorrt_runner(model_path: Path, build: BuildReport):

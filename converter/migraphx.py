@@ -13,6 +13,8 @@ MIGraphX ships with ROCm, not on PyPI: everything is behind an availability chec
 
 from __future__ import annotations
 
+import collections
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -93,8 +95,34 @@ def build_program(target: str, model_path: Path, options: EngineOptions) -> dict
     seconds = time.perf_counter() - start
     migraphx.save(program, str(model_path.parent / plan["planned_engine_file"]), format="msgpack")
     note(f"  {target}: program {plan['planned_engine_file']} compiled in {seconds:.1f} s")
-    return {**plan, "engine_file": plan["planned_engine_file"], "build_seconds": round(seconds, 2)}
+    ops = program_ops(str(program))
+    return {**plan, "engine_file": plan["planned_engine_file"], "build_seconds": round(seconds, 2),
+            "program_ops": ops, "quant_dot_instructions": sum(n for op, n in ops.items() if "quant_dot" in op)}
 
+
+# One instruction of MIGraphX's program listing (`print_instruction` in its program.cpp):
+# `@12 = quant_dot(@10,@11) -> int32_type, {..}`, `@0 = @param:input_ids -> int64_type, {..}`, and on
+# a compiled GPU program `main:@7 = gpu::code_object[code_object=..,symbol_name=mlir_quant_dot,..](..)`.
+_INSTRUCTION = re.compile(r"^\s*(?:\(\d+\)\s*)?[\w:]*@\w+\s*=\s*([@\w:]+)")
+_SYMBOL = re.compile(r"symbol_name=(\w+)")
+
+
+def program_ops(listing: str) -> dict[str, int]:
+    """Instruction count per operator in a MIGraphX program listing (`str(program)`); a compiled GPU
+    kernel counts under its kernel symbol, which names the ops it fused (`mlir_quant_dot_add`).
+
+    MIGraphX instructions do not carry the ONNX node names, so this shows which int8 operators the
+    compiled program holds (`quant_dot`), not which linears they came from.
+    """
+    ops = collections.Counter()
+    for line in listing.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        op = match.group(1)
+        symbol = _SYMBOL.search(line) if "code_object" in op else None
+        ops[symbol.group(1) if symbol else op.split(":")[0] if op.startswith("@") else op] += 1
+    return dict(sorted(ops.items()))
 
 
 class MigraphxRunner(BaseRunner):

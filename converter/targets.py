@@ -23,8 +23,8 @@ class BuildReport:
     target: str
     backend: str
     int8_kernels: dict[str, int]  # kernel op type -> count
-    fused_linears: int
-    unfused_linears: list[str]
+    fused_linears: int | None  # None: the backend does not say which linears run in int8 (MIGraphX)
+    unfused_linears: list[str] | None
     op_counts: dict[str, int] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # GPU targets: plan, engine file, inspector results
 

@@ -233,6 +233,39 @@ def fake_migraphx(monkeypatch):
     return migraphx
 
 
+# What MIGraphX prints for a compiled program: parameters, literals, MLIR-fused kernels, a return.
+LISTING = """module: "main"
+@0 = @param:input_ids -> int64_type, {2, 64}, {64, 1}
+@1 = @literal{ ... } -> int8_type, {64, 64}, {64, 1}
+main:@2 = gpu::code_object[code_object=8920,symbol_name=mlir_quant_dot_add,global=1024,local=256,](@0,@1) -> float_type, {2, 64, 64}
+main:@3 = gpu::code_object[code_object=8920,symbol_name=mlir_quant_dot,global=1024,local=256,](@2,@1) -> int32_type, {2, 64, 64}
+main:@4 = gpu::code_object[code_object=4100,symbol_name=mlir_dot,global=512,local=256,](@3,@1) -> float_type, {2, 64, 64}
+@5 = @return(@4)
+"""
+
+
+def test_migraphx_build_compiles_at_the_recipe_sizes_and_counts_int8_instructions(fake_migraphx, tmp_path):
+    from converter.package import int8_linears_text
+    from converter.quantize import QuantPlan
+    from converter.targets import TARGETS
+
+    fake_migraphx.LISTING = LISTING
+    model = encoder_graph(tmp_path / "model.onnx")
+    plan = QuantPlan(linears={"fc": None}, excluded=[])
+    report = TARGETS["mi250x-migraphx"].build("mi250x-migraphx", model, tmp_path, plan, engine=OPTIONS)
+    dims = {name: [2, 64] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    assert _calls(fake_migraphx, "parse_onnx") == [(str(model), dims)]
+    assert _calls(fake_migraphx, "compile") == [("gpu", True, False, False)]  # offload_copy, fast_math off
+    assert _calls(fake_migraphx, "save") == [(str(tmp_path / "model.mi250x-migraphx.gfx90a.b2s64.mxr"), "msgpack")]
+    # which linears run in int8 is unknown (instructions carry no ONNX names); the int8 dots are counted
+    assert report.fused_linears is None and report.unfused_linears is None
+    assert report.details["quant_dot_instructions"] == 2 and report.int8_kernels == {"quant_dot": 2}
+    assert report.details["program_ops"] == {"@literal": 1, "@param": 1, "@return": 1, "mlir_dot": 1,
+                                             "mlir_quant_dot": 1, "mlir_quant_dot_add": 1}
+    assert int8_linears_text(report.to_dict()) == ("int8 linears: unknown (the backend does not map its instructions "
+                                                   "to linears; its compiled program holds 2 quant_dot instructions)")
+
+
 def test_migraphx_runner_feeds_the_graphs_dtypes_and_names_its_outputs(fake_migraphx, tmp_path):
     from converter.quantize import QuantPlan
     from converter.runners import onnxruntime_runner
