@@ -120,6 +120,34 @@ def test_inspector_precisions_from_tensorrt_10_and_11_json():
     assert eleven["int8_layers"] == 2 and eleven["layer_precisions"] == {"fp32": 1, "int8": 1, "fp16": 1}
 
 
+def gpu_parity_feed(model, batch: int, sequence: int) -> tuple[dict, str]:
+    """(feed, output name) of the GPU parity tests: the model's own graph inputs (BERT-like encoders add
+    token_type_ids) and output (`last_hidden_state` for a bare encoder, else `logits`), from `ModelIO`."""
+    import torch
+
+    from converter.archs import arch_spec
+    from converter.encoder import model_io
+
+    io = model_io(arch_spec(model), model.config)
+    ids = torch.arange(batch * sequence).reshape(batch, sequence) % 300
+    return io.feed(ids, torch.ones_like(ids)), io.output
+
+
+def test_gpu_parity_feed_runs_on_onnxruntime(exported):
+    """The ONNX Runtime half of the GPU parity tests below, for every family: the feed holds exactly
+    the graph's inputs and the output name is one the graph has."""
+    from converter.kvcache import graph_io_names
+    from converter.runners import onnxruntime_runner
+
+    _, model, _, _, int8_path, _ = exported
+    feed, output = gpu_parity_feed(model, 2, 32)
+    inputs, outputs = graph_io_names(int8_path)
+    assert sorted(feed) == sorted(inputs) and output in outputs
+    with onnxruntime_runner(int8_path) as ort_run:
+        result = np.asarray(ort_run.infer(feed)[output])
+    assert result.shape[0] == 2 and np.isfinite(result).all()
+
+
 def _gpu_available(module: str) -> bool:
     from converter.targets import TARGETS
 
@@ -135,7 +163,7 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(exported, tmp_path):
     from converter.runners import onnxruntime_runner
     from converter.tensorrt import build_engine, device_compute_capability, tensorrt_runner
 
-    *_, int8_path, _ = exported
+    _, torch_model, _, _, int8_path, _ = exported
     model = tmp_path / "v1" / "model.onnx"
     model.parent.mkdir()
     shutil.copy(int8_path, model)
@@ -145,10 +173,10 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(exported, tmp_path):
     assert (model.parent / report["engine_file"]).stat().st_size > 0
     assert (model.parent / report["timing_cache_file"]).is_file()
     assert report["network"]["int8_matmul_layers"] > 0
-    feed = {"input_ids": np.arange(64).reshape(2, 32) % 300, "attention_mask": np.ones((2, 32), np.int64)}
+    feed, output = gpu_parity_feed(torch_model, 2, 32)
     with tensorrt_runner(model.parent / report["engine_file"]) as trt_run, onnxruntime_runner(model) as ort_run:
-        trt_logits, ort_logits = trt_run.infer(feed)["logits"], ort_run.infer(feed)["logits"]
-    assert np.mean(np.abs(trt_logits - ort_logits)) < 0.05
+        trt_out, ort_out = trt_run.infer(feed)[output], ort_run.infer(feed)[output]
+    assert np.mean(np.abs(trt_out - ort_out)) < 0.05
 
 
 @pytest.mark.gpu
@@ -159,11 +187,11 @@ def test_migraphx_program_matches_onnxruntime_on_gpu(exported, tmp_path):
     from converter.migraphx import MigraphxRunner, build_program, visible_gfx_archs
     from converter.runners import onnxruntime_runner
 
-    *_, int8_path, _ = exported
+    _, torch_model, _, _, int8_path, _ = exported
     model = tmp_path / "model.onnx"
     shutil.copy(int8_path, model)
     target = "mi300-migraphx" if "gfx942" in visible_gfx_archs() else "mi250x-migraphx"
     report = build_program(target, model, OPTIONS)
-    feed = {"input_ids": np.arange(128).reshape(2, 64) % 300, "attention_mask": np.ones((2, 64), np.int64)}
-    with MigraphxRunner(tmp_path / report["engine_file"]) as mgx, onnxruntime_runner(model) as ort_run:
-        assert np.mean(np.abs(mgx.infer(feed)["logits"] - ort_run.infer(feed)["logits"])) < 0.05
+    feed, output = gpu_parity_feed(torch_model, 2, 64)  # the program's compiled size: OPTIONS batch/sequence opt
+    with MigraphxRunner(tmp_path / report["engine_file"], model) as mgx, onnxruntime_runner(model) as ort_run:
+        assert np.mean(np.abs(mgx.infer(feed)[output] - ort_run.infer(feed)[output])) < 0.05
