@@ -54,14 +54,14 @@ def build_migraphx(target: str, model_path: Path, work_dir: Path, plan: QuantPla
 
     MIGraphX's instructions do not name the ONNX nodes they came from, so which linears run in int8
     is unknown: `fused_linears` and `unfused_linears` are None, and the report carries the compiled
-    program's int8 instructions (`quant_dot_instructions`, `program_ops`) instead."""
+    program's int8 instructions (`int8_dot_instructions`, `program_ops`) instead."""
     from converter import migraphx
 
     if dry_run:
         details = {**migraphx.plan_build(target, model_path, engine), "engine_file": None, "dry_run": True}
         return BuildReport(target, "migraphx", {}, 0, [], details=details)
     details = migraphx.build_program(target, model_path, engine)
-    int8 = {"quant_dot": details["quant_dot_instructions"]} if details["quant_dot_instructions"] else {}
+    int8 = {"int8 dot instructions": details["int8_dot_instructions"]} if details["int8_dot_instructions"] else {}
     return BuildReport(target, "migraphx", int8, None, None, details=details)
 
 

@@ -96,8 +96,9 @@ def build_program(target: str, model_path: Path, options: EngineOptions) -> dict
     migraphx.save(program, str(model_path.parent / plan["planned_engine_file"]), format="msgpack")
     note(f"  {target}: program {plan['planned_engine_file']} compiled in {seconds:.1f} s")
     ops = program_ops(str(program))
+    int8_dots = sum(n for op, n in ops.items() if any(name in op for name in INT8_DOT_OPS))
     return {**plan, "engine_file": plan["planned_engine_file"], "build_seconds": round(seconds, 2),
-            "program_ops": ops, "quant_dot_instructions": sum(n for op, n in ops.items() if "quant_dot" in op)}
+            "program_ops": ops, "int8_dot_instructions": int8_dots}
 
 
 # One instruction of MIGraphX's program listing (`print_instruction` in its program.cpp):
@@ -105,6 +106,8 @@ def build_program(target: str, model_path: Path, options: EngineOptions) -> dict
 # a compiled GPU program `main:@7 = gpu::code_object[code_object=..,symbol_name=mlir_quant_dot,..](..)`.
 _INSTRUCTION = re.compile(r"^\s*(?:\(\d+\)\s*)?[\w:]*@\w+\s*=\s*([@\w:]+)")
 _SYMBOL = re.compile(r"symbol_name=(\w+)")
+# int8 matrix products: the `quant_dot` operator, its MLIR kernels (`mlir_quant_dot...`) and rocBLAS's `gpu::quant_gemm`
+INT8_DOT_OPS = ("quant_dot", "quant_gemm")
 
 
 def program_ops(listing: str) -> dict[str, int]:
@@ -112,7 +115,7 @@ def program_ops(listing: str) -> dict[str, int]:
     kernel counts under its kernel symbol, which names the ops it fused (`mlir_quant_dot_add`).
 
     MIGraphX instructions do not carry the ONNX node names, so this shows which int8 operators the
-    compiled program holds (`quant_dot`), not which linears they came from.
+    compiled program holds (`quant_dot`, `gpu::quant_gemm`), not which linears they came from.
     """
     ops = collections.Counter()
     for line in listing.splitlines():

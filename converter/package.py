@@ -154,9 +154,9 @@ def int8_linears_text(build: dict) -> str:
     """"14 linears run as int8 kernels", or what is known when the backend does not say (MIGraphX)."""
     if build.get("fused_linears") is not None:
         return f"{build['fused_linears']} linears run as int8 kernels"
-    dots = build.get("quant_dot_instructions")
+    dots = build.get("int8_dot_instructions")
     return ("int8 linears: unknown (the backend does not map its instructions to linears"
-            + (f"; its compiled program holds {dots} quant_dot instructions)" if dots is not None else ")"))
+            + (f"; its compiled program holds {dots} int8 dot instructions)" if dots is not None else ")"))
 
 
 def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:

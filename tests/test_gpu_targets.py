@@ -240,7 +240,8 @@ LISTING = """module: "main"
 main:@2 = gpu::code_object[code_object=8920,symbol_name=mlir_quant_dot_add,global=1024,local=256,](@0,@1) -> float_type, {2, 64, 64}
 main:@3 = gpu::code_object[code_object=8920,symbol_name=mlir_quant_dot,global=1024,local=256,](@2,@1) -> int32_type, {2, 64, 64}
 main:@4 = gpu::code_object[code_object=4100,symbol_name=mlir_dot,global=512,local=256,](@3,@1) -> float_type, {2, 64, 64}
-@5 = @return(@4)
+@5 = gpu::quant_gemm[int8_x4_format=0,compute_fp32=1](@0,@1,@4) -> int32_type, {2, 64, 64}, {4096, 64, 1}
+@6 = @return(@5)
 """
 
 
@@ -259,11 +260,11 @@ def test_migraphx_build_compiles_at_the_recipe_sizes_and_counts_int8_instruction
     assert _calls(fake_migraphx, "save") == [(str(tmp_path / "model.mi250x-migraphx.gfx90a.b2s64.mxr"), "msgpack")]
     # which linears run in int8 is unknown (instructions carry no ONNX names); the int8 dots are counted
     assert report.fused_linears is None and report.unfused_linears is None
-    assert report.details["quant_dot_instructions"] == 2 and report.int8_kernels == {"quant_dot": 2}
-    assert report.details["program_ops"] == {"@literal": 1, "@param": 1, "@return": 1, "mlir_dot": 1,
-                                             "mlir_quant_dot": 1, "mlir_quant_dot_add": 1}
+    assert report.details["program_ops"] == {"@literal": 1, "@param": 1, "@return": 1, "gpu::quant_gemm": 1,
+                                             "mlir_dot": 1, "mlir_quant_dot": 1, "mlir_quant_dot_add": 1}
+    assert report.details["int8_dot_instructions"] == 3 and report.int8_kernels == {"int8 dot instructions": 3}
     assert int8_linears_text(report.to_dict()) == ("int8 linears: unknown (the backend does not map its instructions "
-                                                   "to linears; its compiled program holds 2 quant_dot instructions)")
+                                                   "to linears; its compiled program holds 3 int8 dot instructions)")
 
 
 def test_migraphx_runner_feeds_the_graphs_dtypes_and_names_its_outputs(fake_migraphx, tmp_path):
