@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_run import RESULTS, run_convert, stamp, write_results
+from cli_run import RESULTS, SMOLLM2_FP32, run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -247,7 +247,7 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     texts = list(TEXTS)
-    lines = [f"SmolLM2-135M-Instruct, {results['machine']}, {results['date']}"
+    lines = [f"SmolLM2-135M-Instruct ({SMOLLM2_FP32}), {results['machine']}, {results['date']}"
              f"{'' if results['complete'] else ' (partial run: the rows measured so far)'}. "
              f"Calibration: {results['protocol']['calibration']}.", "",
              f"| configuration | ppl {texts[0]} | vs FP32 | ppl {texts[1]} | vs FP32 | MACs in float |",

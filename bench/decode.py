@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_run import run_convert, shipped_artifact, stamp, write_results
+from cli_run import SMOLLM2_FP32, run_convert, shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -134,7 +134,8 @@ def main() -> None:
         "prompt_tokens": per_length,
     }
     label = {"onnxruntime": "GroupQueryAttention", "onnx": "standard ONNX attention"}
-    lines = [f"SmolLM2-135M-Instruct decode with the KV cache, {results['machine']}, {results['date']}"
+    lines = [f"SmolLM2-135M-Instruct decode with the KV cache ({SMOLLM2_FP32}), "
+             f"{results['machine']}, {results['date']}"
              + (f" ({args.note})" if args.note else ""), "",
              f"| ONNX Runtime, batch 1, {args.threads} threads, {args.new_tokens} decode steps | prompt | "
              f"median of {args.runs} (interleaved) | vs FP32 (same attention): median of pairs [min, max] |",

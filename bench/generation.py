@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli_run import shipped_artifact, stamp, write_results
+from cli_run import SMOLLM2_FP32, shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_BITS = (8, 10, 12)
@@ -186,7 +186,8 @@ def main() -> None:
         "rows": rows,
     }
     sets = list(prompt_sets)
-    lines = [f"SmolLM2-135M-Instruct greedy agreement with PyTorch FP32, {n} new tokens, {results['date']} "
+    lines = [f"SmolLM2-135M-Instruct greedy agreement with PyTorch FP32 ({SMOLLM2_FP32}), "
+             f"{n} new tokens, {results['date']} "
              f"({RECIPE.name} artifact)", "",
              "| candidate | " + " | ".join(f"{s} ({len(prompt_sets[s])}): token / prefix / stepwise agreement"
                                          for s in sets) + " |",

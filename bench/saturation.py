@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_run import shipped_artifact, stamp, write_results
+from cli_run import SMOLLM2_FP32, shipped_artifact, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -119,7 +119,8 @@ def main() -> None:
                "matmuls": len(rows), "matmuls_affected": len(affected),
                "outputs_changed": float(np.mean([r["outputs_changed"] for r in rows])), "rows": rows}
     worst = sorted(rows, key=lambda r: r["rel_error"], reverse=True)[:8]
-    lines = [f"SmolLM2-135M-Instruct INT8 artifact, int16 pair saturation emulated (non-VNNI x86 default), "
+    lines = [f"SmolLM2-135M-Instruct INT8 artifact ({SMOLLM2_FP32}), "
+             "int16 pair saturation emulated (non-VNNI x86 default), "
              f"{len(ids)} tokens, {results['date']}",
              "", f"{len(affected)} of {len(rows)} quantized MatMuls have outputs a saturated pair changes "
              f"(mean share of outputs over all: {100 * results['outputs_changed']:.2f}%). The 8 largest errors:",

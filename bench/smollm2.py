@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli_run import against, run_convert, stamp, time_interleaved, write_results
+from cli_run import SMOLLM2_FP32, against, run_convert, stamp, time_interleaved, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
@@ -67,7 +67,7 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
 
 
 def markdown(results: dict) -> str:
-    lines = [f"SmolLM2-135M-Instruct, {results['machine']}, {results['date']}", "",
+    lines = [f"SmolLM2-135M-Instruct ({SMOLLM2_FP32}), {results['machine']}, {results['date']}", "",
              "| configuration | perplexity (Apache-2.0 text) | vs FP32 | top-1 agreement | int8 linears |",
              "|---|---|---|---|---|"]
     fp32 = results["sweep"][next(iter(results["sweep"]))]["reference_ppl"]

@@ -213,7 +213,7 @@ def test_readme_layer_map_example_is_a_valid_recipe_section():
     from converter.archs import spec_from_recipe
     from converter.recipe import Architecture
 
-    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "models.md").read_text(), re.S)
     example = next(b for b in blocks if b.startswith("architecture:"))
     spec = spec_from_recipe(Architecture.model_validate(yaml.safe_load(example)["architecture"]))
     phi3 = ARCHITECTURES["Phi3ForCausalLM"]  # the example describes Phi-3's fused layout

@@ -51,7 +51,7 @@ def test_two_recipes_publishing_the_same_version_are_refused(tmp_path):
 def test_readme_workflow_is_valid_yaml_that_converts_verifies_and_uploads():
     import re
 
-    block = re.search(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "deploy.md").read_text(), re.S).group(1)
     jobs = yaml.safe_load(block)["jobs"]
     runs = "\n".join(s.get("run", "") for job in jobs.values() for s in job["steps"])
     uses = [s.get("uses", "") for job in jobs.values() for s in job["steps"]]
