@@ -65,7 +65,8 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> Stage
     searched_with = {"global": r.quantization.model_dump(mode="json"),
                      "per_group": r.quantization.activations.level}.get(r.smoothing.search)
     smooth = digest("smooth", calibrate, r.smoothing.model_dump(mode="json"), searched_with)
-    export = digest("export", smooth, r.quantization.model_dump(mode="json"), r.export.model_dump(mode="json"))
+    export = digest("export", smooth, r.quantization.model_dump(mode="json"), r.export.model_dump(mode="json"),
+                    *([r.embedding_layout] if r.embedding_layout else []))  # chosen by the targets
     return StageKeys(calibrate, smooth, export)
 
 
@@ -243,15 +244,21 @@ def _plan_to_entry(plan) -> tuple[dict, dict]:
     for q in plan.linears.values():
         tensors[f"{q.name}.act_scale"] = q.act_scale
         tensors[f"{q.name}.weight_scale"] = q.weight_scale
+    if plan.embedding is not None:
+        meta["embedding"] = {"name": plan.embedding.name, "weight_rel_error": plan.embedding.weight_rel_error}
+        tensors[f"{plan.embedding.name}.embedding_scale"] = plan.embedding.weight_scale
     return meta, tensors
 
 
 def _plan_from_entry(meta: dict, tensors: dict):
-    from converter.quantize import LinearQuant, QuantPlan
+    from converter.quantize import EmbeddingQuant, LinearQuant, QuantPlan
 
     linears = {q["name"]: LinearQuant(**q, act_scale=tensors[f"{q['name']}.act_scale"],
                                       weight_scale=tensors[f"{q['name']}.weight_scale"]) for q in meta["linears"]}
-    return QuantPlan(linears=linears, excluded=meta["excluded"])
+    embedding = meta.get("embedding")
+    if embedding is not None:
+        embedding = EmbeddingQuant(**embedding, weight_scale=tensors[f"{embedding['name']}.embedding_scale"])
+    return QuantPlan(linears=linears, excluded=meta["excluded"], embedding=embedding)
 
 
 def _model_files(path: Path) -> list[Path]:

@@ -230,7 +230,8 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                   "opset": r.export.opset, "kind": io.kind, "inputs": inputs, "outputs": outputs,
                   "kv_cache": r.export.kv_cache and io.kind == "decoder",
                   "external_data": qdq.external_data,
-                  "quantized_linears": len(plan.linears), "float_linears": plan.excluded},
+                  "quantized_linears": len(plan.linears), "float_linears": plan.excluded,
+                  "embedding": plan.embedding.summary() if plan.embedding is not None else None},
         "source": {"path": r.source.path, "architecture": loaded.architecture,
                    "sha256": loaded.checkpoint_sha256, "files": loaded.files},
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
@@ -304,7 +305,7 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
     with stages.run("export") as record:
         record.cache = _cache_state(store, False)
         export_fp32(model, fp32_path, r.export, spec)
-        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export)
+        qdq = insert_qdq(fp32_path, staging / MODEL_FILE, model, plan, r.export, r.embedding_layout)
         cache.save_export(store, keys.export, qdq, fp32_path, plan, front)
     return qdq, plan, front
 

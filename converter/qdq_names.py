@@ -11,6 +11,8 @@ from __future__ import annotations
 
 WEIGHT_SUFFIX = ".weight_quantized"  # the int8 weight initializer of a quantized MatMul
 WEIGHT_DQ_SUFFIX = "/weight_dequantize"  # the DequantizeLinear node of that weight
+EMBEDDING_SUFFIX = ".weight_int8"  # an int8 embedding table (quantization.embedding: int8)
+EMBEDDING_SCALE_SUFFIX = ".row_scale"  # its (vocab, 1) float32 scales
 
 
 def matmul_name(linears: list[str]) -> str:

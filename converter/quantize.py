@@ -157,10 +157,25 @@ class LinearQuant:
         }
 
 
+@dataclass(frozen=True)
+class EmbeddingQuant:
+    """The token embedding table in int8, one symmetric scale per row (the weights' own arithmetic:
+    a row of the table is what an output channel is to a linear)."""
+
+    name: str  # module name, e.g. model.embed_tokens
+    weight_scale: torch.Tensor  # (vocab,) float32
+    weight_rel_error: float  # ||E - dequant(quant(E))|| / ||E||
+
+    def summary(self) -> dict:
+        return {"name": self.name, "dtype": "int8", "granularity": "per_row",
+                "rows": int(self.weight_scale.numel()), "weight_rel_error": self.weight_rel_error}
+
+
 @dataclass
 class QuantPlan:
     linears: dict[str, LinearQuant]  # in model order
     excluded: list[str]  # quantizable linears kept in float
+    embedding: EmbeddingQuant | None = None  # None: the table stays float
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -218,7 +233,27 @@ def plan_quantization(
             weight_scale=w_scale,
             weight_rel_error=rel_err,
         )
-    return QuantPlan(linears=linears, excluded=excluded)
+    embedding = plan_embedding(model) if cfg.embedding == "int8" else None
+    return QuantPlan(linears=linears, excluded=excluded, embedding=embedding)
+
+
+def embedding_module_name(model: torch.nn.Module) -> str:
+    """The module name of the model's token embedding (`get_input_embeddings`)."""
+    table = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is table:
+            return name
+    raise RuntimeError(f"{type(model).__name__}: its input embedding is not one of its modules")
+
+
+@torch.no_grad()
+def plan_embedding(model: torch.nn.Module) -> EmbeddingQuant:
+    """Per-row int8 scales of the token embedding table."""
+    table = model.get_input_embeddings().weight
+    scales = weight_scales(table)
+    deq = fake_quantize_weight(table, scales)
+    rel_err = float((table - deq).norm() / table.norm().clamp(min=1e-12))
+    return EmbeddingQuant(name=embedding_module_name(model), weight_scale=scales, weight_rel_error=rel_err)
 
 
 class FakeQuantLinear(torch.nn.Module):
@@ -250,9 +285,18 @@ class FakeQuantLinear(torch.nn.Module):
 
 @torch.no_grad()
 def apply_fake_quant(model: torch.nn.Module, plan: QuantPlan) -> torch.nn.Module:
-    """Swap every planned linear for a `FakeQuantLinear`, in place; returns the model."""
+    """Swap every planned linear for a `FakeQuantLinear`, and an int8 embedding table for its
+    dequantized values, in place; returns the model.
+
+    The table gets a new parameter: a float lm_head tied to it keeps reading the float table, as the
+    exported graph's lm_head does (only the Gather reads the int8 copy)."""
     for name, quant in plan.linears.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, FakeQuantLinear(getattr(parent, attr), quant))
+    if plan.embedding is not None:
+        table = model.get_submodule(plan.embedding.name)
+        # q * s in float32: what Cast(int8) -> Mul(row scale) computes in the graph, bit for bit
+        table.weight = torch.nn.Parameter(fake_quantize_weight(table.weight, plan.embedding.weight_scale),
+                                          requires_grad=False)
     return model

@@ -178,6 +178,12 @@ class Quantization(_Section):
         description="Linears kept in float: exact module names or fnmatch patterns.",
     )
     fallback: Fallback = Fallback()
+    embedding: Literal["float", "int8"] = Field(
+        default="float",
+        description="The token embedding table: float, or int8 with one scale per row (vocabulary entry), "
+        "read as Gather(int8) -> Cast -> Mul(Gather(row scales)): a quarter of the bytes of the largest "
+        "tensor of a small LLM, dequantized only for the rows a step reads.",
+    )
 
 
 class DynamicAxes(_Section):
@@ -370,6 +376,28 @@ class Recipe(_Section):
                 "(quantization.activations: {mode: static, granularity: per_tensor}, O3)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _int8_embedding_one_layout(self) -> Recipe:
+        from converter.targets import TARGETS
+
+        backends = {TARGETS[t].backend == "onnxruntime" for t in self.targets}
+        if self.quantization.embedding == "int8" and len(backends) > 1:
+            raise ValueError("quantization.embedding int8 is laid out per backend (ONNX Runtime: int8 rows "
+                             "gathered, then scaled; TensorRT/MIGraphX: a DequantizeLinear on the table before the "
+                             "Gather); convert the ONNX Runtime and the GPU targets with separate recipes")
+        return self
+
+    @property
+    def embedding_layout(self) -> Literal["gather_rows", "dequantize_table"] | None:
+        """How the graph reads an int8 embedding table (None: the table is float). ONNX Runtime gathers
+        int8 rows and scales them (it would dequantize the whole table on every run if a
+        DequantizeLinear came first); TensorRT takes an int8 constant only as a DequantizeLinear input."""
+        from converter.targets import TARGETS
+
+        if self.quantization.embedding != "int8":
+            return None
+        return "gather_rows" if all(TARGETS[t].backend == "onnxruntime" for t in self.targets) else "dequantize_table"
 
     @model_validator(mode="after")
     def _ort_attention_on_ort_only(self) -> Recipe:

@@ -13,6 +13,7 @@ from converter.engine_options import EngineOptions
 from converter.errors import UserError
 from converter.lint import lint_model
 from converter.progress import note
+from converter.qdq_names import EMBEDDING_SUFFIX
 from converter.targets import TARGETS, BuildReport
 
 
@@ -60,9 +61,14 @@ def tensorrt_checks(model_path: Path, options: EngineOptions, strict: bool) -> d
     if not lint.passed:
         raise RuntimeError(f"{model_path.name}: {lint.summary()}")
     domains = {n.domain for n in proto.graph.node} - {"", "ai.onnx"}
+    int8_rows = any(n.op_type == "Gather" and n.input[0].endswith(EMBEDDING_SUFFIX) for n in proto.graph.node)
     if domains and not strict:  # export.attention: onnxruntime (the recipe allows it only without TensorRT)
         acceptance = {"passed": None, "skipped": f"the graph holds {', '.join(sorted(domains))} operators "
                       "(export.attention: onnxruntime) that only ONNX Runtime runs"}
+    elif int8_rows and not strict:  # quantization.embedding: int8, laid out for ONNX Runtime
+        acceptance = {"passed": None, "skipped": "the int8 embedding table is gathered by row, ONNX Runtime's "
+                      "layout; TensorRT takes an int8 constant only as a DequantizeLinear input, which a recipe "
+                      "with a TensorRT target gets instead"}
     else:
         acceptance = accept(model_path, options)
     if acceptance["passed"]:
