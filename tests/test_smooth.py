@@ -78,14 +78,23 @@ def test_norm_fold_matches_formula_inline():
     assert torch.equal(block.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
 
 
-def test_gqa_scale_is_shared_by_query_heads_of_one_kv_head():
+def test_gqa_scale_is_the_max_over_the_query_heads_of_one_kv_head():
+    """o_proj input (h, d) reads v_proj output (h // group, d): one scale per v channel, from the largest
+    activation and the largest o_proj column among the query heads that share it (recomputed inline)."""
     model, spec, names, stats = calibrated("llama")
-    o_before = model.model.layers[0].self_attn.o_proj.weight.clone()
+    attn = model.model.layers[0].self_attn
+    o_before, v_before = attn.o_proj.weight.clone(), attn.v_proj.weight.clone()
+    kv, group, hd = 2, 2, 16  # 4 query heads over 2 kv heads, (kv heads, query heads per kv head, head_dim)
+    act = stats.amax["model.layers.0.self_attn.o_proj"].view(kv, group, hd)
+    w_amax = o_before.abs().amax(dim=0).view(kv, group, hd)
+    s = (act.amax(dim=1).pow(0.5) / w_amax.amax(dim=1).pow(0.5)).clamp(min=1e-5)  # (kv, hd)
     smooth(model, stats.amax, Smoothing(alpha=0.5, groups=["attn_out"]), spec)
-    ratio = model.model.layers[0].self_attn.o_proj.weight / o_before  # column j scaled by s_j
-    col = ratio[0].view(2, 2, 16)  # (kv heads, query heads per kv head, head_dim)
-    torch.testing.assert_close(col[:, 0], col[:, 1])
-    assert not torch.allclose(col[0, 0], torch.ones(16))
+    torch.testing.assert_close(attn.v_proj.weight, v_before / s.reshape(-1, 1))
+    torch.testing.assert_close(attn.o_proj.weight, o_before * s.view(kv, 1, hd).expand(kv, group, hd).reshape(1, -1))
+    # the query heads' amaxes differ, so a mean or a min over them would be another scale
+    for other in (torch.mean, torch.amin):
+        wrong = (other(act, dim=1).pow(0.5) / other(w_amax, dim=1).pow(0.5)).clamp(min=1e-5)
+        assert (wrong - s).abs().max() > 0.05 * s.abs().max()
 
 
 def test_gemma3_table_folds_into_one_plus_weight():
