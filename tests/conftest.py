@@ -63,6 +63,7 @@ def _scope(nodeid: str) -> str:
     return "exported" if file in EXPORTED_FILES else file
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` unregisters the hook spec: without this, INTERNALERROR
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist (`-n auto`), each test file runs whole in one worker, so its module fixtures
     are built once, and the `exported` files share one worker, or each worker would build all of it.

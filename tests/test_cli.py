@@ -126,6 +126,21 @@ def test_verify_detects_a_flipped_byte(converted, tmp_path):
     assert record["ok"] is False and "1 file(s) do not match" in record["error"]
 
 
+@pytest.mark.parametrize("damage, problem", [("delete", "missing: tokenizer.json"),
+                                             ("add", "unexpected: report/notes.txt")])
+def test_verify_names_a_missing_or_an_unexpected_file(converted, tmp_path, damage, problem):
+    _, out, _, _ = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out / NAME / VERSION, copy)
+    if damage == "delete":
+        (copy / "tokenizer.json").unlink()
+    else:
+        (copy / "report" / "notes.txt").write_text("not in the manifest")
+    code, stdout, stderr = run_cli("verify", copy, "--json")
+    assert code == 1 and json.loads(stdout)["problems"] == [problem], stdout
+    assert stderr.strip() == f"error: {copy}: 1 file(s) do not match the manifest: {problem}"
+
+
 def test_the_artifact_name_folder_instead_of_a_version_names_its_versions(converted):
     _, out, _, _ = converted
     code, _, stderr = run_cli("verify", out / NAME)

@@ -144,9 +144,12 @@ def test_onnxruntime_int8_equals_pytorch_fake_quant(exported):
     # PyTorch: a value they put on a rounding boundary can round the other way. Measured: tiny
     # ModernBERT on an AMD EPYC, one GeGLU value feeding layers.1.mlp.Wo, so one position of 74 is
     # off by 9e-4 (1.4e-5 of the output's size); every other linear's output there is bit-exact.
+    # Every other position: at most 4.1e-7 of the output's size in every family (2026-12-07, AMD EPYC
+    # with VNNI; most 1e-7..2.6e-7), so 1e-6 (not 1e-5) is the bound; the one position keeps 1e-3.
     per_position = np.abs(out - ref).reshape(-1, out.shape[-1]).max(-1) if out.ndim == 3 else np.abs(out - ref)
-    assert (per_position >= 1e-5 * scale).sum() <= 1, np.sort(per_position)[-3:]
-    assert per_position.max() < 1e-3 * scale
+    per_position = per_position.reshape(-1) / scale
+    assert (per_position >= 1e-6).sum() <= 1, np.sort(per_position)[-3:]
+    assert per_position.max() < 1e-3
     # it is really quantized: far from float (relative to the output size; bert-cls logits are ~0.1)
     assert np.abs(out - float_out).max() > 1e-4 * float(np.abs(ref).max())
 

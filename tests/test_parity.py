@@ -1,10 +1,13 @@
+import json
 import math
+import re
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from converter.data import Windows
 from converter.parity import ComparatorCheck, ParityMetrics, check_thresholds, evaluate
@@ -87,3 +90,38 @@ def test_failed_comparator_check_is_a_failure():
     assert check_thresholds(_metrics(), [check], Thresholds()) == [
         "polygraphy int8_vs_fp32_onnx mean |diff| 0.9 (required <= 0.5)"
     ]
+
+
+# Activations clipped at their median: an artifact built to miss. On the tiny Llama it measured greedy token
+# agreement 0.04 and a mean int8-vs-fp32 logit difference of 0.096 (a faithful conversion: 1.0 and 0.006).
+CLIPPED = {"activations": {"range": "percentile", "percentile": 50.1}}
+NO_THRESHOLDS = dict.fromkeys(("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl"))
+
+
+@pytest.mark.parametrize("gate, parity, failure", [
+    ("token_agreement", {"thresholds": {**NO_THRESHOLDS, "min_token_agreement": 0.5}},
+     r"token_agreement 0\.0\d+ \(required >= 0\.5\)"),
+    ("comparator", {"thresholds": NO_THRESHOLDS, "polygraphy": {"int8_atol": 0.05}},
+     r"polygraphy int8_vs_fp32_onnx mean \|diff\| 0\.0\d+ \(required <= 0\.05\)"),
+], ids=["token_agreement", "comparator"])
+def test_a_gate_alone_fails_a_clipped_artifact_with_exit_2(gate, parity, failure, tiny_checkpoints, tmp_path):
+    """Every other threshold is off, so the exit code and the one failure line are this gate's alone.
+    `--no-cache`: a cached parity stage is re-judged from stored numbers (converter/cache.py), and this
+    test is about the comparison the pipeline itself runs (Polygraphy's verdict, the threshold rules)."""
+    from conftest import tiny_recipe_dict
+    from test_cli import NAME, VERSION, run_cli
+
+    data = tiny_recipe_dict(tiny_checkpoints["llama"])
+    data["quantization"] = CLIPPED
+    data["parity"].update(parity)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--quiet", "--no-cache")
+    assert code == 2, stderr
+    report = json.loads((tmp_path / "out" / NAME / "_rejected" / VERSION / "parity_report.json").read_text())
+    (target_report,) = report.values()
+    assert len(target_report["failures"]) == 1 and re.fullmatch(failure, target_report["failures"][0]), report
+    assert re.search(f"cpu-onnxruntime: {failure}", stderr.strip().splitlines()[-1]), stderr
+    measured = (target_report["generation"]["token_agreement"] if gate == "token_agreement" else
+                next(c["mean_absdiff"] for c in target_report["comparator"] if c["name"] == "int8_vs_fp32_onnx"))
+    assert measured < 0.5 if gate == "token_agreement" else measured > 0.05

@@ -207,3 +207,62 @@ def save_tiny_checkpoint(arch: str, folder: Path, text: str, seed: int = 0, bos:
     model.save_pretrained(folder)
     tiny_tokenizer(text, bos=bos).save_pretrained(folder)
     return folder
+
+
+MASSIVE_FACTOR = 100.0
+
+
+def _freeze(param: torch.nn.Parameter, index) -> None:
+    """Zero the gradient of `param[index]` (Adam without weight decay then never moves it)."""
+    mask = torch.ones_like(param)
+    mask[index] = 0
+    param.register_hook(lambda grad: grad * mask)
+
+
+def train_outlier_heavy_llama(text: str, steps: int = 150, seq_len: int = 64, seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama trained on `text`, whose every norm amplifies OUTLIER_CHANNELS (and up_proj those
+    intermediate channels) by MASSIVE_FACTOR while the consumers read them at full weight.
+
+    Why not `build_tiny`: a random model predicts text at chance (perplexity ~330 on 320 tokens), so no
+    perturbation moves its perplexity ratio (unsmoothed W8A8 measured x0.9998); and `plant_outliers`'
+    function-preserving outliers are exactly undone by alpha 0 (s = 1 / max|W| divides the planted
+    factor back out of the weight columns it was put into). Here the planted entries and the columns
+    that read them are frozen during training, so the activation outliers are not explained by small
+    weights, as in real LLMs, and the trained rest predicts the text (held-out perplexity ~43).
+    """
+    model = build_tiny("llama", seed=seed, outliers=False).train()
+    channels = torch.tensor(OUTLIER_CHANNELS)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[channels] = MASSIVE_FACTOR
+                _freeze(norm.weight, channels)
+            layer.mlp.up_proj.weight[channels] *= MASSIVE_FACTOR
+            _freeze(layer.mlp.up_proj.weight, channels)
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                        layer.mlp.up_proj, layer.mlp.down_proj):
+                _freeze(lin.weight, (slice(None), channels))  # the input columns reading the outliers
+    tokenizer = tiny_tokenizer(text)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)  # (N, T)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)  # no decay: frozen stays frozen
+    pick = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from more; on a busy machine they only contend
+    try:
+        for _ in range(steps):
+            batch = windows[torch.randint(0, len(windows), (16,), generator=pick)]
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval().requires_grad_(False)
+
+
+def save_outlier_heavy_checkpoint(folder: Path, text: str) -> Path:
+    """`train_outlier_heavy_llama` on `text` with the tokenizer it was trained with, as an HF folder."""
+    train_outlier_heavy_llama(text).save_pretrained(folder)
+    tiny_tokenizer(text).save_pretrained(folder)
+    return folder
