@@ -219,6 +219,42 @@ def test_health_ready_and_metrics_answer(server):
     assert f'nv_inference_request_success{{model="{MODEL}",version="1"}}' in metrics
 
 
+def _drain(engine) -> None:
+    """Run the scheduler in this thread until every submitted sequence has finished."""
+    while engine.cohorts or not engine.waiting.empty():
+        engine.run_step()
+
+
+def test_the_engine_batches_prompts_of_different_lengths_in_one_decode_call(artifact, expected):
+    """In process (the engine needs no Triton): the prompts' ids are generate's (BOS first), all six
+    sequences decode in one call per step, each left-padded in the longest one's frame, and a
+    sequence arriving mid-way joins the running cohort."""
+    from converter.triton_generate.engine import Engine, Sequence
+
+    engine = Engine(str(artifact / "triton" / MODEL / "1"))
+    assert engine.pad_ok  # rotary positions: padding leaves the logits as they were
+
+    def sequence(prompt, n):
+        assert engine.prompt_ids(prompt, n) == expected[prompt]["prompt_tokens"]
+        return Sequence(engine.prompt_ids(prompt, n), n, lambda *a: None, lambda s, error: errors.append(error))
+
+    errors, first = [], [sequence(p, n) for p, n in PROMPTS]
+    for s in first:
+        engine.submit(s)
+    _drain(engine)
+    assert errors == [None] * len(PROMPTS) and engine.steps == max(len(s.tokens) for s in first) - 1
+    assert [s.tokens for s in first] == [expected[p]["tokens"] for p, _ in PROMPTS]
+    early, late = sequence(*PROMPTS[2]), sequence(*PROMPTS[3])
+    engine.submit(early)
+    for _ in range(3):
+        engine.run_step()
+    engine.submit(late)
+    engine.run_step()
+    assert len(engine.cohorts) == 1 and len(engine.cohorts[0].rows) == 2
+    _drain(engine)
+    assert [early.tokens, late.tokens] == [expected[p]["tokens"] for p, _ in PROMPTS[2:4]]
+
+
 def test_the_server_stops_by_pid(server):
     """Last in the file: it stops the module's server. Its process group (the python stubs) is gone."""
     pid = server.pid
