@@ -3,6 +3,7 @@ KV-cache artifact's generate model over HTTP and gRPC: the tokens are `convert.p
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,10 +59,10 @@ def server(artifact, tmp_path_factory):
         yield running
 
 
-def http_generate(server, body: dict, stream: bool = False):
+def http_generate(server, body: dict, stream: bool = False, model: str = MODEL):
     """POST /generate (one JSON answer) or /generate_stream (server-sent events: a list of answers)."""
     path = "generate_stream" if stream else "generate"
-    request = urllib.request.Request(f"{server.url}/v2/models/{MODEL}/{path}", data=json.dumps(body).encode())
+    request = urllib.request.Request(f"{server.url}/v2/models/{model}/{path}", data=json.dumps(body).encode())
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             text = response.read().decode()
@@ -72,7 +73,7 @@ def http_generate(server, body: dict, stream: bool = False):
     return [json.loads(line.removeprefix("data: ")) for line in text.splitlines() if line.startswith("data: ")]
 
 
-def grpc_generate(server, prompt, max_tokens=None, stream=False, max_tokens_dtype="INT32"):
+def grpc_generate(server, prompt, max_tokens=None, stream=False, max_tokens_dtype="INT32", model=MODEL):
     """One request over a gRPC stream: (responses' (text, ids), errors, final flags seen)."""
     import tritonclient.grpc as grpcclient
 
@@ -100,7 +101,7 @@ def grpc_generate(server, prompt, max_tokens=None, stream=False, max_tokens_dtyp
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=callback)
     try:
-        client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
         assert done.wait(60), "no final response"
     finally:
         client.stop_stream()
@@ -125,6 +126,23 @@ def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):
     assert f"triton/{MODEL}/1/model.py" in manifest["files"]
     assert manifest["triton"]["models"][MODEL]["backend"] == "python"
     assert run_cli("verify", artifact)[0] == 0
+
+
+def test_an_artifact_from_before_the_generate_model_verifies_and_serves_from_an_assembled_repository(artifact, tmp_path):
+    from converter.package import write_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    shutil.rmtree(old / "triton" / MODEL)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["triton"]["models"][MODEL]
+    write_manifest(old, {k: v for k, v in manifest.items() if k != "files"})
+    assert run_cli("verify", old)[0] == 0
+    repo, model = serve.artifact_repository(old, tmp_path / "repo")
+    assert (repo, model) == (tmp_path / "repo", MODEL)
+    assert parse_config((repo / MODEL / CONFIG).read_text(), MODEL) == parse_config(
+        (artifact / "triton" / MODEL / CONFIG).read_text(), MODEL)
+    assert serve.artifact_repository(artifact, tmp_path / "unused") == (artifact / "triton", MODEL)
 
 
 def test_http_generate_gives_convert_generates_tokens_and_text(server, expected):
