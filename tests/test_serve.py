@@ -273,6 +273,35 @@ def test_the_engine_batches_prompts_of_different_lengths_in_one_decode_call(arti
     assert [early.tokens, late.tokens] == [expected[p]["tokens"] for p, _ in PROMPTS[2:4]]
 
 
+@pytest.mark.parametrize("arch, pads", [("llama", True), ("gpt2", False)])
+def test_sequences_of_different_lengths_share_a_step_only_where_padding_changes_nothing(arch, pads, tmp_path):
+    """GPT-2's learned positions come from the mask's width, so a left-padded row would read other
+    position embeddings: the load-time probe finds that and the engine batches only equal lengths;
+    rotary Llama batches them all. Tokens are the unbatched graph's either way (FP32 exports)."""
+    from converter.export import float_graph
+    from converter.generation import greedy_graph, session_step
+    from converter.kvcache import graph_kv_layout
+    from converter.recipe import Export
+    from converter.runners import onnxruntime_session
+    from converter.triton_generate.engine import Engine, Sequence
+    from tiny_models import build_tiny, tiny_tokenizer
+
+    model = build_tiny(arch)
+    model.config.save_pretrained(tmp_path)
+    tiny_tokenizer(CALIBRATION_TEXT.read_text()).save_pretrained(tmp_path)
+    float_graph(model, tmp_path / "model.onnx", Export(kv_cache=True))
+    engine = Engine(str(tmp_path))
+    assert engine.pad_ok is pads
+    step, layout = session_step(onnxruntime_session(tmp_path / "model.onnx")), graph_kv_layout(tmp_path / "model.onnx")
+    sequences = [Sequence(engine.prompt_ids(p, 8), 8, lambda *a: None, lambda *a: None) for p, _ in PROMPTS[:3]]
+    for s in sequences:
+        engine.submit(s)
+    engine.run_step()
+    assert len(engine.cohorts) == (1 if pads else 3)  # the three prompts' lengths differ
+    _drain(engine)
+    assert [s.tokens for s in sequences] == [list(greedy_graph(step, layout, s.prompt, 8)) for s in sequences]
+
+
 def test_the_server_stops_by_pid(server):
     """Last in the file: it stops the module's server. Its process group (the python stubs) is gone."""
     pid = server.pid
