@@ -62,8 +62,12 @@ def _runtime(venv: Path) -> tuple[Path, dict[str, str]]:
         shutil.copytree(info["server"], staging, ignore=shutil.ignore_patterns("python_backend_stubs"))
         stub = Path(info["server"]) / "python_backend_stubs" / info["python"] / "triton_python_backend_stub"
         shutil.copy2(stub, staging / "backends" / "python" / "triton_python_backend_stub")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        if folder.exists() and not (folder / "backends" / "python" / "triton_python_backend_stub").exists():
+            shutil.rmtree(folder)  # not one a rename published: a copy made by hand, or damaged
+        try:
+            staging.rename(folder)  # atomic: another process starting a server at once may publish first
+        except OSError:
+            shutil.rmtree(staging)
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (info["libs"], info["libdir"], env.get("LD_LIBRARY_PATH")) if p)
     env["PATH"] = os.pathsep.join((str(venv / "bin"), env.get("PATH", "")))

@@ -71,7 +71,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self.engine.submit(self._sequence(request, sender))
-            except RequestError as exc:
+            except Exception as exc:  # noqa: BLE001 - a RequestError, or a tokenizer failure: answer, keep serving
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
         return None
 
