@@ -128,6 +128,23 @@ def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):
     assert run_cli("verify", artifact)[0] == 0
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (("decoupled: true", "decoupled: false"), "differs from the generate model's config"),
+    (("optional: true", "optional: fals"), "not a valid Triton ModelConfig"),
+])
+def test_verify_rejects_an_edited_generate_config(artifact, tmp_path, edit, expected):
+    from converter.package import write_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    config = copy / "triton" / MODEL / CONFIG
+    config.write_text(config.read_text().replace(*edit, 1))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    write_manifest(copy, {k: v for k, v in manifest.items() if k != "files"})  # hashes agree: only the config is wrong
+    code, _, stderr = run_cli("verify", copy)
+    assert code == 1 and expected in stderr
+
+
 def test_an_artifact_from_before_the_generate_model_verifies_and_serves_from_an_assembled_repository(artifact, tmp_path):
     from converter.package import write_manifest
 
