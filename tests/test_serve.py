@@ -363,6 +363,20 @@ def test_convert_serve_answers_and_stops_on_ctrl_c_and_sigterm(artifact, expecte
         proc.kill()
 
 
+@pytest.mark.parametrize("edit, why", [({"kv_cache": False}, "no KV cache in the graph (export.kv_cache: false)"),
+                                       ({"kind": "encoder"}, "the model is of kind 'encoder': generate serves decoders")])
+def test_convert_serve_refuses_what_it_cannot_serve_in_one_line(artifact, tmp_path, edit, why):
+    from converter.package import write_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"].update(edit)
+    write_manifest(copy, {k: v for k, v in manifest.items() if k != "files"})
+    code, _, stderr = run_cli("serve", copy)
+    assert code == 1 and stderr == f"error: {copy}: nothing to serve: {why}\n"
+
+
 def test_convert_serve_without_the_serving_environment_is_one_line(artifact, monkeypatch, tmp_path):
     monkeypatch.setenv(serve.VENV_ENV, str(tmp_path / "nothing"))
     code, _, stderr = run_cli("serve", artifact)

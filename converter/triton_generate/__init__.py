@@ -23,7 +23,7 @@ def unservable(manifest: dict) -> str | None:
     """Why the artifact gets no generate model, or None when it gets one."""
     model = manifest.get("model", {})
     if model.get("kind") != "decoder":
-        return f"a {model.get('kind') or 'non-decoder'} model: generate serves decoders"
+        return f"the model is of kind {model.get('kind')!r}: generate serves decoders"
     if not model.get("kv_cache"):
         return "no KV cache in the graph (export.kv_cache: false)"
     return None
