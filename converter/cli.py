@@ -1,5 +1,5 @@
 """Command line: `convert.py RECIPE ...`, `convert.py inspect DIR`, `convert.py verify DIR`,
-`convert.py generate DIR --prompt TEXT`.
+`convert.py generate DIR --prompt TEXT`, `convert.py serve DIR` (a real Triton server).
 
 Exit codes: 0 success, 1 user error (one line, no traceback), 2 parity failure, 3 internal error
 (with traceback). Progress and tables go to stderr; `--json` prints one JSON document on stdout.
@@ -16,7 +16,7 @@ from pathlib import Path
 from converter.errors import ParityFailure, UserError
 
 EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
-SUBCOMMANDS = ("inspect", "verify", "generate", "targets", "triton", "matrix")
+SUBCOMMANDS = ("inspect", "verify", "generate", "targets", "triton", "serve", "matrix")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -262,11 +262,44 @@ def _cmd_triton(argv: list[str]) -> int:
     if args.json:
         print(json.dumps({"repository": str(args.repo), **result}, indent=2))
     for name, model in result["models"].items():
-        print(f"{args.repo / name}: version {model['version']}, {model['platform']}, {', '.join(model['files'])}",
+        print(f"{args.repo / name}: version {model['version']}, {model.get('platform') or model.get('backend')}, {', '.join(model['files'])}",
               file=sys.stderr)
     for where, why in result["skipped"].items():
         print(f"skipped {where}: {why}", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    p = ArgumentParser(prog="convert.py serve", description="Serve a decoder artifact's generate model from a "
+                       "real Triton server (the serving environment's tritonserver) until Ctrl-C.")
+    p.add_argument("artifact", type=Path, help="an artifact folder: artifacts/<name>/<version>")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, metavar="N", help="metrics port (default 8002)")
+    args = p.parse_args(argv)
+    for flag, port in (("--port", args.port), ("--grpc-port", args.grpc_port), ("--metrics-port", args.metrics_port)):
+        if not 0 < port < 65536:
+            raise UserError(f"{flag} {port}: expected a TCP port (1-65535)")
+    import tempfile
+
+    from converter import serve
+
+    serve.serving_venv()  # a missing environment is one line before any work
+    exit_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix="convert-serve-") as tmp:
+        repo, model = serve.artifact_repository(args.artifact, Path(tmp) / "repository")
+        print(f"starting tritonserver on {repo} (model {model}; log {Path(tmp) / 'tritonserver.log'})", file=sys.stderr)
+        server = serve.start(repo, [model], Path(tmp) / "tritonserver.log", host=args.host, http_port=args.port,
+                             grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+        try:
+            print(serve.usage(server, model))
+            print(f"serving (pid {server.pid}); Ctrl-C stops it", file=sys.stderr, flush=True)
+            code = server.process.wait()
+            raise UserError(f"tritonserver exited on its own with code {code}:\n{server.log_tail()}")
+        finally:
+            print(f"stopping tritonserver (pid {server.pid})", file=sys.stderr)
+            server.stop()
 
 
 def _cmd_matrix(argv: list[str]) -> int:
@@ -297,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     from converter.targets_cli import cmd_targets
 
     commands = {"inspect": _cmd_inspect, "verify": _cmd_verify, "generate": _cmd_generate, "targets": cmd_targets,
-                "triton": _cmd_triton,
+                "triton": _cmd_triton, "serve": _cmd_serve,
                 "matrix": _cmd_matrix}
     wants_json = "--json" in argv  # with --json, stdout always carries one JSON document, failures included
     try:

@@ -9,7 +9,9 @@ One Triton model per serving backend of an artifact:
   * ONNX Runtime targets -> `<prefix>-<target>`, platform `onnxruntime_onnx`, `model.onnx` (a folder
     `model.onnx/` holding the graph and its external data when the weights are external);
   * TensorRT targets -> one model `<prefix>-tensorrt`, platform `tensorrt_plan`, one plan per compute
-    capability (`model_sm80.plan`, ...) chosen by Triton through `cc_model_filenames`.
+    capability (`model_sm80.plan`, ...) chosen by Triton through `cc_model_filenames`;
+  * a KV-cache decoder -> also `<prefix>-generate`, a python-backend model that keeps the cache in
+    the server and streams greedy tokens (converter/triton_generate/), whatever its targets.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converter import scratch
+from converter import scratch, triton_generate
 from converter.errors import UserError, check_writable_folder
 
 CONFIG = "config.pbtxt"
+_PACKAGE = Path(__file__).resolve().parent
 REPOSITORY = "triton"  # folder inside an artifact
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+PYTHON = "python"  # the generate model's backend (a `backend`, not a `platform`, in its config)
 KINDS = {"onnxruntime": "KIND_CPU", "tensorrt": "KIND_GPU"}
 # Triton has no MIGraphX platform: such targets are reported as skipped, not silently dropped.
 UNSERVED_BACKENDS = {"migraphx": "Triton has no MIGraphX platform"}
@@ -56,6 +60,7 @@ class ModelSpec:
     cc_model_filenames: dict[str, str] = field(default_factory=dict)
     onnx_sha256: str = ""
     settings: object = None  # the recipe's `triton` section
+    max_batch: int = 0  # python (generate) models: sequences per decode step
 
 
 def _triton_dtype(elem_type: int, where: str) -> str:
@@ -107,6 +112,8 @@ def model_config(spec: ModelSpec, settings) -> object:
     """
     from tritonclient.grpc import model_config_pb2 as pb
 
+    if spec.backend == PYTHON:
+        return triton_generate.model_config(spec)
     max_batch = effective_max_batch_size(spec, settings.max_batch_size)
     config = pb.ModelConfig(name=spec.name, platform=PLATFORMS[spec.backend], max_batch_size=max_batch)
     for tensors, add in ((spec.inputs, config.input.add), (spec.outputs, config.output.add)):
@@ -158,6 +165,10 @@ def check_config(config, spec: ModelSpec) -> list[str]:
     """Differences between a parsed config and what the model's graph and files require."""
     from tritonclient.grpc import model_config_pb2 as pb
 
+    if spec.backend == PYTHON:  # no graph to check against: the whole config must be what was built
+        expected = triton_generate.model_config(spec)
+        return [] if config == expected else [f"differs from the generate model's config: {render(config)!r} "
+                                              f"instead of {render(expected)!r}"]
     problems = []
     if config.name != spec.name:
         problems.append(f"name is {config.name!r}, expected {spec.name!r} (the folder name)")
@@ -229,8 +240,8 @@ def write_model(repo: Path, spec: ModelSpec, link: bool = False) -> Path:
     # Staged inside the model folder: Triton ignores non-numeric folders there, but would try to load
     # a stray folder at the repository root as a model.
     with scratch.folder(model_dir, ".staging-", mode=0o755) as staging:
-        for filename, source in spec.files.items():
-            _place(source, staging / filename, link)
+        for filename, source in spec.files.items():  # the generate model's source is copied, never linked
+            _place(source, staging / filename, link and not source.is_relative_to(_PACKAGE))
         scratch.replace(staging, model_dir / str(spec.version))
         config_tmp = model_dir / f".{CONFIG}.tmp"
         config_tmp.write_text(text)
@@ -320,6 +331,14 @@ def artifact_models(folder: Path, manifest: dict, version: int | None = None) ->
         plan = f"model_sm{str(cc).replace('.', '')}.plan"
         spec.files[plan] = engine
         spec.cc_model_filenames[str(cc)] = plan
+    why = triton_generate.unservable(manifest)
+    if why is None:
+        name = f"{prefix}-{triton_generate.SUFFIX}"
+        specs[name] = ModelSpec(name, PYTHON, version, [], [], triton_generate.files(folder, manifest),
+                                onnx_sha256=onnx_sha, settings=settings,
+                                max_batch=triton_generate.batch_limit(manifest))
+    elif manifest.get("model", {}).get("kind") == "decoder":
+        skipped[triton_generate.SUFFIX] = why
     return list(specs.values()), skipped
 
 
@@ -393,7 +412,8 @@ def assemble(artifacts: list[Path], repo: Path, version: int | None = None) -> d
 
 
 def summary(specs: list[ModelSpec]) -> dict:
-    return {s.name: {"version": s.version, "platform": PLATFORMS[s.backend], "files": sorted(s.files),
+    return {s.name: {"version": s.version, **({"backend": PYTHON} if s.backend == PYTHON else
+                                              {"platform": PLATFORMS[s.backend]}), "files": sorted(s.files),
                      **({"cc_model_filenames": s.cc_model_filenames} if s.cc_model_filenames else {})}
             for s in specs}
 
@@ -422,4 +442,6 @@ def verify_artifact_repository(folder: Path, manifest: dict) -> list[str]:
     if "triton" not in manifest:
         return []
     specs, _ = artifact_models(folder, manifest)
-    return validate_repository(folder / manifest["triton"]["repository"], specs)
+    # the models the artifact was published with: one written before the generate model has none
+    published = manifest["triton"].get("models", {})
+    return validate_repository(folder / manifest["triton"]["repository"], [s for s in specs if s.name in published])

@@ -136,3 +136,35 @@ def test_generate_streams_text_from_the_artifact(smollm2_artifact):
     tok = AutoTokenizer.from_pretrained(result["artifact"])
     assert chat["prompt_tokens"][0] == tok.convert_tokens_to_ids("<|im_start|>")  # SmolLM2's ChatML template
     assert "What is a pneumothorax?" in tok.decode(chat["prompt_tokens"]) and chat["text"].strip()
+
+
+def test_a_real_triton_server_serves_the_artifacts_greedy_tokens(smollm2_artifact, tmp_path):
+    """The generate model on tritonserver: 4 concurrent clients (decode steps batched, prompts of
+    different lengths left-padded) get `convert.py generate`'s tokens; one streams them one by one."""
+    import threading
+    from pathlib import Path
+
+    from converter import serve
+    from test_serve import grpc_generate, http_generate
+
+    result, manifest = smollm2_artifact
+    artifact, model = Path(result["artifact"]), f"{manifest['name']}-generate"
+    prompts = ["The license grants you the right to", "Patient presents with", "Apache",
+               "Unless required by applicable law or agreed to in writing, software"]
+    expected = {}
+    for prompt in prompts:
+        proc = subprocess.run([sys.executable, "convert.py", "generate", str(artifact), "--prompt", prompt,
+                               "--max-new-tokens", "24", "--json"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        expected[prompt] = json.loads(proc.stdout)["tokens"]
+    with serve.start(artifact / "triton", [model], tmp_path / "tritonserver.log") as server:
+        answers = {}
+        threads = [threading.Thread(target=lambda p=p: answers.__setitem__(
+            p, http_generate(server, {"text_input": p, "max_tokens": 24}, model=model)["token_ids"])) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert answers == expected
+        streamed, errors = grpc_generate(server, prompts[0], 24, stream=True, model=model)
+        assert errors == [] and [ids for _, ids in streamed] == [[t] for t in expected[prompts[0]]]
