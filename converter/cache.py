@@ -70,7 +70,9 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str, selectio
     # all of them for the global search (whole fake-quant models), the activation level per group
     searched_with = {"global": r.quantization.model_dump(mode="json"),
                      "per_group": r.quantization.activations.level}.get(r.smoothing.search)
-    selected_on = [selection_sha256] if selection_sha256 is not None else []  # absent: the keys of before
+    # the selection text matters only to what scores on it (absent or unread: the keys of before)
+    tuned = r.smoothing.search != "off" or r.quantization.fallback.enabled
+    selected_on = [selection_sha256] if selection_sha256 is not None and tuned else []
     smooth = digest("smooth", calibrate, r.smoothing.model_dump(mode="json"), searched_with, *selected_on)
     export = digest("export", smooth, r.quantization.model_dump(mode="json"), r.export.model_dump(mode="json"))
     return StageKeys(calibrate, smooth, export)
