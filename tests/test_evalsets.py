@@ -95,8 +95,8 @@ def test_a_selection_text_with_an_evaluation_texts_bytes_is_refused(tiny_checkpo
     data["selection"] = {"files": [str(copy)], "seq_len": 64, "num_samples": 2}
     code, _, stderr = run_cli(_write(tmp_path, data), "--output-dir", tmp_path / "out", "--quiet")
     assert code == 1
-    assert stderr.strip().splitlines()[-1].endswith(
-        "selection.files renamed.txt has the text of evaluation set other: choices tuned on it would flatter its "
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: selection.files {copy} has the text of evaluation set other: choices tuned on it would flatter its "
         "parity gates; select on other text")
 
 
@@ -112,7 +112,7 @@ def two_sets_run(tiny_checkpoints, tmp_path_factory):
 
 
 def test_every_set_has_its_own_row_with_stepwise_and_bf16_yardstick(two_sets_run):
-    artifact, manifest, stdout, _ = two_sets_run
+    artifact, manifest, stdout, stderr = two_sets_run
     parity = manifest["targets"]["cpu-onnxruntime"]["parity"]
     license_, other = parity["sets"]
     assert (license_["name"], other["name"]) == ("license", "other")
@@ -131,7 +131,8 @@ def test_every_set_has_its_own_row_with_stepwise_and_bf16_yardstick(two_sets_run
     markdown = (artifact / "parity_report.md").read_text()
     assert "## Evaluation set `license`" in markdown and "## Evaluation set `other`" in markdown
     assert markdown.count("yardstick: bfloat16") == 2
-    assert "set other" in stdout and "bfloat16 yardstick" in stdout
+    table = stdout + stderr  # the summary table goes to the console
+    assert "set other" in table and "set license" in table and "bfloat16 yardstick" in table
 
 
 def test_bf16_yardstick_is_the_checkpoint_in_bfloat16():
