@@ -1,12 +1,14 @@
 """Re-check a decoder recipe's fixed smoothing alpha on its selection text (never an evaluation text).
 
     .venv/bin/python bench/selection.py [--recipe recipes/smollm2-135m-cpu.yaml] [--grid 0.6 0.7 0.8 0.9]
+                                        [--calibration-windows N]
 
 For each alpha: a copy of the model smoothed with the calibration maxima, static ranges re-calibrated
 on the calibration windows, every quantized linear fake-quantized as the recipe asks; scored against
 the float model on the recipe's `selection` windows (mean KL per token and perplexity ratio, as the
 sensitivity fallback scores). The KV-cache decode-step calibration is left out (prefill windows only),
-which keeps each alpha to two passes over the calibration windows.
+which keeps each alpha to two passes over the calibration windows; `--calibration-windows N` calibrates
+on the recipe's first N (shuffled) windows only, a cheaper and coarser check.
 Prints a Markdown table and writes bench/results/selection.{json,md}.
 """
 
@@ -21,7 +23,7 @@ from cli_run import stamp, write_results
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep(recipe_path: Path, grid: list[float]) -> dict:
+def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None = None) -> dict:
     from converter.archs import arch_spec, block_linear_names
     from converter.calibrate import activation_ranges, collect_input_amax
     from converter.data import token_windows, window_wrap
@@ -31,7 +33,8 @@ def sweep(recipe_path: Path, grid: list[float]) -> dict:
     from converter.sensitivity import _Scorer
     from converter.smooth import smooth
 
-    recipe = load_recipe(recipe_path)
+    overrides = [f"calibration.num_samples={calibration_windows}"] if calibration_windows else []
+    recipe = load_recipe(recipe_path, overrides)
     r = recipe.recipe
     if r.selection is None:
         raise SystemExit(f"{recipe_path}: no selection section")
@@ -76,8 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m-cpu.yaml")
     parser.add_argument("--grid", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--calibration-windows", type=int, default=None)
     args = parser.parse_args()
-    results = {**stamp(), **sweep(args.recipe.resolve(), args.grid)}
+    results = {**stamp(), **sweep(args.recipe.resolve(), args.grid, args.calibration_windows)}
     write_results("selection", results, markdown(results))
     print(markdown(results))
 
