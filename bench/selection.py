@@ -67,7 +67,8 @@ def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None 
 
 def markdown(results: dict) -> str:
     lines = [f"{results['recipe']}: alpha re-checked on the selection text {', '.join(results['selection']['files'])} "
-             f"({results['selection_windows']} windows); {results['machine']}, {results['date']}", "",
+             f"({results['selection_windows']} windows), static ranges calibrated on {results['calibration_windows']} "
+             f"calibration windows (prefill only); {results['machine']}, {results['date']}", "",
              "| alpha | KL(float \\|\\| fake-quant W8A8), mean per token | perplexity ratio |", "|---|---|---|"]
     for alpha, row in results["alphas"].items():
         mark = " (recipe)" if float(alpha) == results["recipe_alpha"] else ""
