@@ -55,7 +55,7 @@ OURS = {  # name -> (recipe, overrides), most telling first; generation parity o
 def windows(recipe, file: str, tokenizer, limit: int | None = None):
     from converter.data import token_windows, window_wrap
 
-    data = recipe.recipe.parity.eval.model_copy(update={"files": [file], "num_samples": limit or 10_000})
+    data = recipe.recipe.parity.sets[0].text().model_copy(update={"files": [file], "num_samples": limit or 10_000})
     return token_windows(recipe, data, tokenizer, shuffle=False,
                          wrap=window_wrap(tokenizer, "decoder")).input_ids.numpy()
 

@@ -87,7 +87,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        windows = token_windows(recipe, recipe.recipe.parity.eval, tokenizer, shuffle=False)
+        windows = token_windows(recipe, recipe.recipe.parity.sets[0].text(), tokenizer, shuffle=False)
         # one stream of text, after the BOS the tokenizer starts every text with (if any)
         text = added_special_tokens(tokenizer)[0] + [int(t) for t in windows.input_ids.reshape(-1)]
         if max(args.prompt_tokens) > len(text):

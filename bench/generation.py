@@ -15,7 +15,7 @@ the PyTorch FP32 checkpoint, greedy with its own KV cache. Candidates:
   * the INT8 artifact with its activation QuantizeLinear/DequantizeLinear pairs removed (ONNX
     Runtime): its own smoothed int8 weights, FP32 activations;
   * the INT8 artifact itself (ONNX Runtime: prefill, then one-token decode steps through its KV cache).
-Two prompt sets: the evaluation text (the recipe's parity.eval files) cut into 128-token windows,
+Two prompt sets: the evaluation text (the recipe's first parity.eval set) cut into 128-token windows,
 each window's first 32 tokens a prompt (cut mid-sentence; the recipe's own 256-token windows give
 only 8 from this text), and recipes/data/clinical-questions.txt in the chat template (how an
 instruction-tuned model is used).
@@ -131,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = shipped_artifact(args.artifact, RECIPE, Path(tmp))
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        short = r.parity.eval.model_copy(update={"seq_len": 128, "num_samples": args.prompts})
+        short = r.parity.sets[0].text().model_copy(update={"seq_len": 128, "num_samples": args.prompts})
         windows = token_windows(recipe, short, tokenizer, shuffle=False, wrap=window_wrap(tokenizer, "decoder"))
         questions = Generation(prompts_file=str(QUESTIONS), chat_template=True, prompts=args.prompts)
         cut = r.parity.generation.model_copy(update={"prompts": args.prompts})

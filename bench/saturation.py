@@ -96,7 +96,7 @@ def main() -> None:
         onnx.save(model, str(probe), save_as_external_data=True, location="probe.onnx.data")
         del model
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        windows = token_windows(recipe, recipe.recipe.parity.eval, tokenizer, shuffle=False)
+        windows = token_windows(recipe, recipe.recipe.parity.sets[0].text(), tokenizer, shuffle=False)
         ids = (added_special_tokens(tokenizer)[0] + [int(t) for t in windows.input_ids.reshape(-1)])[: args.tokens]
         session = onnxruntime_session(probe)
         feed = prefill_feed(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64), graph_kv_layout(probe))

@@ -28,6 +28,7 @@ from converter import scratch
 CACHE_FORMAT = 6  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls;
 # 5: grouped-query attention exported without repeated K/V; 6: fake quant sums integer products, so a global
 # alpha search's and a fallback's scores moved in their last bits)
+PARITY_FORMAT = 2  # parity entries only (2: one row per evaluation set, BF16 yardstick)
 ENV_DIR = "CONVERTER_CACHE_DIR"
 _META = "meta.json"
 
@@ -51,8 +52,13 @@ class StageKeys:
     export: str
 
 
-def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> StageKeys:
-    """Keys of the calibrate / smooth / export entries for one run (each includes the one before)."""
+def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str, selection_sha256: str | None = None) -> StageKeys:
+    """Keys of the calibrate / smooth / export entries for one run (each includes the one before).
+
+    Args:
+        selection_sha256: the selection windows' digest (what the alpha search and the fallback score);
+            None when they score the calibration windows.
+    """
     from converter.package import tool_versions
 
     r = recipe.recipe
@@ -64,7 +70,10 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str) -> Stage
     # all of them for the global search (whole fake-quant models), the activation level per group
     searched_with = {"global": r.quantization.model_dump(mode="json"),
                      "per_group": r.quantization.activations.level}.get(r.smoothing.search)
-    smooth = digest("smooth", calibrate, r.smoothing.model_dump(mode="json"), searched_with)
+    # the selection text matters only to what scores on it (absent or unread: the keys of before)
+    tuned = r.smoothing.search != "off" or r.quantization.fallback.enabled
+    selected_on = [selection_sha256] if selection_sha256 is not None and tuned else []
+    smooth = digest("smooth", calibrate, r.smoothing.model_dump(mode="json"), searched_with, *selected_on)
     export = digest("export", smooth, r.quantization.model_dump(mode="json"), r.export.model_dump(mode="json"),
                     *([r.embedding_layout] if r.embedding_layout else []))  # chosen by the targets
     return StageKeys(calibrate, smooth, export)
@@ -78,19 +87,21 @@ def check_key(engine: dict, strict: bool, model_sha256: str) -> str:
     return digest("check", CACHE_FORMAT, tool_versions(), engine, strict, model_sha256)
 
 
-def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_sha256: str, eval_sha256: str,
-               prompts: list[list[int]]) -> str:
+def parity_key(recipe, target: str, build: dict, model_sha256: str, checkpoint_sha256: str, eval_sha256: list[str],
+               prompts: list[list[list[int]]]) -> str:
     """Key of a target's parity measurements: thresholds are not in it, they are re-applied.
 
     Args:
         build: the target's build report; any change in what was built (kernels, an engine) misses.
-        prompts: the generation prompts' token ids (a changed prompts file, template or tokenizer misses).
+        eval_sha256: every evaluation set's windows digest, in the recipe's order.
+        prompts: each set's generation prompts' token ids (a changed prompts file, template or tokenizer misses).
     """
     from converter.package import tool_versions
 
     r = recipe.recipe
-    return digest("parity", CACHE_FORMAT, prompts, tool_versions(), target, build, model_sha256, checkpoint_sha256,
-                  eval_sha256, r.parity.eval.batch_size, r.parity.polygraphy.samples,
+    sets = [(s.name, s.batch_size) for s in r.parity.sets]
+    return digest("parity", CACHE_FORMAT, PARITY_FORMAT, prompts, tool_versions(), target, build, model_sha256,
+                  checkpoint_sha256, eval_sha256, sets, r.parity.polygraphy.samples,
                   r.parity.generation.model_dump(mode="json"))
 
 
@@ -319,14 +330,14 @@ def save_checks(cache: StageCache, key: str, checks: dict) -> None:
 
 
 def save_parity(cache: StageCache, key: str, report) -> None:
-    cache.put("parity", key, {}, {"metrics": asdict(report.metrics),
-                                  "comparator": [asdict(c) for c in report.comparator],
-                                  "generation": report.generation})
+    cache.put("parity", key, {}, {"sets": [{"name": s.name, "metrics": asdict(s.metrics), "generation": s.generation}
+                                           for s in report.sets],
+                                  "comparator": [asdict(c) for c in report.comparator]})
 
 
 def load_parity(cache: StageCache, key: str, recipe):
     """Cached parity measurements judged against this recipe's thresholds and atols, or None."""
-    from converter.parity import ComparatorCheck, ParityMetrics, ParityReport, check_thresholds
+    from converter.parity import ComparatorCheck, ParityMetrics, judge
 
     hit = cache.get("parity", key)
     if hit is None:
@@ -340,7 +351,5 @@ def load_parity(cache: StageCache, key: str, recipe):
         value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
         # Polygraphy's verdict with rtol 0 is `stat <= atol`; re-judged here against the new atol.
         checks.append(ComparatorCheck(**{**c, "runners": tuple(c["runners"]), "atol": atol, "passed": value <= atol}))
-    metrics = ParityMetrics(**meta["metrics"])
-    generation = meta.get("generation")
-    return ParityReport(metrics=metrics, comparator=checks, thresholds=cfg.thresholds.model_dump(),
-                        failures=check_thresholds(metrics, checks, cfg.thresholds, generation), generation=generation)
+    measured = [(s["name"], ParityMetrics(**s["metrics"]), s["generation"]) for s in meta["sets"]]
+    return judge(measured, checks, cfg)

@@ -100,26 +100,14 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
         if v["parity"]["passed"] is None:  # a GPU target planned by --dry-run
             table.add_row(f"[bold]{target}[/bold]", f"planned: {v['build']['planned_engine_file']} (not built)")
             continue
-        m = v["parity"]["metrics"]
         table.add_row(f"[bold]{target}[/bold]", "PASSED" if v["parity"]["passed"] else "[red]FAILED[/red]")
         table.add_row("  int8 kernels", ", ".join(f"{k} x{n}" for k, n in v["build"]["int8_kernels"].items()))
         if v["build"].get("fused_linears", 0) is None:  # MIGraphX: instructions do not name their linears
             table.add_row("  int8 linears", "unknown")
-        if m["ppl_ratio"] is not None:  # encoders: no perplexity, no KL
-            table.add_row("  perplexity FP32 -> INT8",
-                          f"{m['reference_ppl']:.3f} -> {m['candidate_ppl']:.3f} (x{m['ppl_ratio']:.4f})")
-        table.add_row(f"  {m.get('compared', 'logits')} cosine mean / min", f"{m['mean_cosine']:.5f} / {m['min_cosine']:.5f}")
-        if m["top1_agreement"] is not None:
-            table.add_row("  top-1 agreement", f"{m['top1_agreement']:.4f}")
-        if m["kl_mean"] is not None:
-            table.add_row("  KL mean", f"{m['kl_mean']:.5f}")
-        g = v["parity"].get("generation")
-        if g:
-            stepwise = g.get("stepwise_agreement")  # absent from artifacts written before it was reported
-            table.add_row(f"  greedy token agreement ({g['new_tokens']} tokens)",
-                          f"{g['token_agreement']:.4f} (prefix {g['prefix_agreement']:.4f}"
-                          + ("" if stepwise is None else f", stepwise {stepwise:.4f}") + ")")
-            table.add_row("  first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]))
+        sets = v["parity"].get("sets") or [{"name": "eval", "metrics": v["parity"]["metrics"],
+                                            "generation": v["parity"].get("generation")}]  # older artifacts
+        for s in sets:
+            _set_rows(table, s, "    " if len(sets) > 1 else "  ", len(sets) > 1)
         for c in v["parity"]["comparator"]:
             value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
             table.add_row(f"  polygraphy {c['name']}", f"{c['error_stat']} {value:.3g} ({'ok' if c['passed'] else 'FAIL'})")
@@ -128,6 +116,34 @@ def _print_table(manifest: dict, artifact: Path | None) -> None:
         table.add_row("stages (s)", ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in stages))
     table.add_row("peak memory", f"{manifest.get('peak_rss_mb', 0):.0f} MB")
     console.print(table)
+
+
+def _set_rows(table, s: dict, indent: str, named: bool) -> None:
+    """One evaluation set's rows of the summary table (under a row naming the set when there are several)."""
+    m = s["metrics"]
+    if named:
+        table.add_row(f"  set {s['name']}", "PASSED" if s.get("passed", True) else "[red]FAILED[/red]")
+    if m["ppl_ratio"] is not None:  # encoders: no perplexity, no KL
+        table.add_row(f"{indent}perplexity FP32 -> INT8",
+                      f"{m['reference_ppl']:.3f} -> {m['candidate_ppl']:.3f} (x{m['ppl_ratio']:.4f})")
+    table.add_row(f"{indent}{m.get('compared', 'logits')} cosine mean / min", f"{m['mean_cosine']:.5f} / {m['min_cosine']:.5f}")
+    if m["top1_agreement"] is not None:
+        table.add_row(f"{indent}top-1 agreement", f"{m['top1_agreement']:.4f}")
+    if m["kl_mean"] is not None:
+        table.add_row(f"{indent}KL mean", f"{m['kl_mean']:.5f}")
+    g = s.get("generation")
+    if g:
+        stepwise = g.get("stepwise_agreement")  # absent from artifacts written before it was reported
+        table.add_row(f"{indent}greedy token agreement ({g['new_tokens']} tokens)",
+                      f"{g['token_agreement']:.4f} (prefix {g['prefix_agreement']:.4f}"
+                      + ("" if stepwise is None else f", stepwise {stepwise:.4f}") + ")")
+        table.add_row(f"{indent}first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]))
+        y = g.get("yardstick")
+        if y:
+            table.add_row(f"{indent}{y['dtype']} yardstick (token / stepwise)",
+                          f"{y['token_agreement']:.4f} / {y['stepwise_agreement']:.4f}")
+    for w in s.get("warnings", []):
+        table.add_row(f"{indent}[yellow]warning[/yellow]", w)
 
 
 def _cmd_convert(argv: list[str]) -> int:

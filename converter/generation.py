@@ -77,30 +77,73 @@ def stepwise_agreement(logits_of: Callable[[list[int]], np.ndarray], prompts: li
         logits_of: token ids (T,) -> the candidate's logits (T, V), one causal pass.
         reference: the reference's greedy continuation of each prompt.
     """
-    rates = []
-    for prompt, tokens in zip(prompts, reference, strict=True):
-        logits = logits_of(list(prompt) + list(tokens[:-1]))  # (P + N - 1, V)
-        picks = logits[len(prompt) - 1:].argmax(-1)  # position P - 1 + i predicts token i
-        rates.append(float(np.mean(picks == np.asarray(tokens))))
+    rates = [float(np.mean(stepwise_picks(logits_of, prompt, tokens) == np.asarray(tokens)))
+             for prompt, tokens in zip(prompts, reference, strict=True)]
     return float(np.mean(rates))
+
+
+def stepwise_picks(logits_of: Callable[[list[int]], np.ndarray], prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """The candidate's pick at each of the N steps, fed the prompt and `tokens[:i]`: one causal pass
+    over prompt + tokens[:-1], whose position P - 1 + i predicts token i. (N,) int."""
+    logits = logits_of(list(prompt) + list(tokens[:-1]))  # (P + N - 1, V)
+    return logits[len(prompt) - 1:].argmax(-1)
 
 
 @torch.no_grad()
 def greedy_torch(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy tokens of an HF causal LM with its own KV cache (batch 1, EOS ignored)."""
+    return greedy_torch_batch(model, [prompt], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def greedy_torch_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of an HF causal LM for prompts of one length, all in one batch (EOS ignored):
+    no padding, so each row computes what it would alone."""
     from transformers import DynamicCache
 
+    assert len({len(p) for p in prompts}) == 1, "one prompt length per batch"  # internal: see greedy_torch_many
     cache = DynamicCache(config=model.config)
-    x = torch.tensor([prompt], dtype=torch.int64)
+    x = torch.tensor(prompts, dtype=torch.int64)  # (B, P), then (B, 1)
     tokens = []
     for _ in range(max_new_tokens):
         seen = cache.get_seq_length() + x.shape[1]
-        out = model(input_ids=x, attention_mask=torch.ones(1, seen, dtype=torch.int64), past_key_values=cache,
-                    use_cache=True)
-        token = int(out.logits[0, -1].argmax())
-        tokens.append(token)
-        x = torch.tensor([[token]], dtype=torch.int64)
-    return tokens
+        out = model(input_ids=x, attention_mask=torch.ones(len(prompts), seen, dtype=torch.int64),
+                    past_key_values=cache, use_cache=True)
+        x = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        tokens.append(x[:, 0].tolist())
+    return [list(row) for row in zip(*tokens)]
+
+
+def greedy_torch_many(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """`greedy_torch` for every prompt, batched by prompt length (evaluation-window prompts share one)."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows in by_length.values():
+        for i, tokens in zip(rows, greedy_torch_batch(model, [prompts[i] for i in rows], max_new_tokens)):
+            out[i] = tokens
+    return out
+
+
+def torch_logits(model: torch.nn.Module) -> Callable[[list[int]], np.ndarray]:
+    """token ids (T,) -> the model's logits (T, V) as float32, one causal pass (for `stepwise_agreement`)."""
+    @torch.no_grad()
+    def logits_of(ids: list[int]) -> np.ndarray:
+        out = model(input_ids=torch.tensor([ids], dtype=torch.int64), use_cache=False)
+        return out.logits[0].float().numpy()
+    return logits_of
+
+
+def yardstick(model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]]) -> dict:
+    """How closely another precision of the reference (e.g. the checkpoint in bfloat16) follows FP32's
+    greedy tokens `reference` on the same prompts: the rates GenerationMetrics reports for the artifact."""
+    tokens = greedy_torch_many(model, prompts, len(reference[0]))
+    metrics = compare_tokens(reference, tokens, len(prompts[0]))
+    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "token_agreement": metrics.token_agreement, "prefix_agreement": metrics.prefix_agreement,
+            "stepwise_agreement": stepwise_agreement(torch_logits(model), prompts, reference),
+            "tokens": tokens}
 
 
 def session_step(session) -> Step:
@@ -117,6 +160,7 @@ class GenerationMetrics:
     token_agreement: float  # mean over prompts of matching positions / N
     prefix_agreement: float  # mean over prompts of first divergence / N
     stepwise_agreement: float | None = None  # mean over prompts of steps matched in the reference's context
+    yardstick: dict | None = None  # the same rates for the reference in another precision (`yardstick`)
     first_divergence: list[int] = field(default_factory=list)  # per prompt; N = no divergence
     reference_tokens: list[list[int]] = field(default_factory=list)
     candidate_tokens: list[list[int]] = field(default_factory=list)
@@ -146,10 +190,9 @@ def generation_parity(reference_model: torch.nn.Module, candidate_step: Step, la
     """Greedy-generate from every prompt with the PyTorch reference and the candidate graph."""
     from converter.progress import track
 
-    reference, candidate = [], []
-    for prompt in track(prompts, "generate", total=len(prompts)):
-        reference.append(greedy_torch(reference_model, prompt, max_new_tokens))
-        candidate.append(list(greedy_graph(candidate_step, layout, prompt, max_new_tokens)))
+    reference = greedy_torch_many(reference_model, prompts, max_new_tokens)
+    candidate = [list(greedy_graph(candidate_step, layout, prompt, max_new_tokens))
+                 for prompt in track(prompts, "generate", total=len(prompts))]
     metrics = compare_tokens(reference, candidate, len(prompts[0]) if prompts else 0)
     if prompts:
         metrics.stepwise_agreement = stepwise_agreement(lambda ids: sequence_logits(candidate_step, layout, ids),

@@ -160,10 +160,32 @@ def int8_linears_text(build: dict) -> str:
 
 
 def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
-    """Human-readable parity report."""
-    m = report["metrics"]
-    t = report["thresholds"]
+    """Human-readable parity report: one table per evaluation set, then the comparator runs."""
+    sets = report.get("sets") or [{"name": "eval", **{k: report[k] for k in ("metrics", "thresholds", "generation")}}]
     status = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"# Parity report: {name} {version}", "",
+             f"**{status}**; {int8_linears_text(build)}.", ""]
+    for s in sets:
+        m = s["metrics"]
+        named = len(sets) > 1 or s["name"] != "eval"  # the single-mapping form of parity.eval is `eval`
+        lines += [f"## Evaluation set `{s['name']}`: {m['windows']} held-out windows ({m['tokens']} tokens)" if named
+                  else f"## {m['windows']} held-out windows ({m['tokens']} tokens)", "",
+                  "| metric | value | threshold |", "|---|---|---|",
+                  *[f"| {a} | {b} | {c} |" for a, b, c in _set_rows(s)], ""]
+        lines += [f"> warning: {w}" for w in s.get("warnings", [])] + ([""] if s.get("warnings") else [])
+    if report["comparator"]:
+        lines += ["## Polygraphy comparator (first set's windows)", "", "| check | value | threshold |", "|---|---|---|"]
+        for c in report["comparator"]:
+            value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
+            lines.append(f"| Polygraphy {c['name']} ({c['error_stat']} abs diff) | {value:.4g} | <= {c['atol']} |")
+    if report["failures"]:
+        lines += ["", "## Failures", "", *[f"- {f}" for f in report["failures"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _set_rows(s: dict) -> list[tuple[str, str, str]]:
+    """(metric, value, threshold) rows of one evaluation set."""
+    m, t = s["metrics"], s["thresholds"]
     compared = m.get("compared", "logits")
     rows = [
         (label, fmt.format(m[key]), limit)
@@ -178,29 +200,18 @@ def parity_markdown(name: str, version: str, report: dict, build: dict) -> str:
         )
         if m.get(key) is not None  # encoders have no perplexity or KL
     ]
-    for c in report["comparator"]:
-        value = c["max_absdiff"] if c["error_stat"] == "max" else c["mean_absdiff"]
-        rows.append((f"Polygraphy {c['name']} ({c['error_stat']} abs diff)", f"{value:.4g}", f"<= {c['atol']}"))
-    g = report.get("generation")
+    g = s.get("generation")
     if g:
         n = g["new_tokens"]
+        y = g.get("yardstick")
         rows += [
             (f"greedy token agreement, {n} new tokens x {g['prompts']} prompts", f"{g['token_agreement']:.4f}",
              f">= {t.get('min_token_agreement')}"),
             ("greedy prefix agreement (first divergence / N)", f"{g['prefix_agreement']:.4f}", ""),
-            *([("stepwise agreement (each step fed the FP32 tokens before it)", f"{g['stepwise_agreement']:.4f}", "")]
-              if g.get("stepwise_agreement") is not None else []),
+            *([("stepwise agreement (each step fed the FP32 tokens before it)", f"{g['stepwise_agreement']:.4f}",
+                f">= {t.get('min_stepwise_agreement')}")] if g.get("stepwise_agreement") is not None else []),
             ("first divergence per prompt", ", ".join(str(d) for d in g["first_divergence"]), f"{n} = none"),
+            *([(f"yardstick: {y['dtype']} PyTorch vs FP32, token / stepwise agreement",
+                f"{y['token_agreement']:.4f} / {y['stepwise_agreement']:.4f}", "reported")] if y else []),
         ]
-    lines = [
-        f"# Parity report: {name} {version}",
-        "",
-        f"**{status}** on {m['windows']} held-out windows ({m['tokens']} tokens); {int8_linears_text(build)}.",
-        "",
-        "| metric | value | threshold |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
-    ]
-    if report["failures"]:
-        lines += ["", "## Failures", "", *[f"- {f}" for f in report["failures"]]]
-    return "\n".join(lines) + "\n"
+    return rows

@@ -52,13 +52,56 @@ class ComparatorCheck:
     mean_absdiff: float
 
 
+MEMORIZED_PPL = 3.0  # FP32 perplexity below this: the model recites the text, so it cannot judge the artifact
+
+
+@dataclass
+class SetReport:
+    """One evaluation set's measurements and verdict (its own report row)."""
+
+    name: str
+    metrics: ParityMetrics
+    thresholds: dict
+    generation: dict | None = None  # converter.generation.GenerationMetrics.to_dict(), decoders only
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "passed": not self.failures, "failures": self.failures, "warnings": self.warnings,
+                "metrics": asdict(self.metrics), "thresholds": self.thresholds, "generation": self.generation}
+
+
 @dataclass
 class ParityReport:
-    metrics: ParityMetrics
+    """Every evaluation set's row plus the Polygraphy comparator runs (on the first set's windows).
+
+    `metrics`, `thresholds` and `generation` are the first set's, as in reports with one set; `failures`
+    are every set's (named by their set when the recipe lists sets) and the comparator's."""
+
+    sets: list[SetReport]
     comparator: list[ComparatorCheck]
-    thresholds: dict
-    failures: list[str] = field(default_factory=list)
-    generation: dict | None = None  # converter.generation.GenerationMetrics.to_dict(), decoders only
+    named: bool = False  # the recipe lists named sets: failure lines start with the set's name
+
+    @property
+    def metrics(self) -> ParityMetrics:
+        return self.sets[0].metrics
+
+    @property
+    def thresholds(self) -> dict:
+        return self.sets[0].thresholds
+
+    @property
+    def generation(self) -> dict | None:
+        return self.sets[0].generation
+
+    @property
+    def failures(self) -> list[str]:
+        lines = [f"{s.name}: {f}" if self.named else f for s in self.sets for f in s.failures]
+        return lines + comparator_failures(self.comparator)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for s in self.sets for w in s.warnings]
 
     @property
     def passed(self) -> bool:
@@ -68,11 +111,33 @@ class ParityReport:
         return {
             "passed": self.passed,
             "failures": self.failures,
+            "warnings": self.warnings,
             "metrics": asdict(self.metrics),
             "thresholds": self.thresholds,
             "comparator": [asdict(c) for c in self.comparator],
             "generation": self.generation,
+            "sets": [s.to_dict() for s in self.sets],
         }
+
+
+def memorized_warning(name: str, metrics: ParityMetrics) -> list[str]:
+    """One line when FP32's perplexity on set `name` is below MEMORIZED_PPL (a text the model recites
+    moves little under quantization, so passing there says little), else none."""
+    if metrics.reference_ppl is None or metrics.reference_ppl >= MEMORIZED_PPL:
+        return []
+    return [f"evaluation set {name}: FP32 perplexity {metrics.reference_ppl:.2f} (< {MEMORIZED_PPL:g}): the model "
+            "has memorized this text, so it cannot judge the artifact; evaluate on text it has not seen"]
+
+
+def judge(measured: list[tuple[str, ParityMetrics, dict | None]], checks: list[ComparatorCheck], parity) -> ParityReport:
+    """Apply each set's thresholds (recipe `parity` section) to its measurements (name, metrics, generation)."""
+    sets = []
+    for cfg, (name, metrics, generation) in zip(parity.sets, measured, strict=True):
+        assert cfg.name == name, (cfg.name, name)  # internal: measurements out of the recipe's order
+        sets.append(SetReport(name, metrics, cfg.thresholds.model_dump(), generation,
+                              check_thresholds(metrics, [], cfg.thresholds, generation),
+                              memorized_warning(name, metrics)))
+    return ParityReport(sets, checks, named=parity.named_sets)
 
 
 class _Accumulator:
@@ -186,7 +251,9 @@ def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: T
                      generation: dict | None = None) -> list[str]:
     """One line per missed threshold (empty when everything passes)."""
     failures = []
-    gen_rules = (("token_agreement", generation["token_agreement"], t.min_token_agreement, ">="),) if generation else ()
+    gen_rules = (("token_agreement", generation["token_agreement"], t.min_token_agreement, ">="),
+                 ("stepwise_agreement", generation.get("stepwise_agreement"), t.min_stepwise_agreement, ">="),
+                 ) if generation else ()
     rules = (
         ("ppl_ratio", metrics.ppl_ratio, t.max_ppl_ratio, "<="),
         ("mean_cosine", metrics.mean_cosine, t.min_mean_cosine, ">="),
@@ -201,11 +268,11 @@ def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: T
         ok = value <= limit if op == "<=" else value >= limit
         if not ok:
             failures.append(f"{name} {value:.4g} (required {op} {limit:g})")
-    for check in checks:
-        if not check.passed:
-            failures.append(
-                f"polygraphy {check.name} {check.error_stat} |diff| "
-                f"{check.max_absdiff if check.error_stat == 'max' else check.mean_absdiff:.4g} "
-                f"(required <= {check.atol:g})"
-            )
-    return failures
+    return failures + comparator_failures(checks)
+
+
+def comparator_failures(checks: list[ComparatorCheck]) -> list[str]:
+    """One line per failed Polygraphy comparison."""
+    return [f"polygraphy {c.name} {c.error_stat} |diff| "
+            f"{c.max_absdiff if c.error_stat == 'max' else c.mean_absdiff:.4g} (required <= {c.atol:g})"
+            for c in checks if not c.passed]

@@ -27,18 +27,16 @@ import yaml
 from converter import cache, kvcache, package, scratch, triton
 from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
 from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import shared_files, token_windows, window_wrap
-from converter.encoder import checkpoint_io, evaluate_encoder
+from converter.data import token_windows, window_wrap
+from converter.encoder import checkpoint_io
 from converter.errors import ParityFailure, UserError
 from converter.export import export_fp32, insert_qdq
-from converter.generation import generation_parity, generation_prompts
-from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load, load_reference
-from converter.parity import ParityReport, check_thresholds, comparator_checks, evaluate
+from converter.evalsets import load_eval_inputs, measure_parity, report_warnings, set_label
+from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load
 from converter.progress import note, warn
 from converter.quantize import check_patterns, plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
 from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
-from converter.runners import TorchRunner, onnxruntime_runner
 from converter.search import choose_alphas
 from converter.sensitivity import sensitivity_fallback, without
 from converter.smooth import smooth
@@ -159,14 +157,12 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
         if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
             calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
-        eval_windows = token_windows(recipe, r.parity.eval, loaded.tokenizer, shuffle=False, wrap=wrap)
-        shared = shared_files(recipe, r.calibration, r.parity.eval)
-        if shared:
-            warn(f"parity.eval.files {', '.join(shared)} also calibrate the model (calibration.files): parity is "
-                 "measured on calibration data and flatters the artifact; evaluate on held-out text")
-        prompts = (generation_prompts(eval_windows, r.parity.generation, loaded.tokenizer, recipe.base_dir)
-                   if r.parity.generation.enabled and io.kind == "decoder" else [])
-        lengths = {"calibration.seq_len": r.calibration.seq_len, "parity.eval.seq_len": r.parity.eval.seq_len}
+        texts = load_eval_inputs(recipe, loaded.tokenizer, wrap, io.kind == "decoder")
+        eval_windows = texts.windows[0]
+        prompts = [p for set_prompts in texts.prompts for p in set_prompts]
+        lengths = {"calibration.seq_len": r.calibration.seq_len,
+                   **{f"{set_label(recipe, s.name)}.seq_len": s.seq_len for s in r.parity.sets},
+                   **({"selection.seq_len": r.selection.seq_len} if r.selection else {})}
         if prompts:
             lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
                 max(map(len, prompts)) + r.parity.generation.max_new_tokens)
@@ -176,25 +172,31 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
 
             check_fusable(loaded.model)
         check_token_ids(loaded.model, {"calibration data": int(calib.input_ids.max()),
-                                       "evaluation data": int(eval_windows.input_ids.max()),
+                                       "evaluation data": max(int(w.input_ids.max()) for w in texts.windows),
+                                       "selection data": int(texts.selection.input_ids.max()) if texts.selection
+                                       else -1,
                                        "generation prompts": max((max(p) for p in prompts), default=-1)})
         note(f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
              + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
              + _shortfall("calibration.decode_windows", r.calibration.decode_windows, calib.decode_windows,
                           "calibration windows")
-             + f"; evaluation {_windows_line(eval_windows, r.parity.eval)}"
+             + "; evaluation " + ", ".join((f"{s.name} " if r.parity.named_sets else "") + _windows_line(w, s)
+                                           for s, w in zip(r.parity.sets, texts.windows))
+             + (f"; selection {_windows_line(texts.selection, r.selection)}" if texts.selection else "")
              + (f"; {len(prompts)} generation prompts" if prompts else "")
              + (_shortfall("parity.generation.prompts", r.parity.generation.prompts, len(prompts),
                            "prompts in the file" if r.parity.generation.prompts_file else "evaluation windows")
                 if prompts else ""))
-        keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256)
+        keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256,
+                                texts.selection.sha256 if texts.selection else None)
     fp32_path = work / "model.fp32.onnx"
     exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
     if exported is not None:  # the model files are cached: calibrate .. export all come from the cache
         qdq, plan, front = exported
         stages.records += [StageRecord(s, 0.0, ran=False, cache="hit") for s in FRONT_STAGES]
     else:
-        qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, staging, fp32_path)
+        qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, texts.selection or calib,
+                                  staging, fp32_path)
     if front["fallback"] and not front["fallback"]["target_met"]:  # also on a cache hit: the run should say it
         outcome = package.fallback_outcome(front["fallback"], r.quantization.fallback.model_dump())
         warn(f"quantization.fallback: {outcome} (parity's thresholds still decide publishing)")
@@ -215,7 +217,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
             record.ran = False
             checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
     targets = {name: _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp32_path,
-                             eval_windows, prompts, work, dry_run)
+                             texts, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
     inputs, outputs = kvcache.graph_io_names(qdq.path)
@@ -238,7 +240,11 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                         "available_windows": calib.total_windows, "tokens": front["calibration_tokens"],
                         "decode_windows": calib.decode_windows, "decode_steps": calib.decode_steps,
                         "decode_tokens": calib.decode_windows * calib.decode_steps},
-        "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids)},
+        "evaluation": {"sha256": eval_windows.sha256, "windows": len(eval_windows.input_ids),
+                       "sets": [{"name": s.name, "files": s.files, "sha256": w.sha256, "windows": len(w.input_ids)}
+                                for s, w in zip(r.parity.sets, texts.windows)]},
+        "selection": ({"files": r.selection.files, "sha256": texts.selection.sha256,
+                       "windows": len(texts.selection.input_ids)} if texts.selection else None),
         **{k: front[k] for k in ("smoothing", "fallback", "quantization", "layers")},
         "targets": targets,
         "checks": checks,
@@ -257,8 +263,11 @@ def _cache_state(store: cache.StageCache, hit: bool) -> str | None:
     return None if not store.enabled else "hit" if hit else "miss"
 
 
-def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
+def _front(recipe, stages, store, keys, model, calib, select, staging, fp32_path):
     """calibrate -> smooth -> quantize -> export, each served from the stage cache when it can be.
+
+    `select`: the windows the alpha search and the sensitivity fallback score (the selection text, or
+    the calibration windows when the recipe has none).
 
     Returns:
         (QdqResult, QuantPlan, front record): the record holds everything the manifest and the
@@ -288,7 +297,7 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
         record.ran, record.cache = smoothed is None, _cache_state(store, smoothed is not None)
         if smoothed is None:
             cfg, alphas, search = choose_alphas(model, spec, r.smoothing, r.quantization, linears, quantized,
-                                                before.amax, calib, bs)
+                                                before.amax, select, bs)
             smooth_report = smooth(model, before.amax, cfg, spec, alphas)
             smoothing = {**smooth_report.to_dict(), "search": search.to_dict() if search else None}
         else:
@@ -301,7 +310,7 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
             # smoothing changed the inputs: measure the model as exported
             stats = collect_input_amax(model, quantized, calib, bs, "re-calibrate") if smoothing["groups"] else before
             cache.save_smoothed(store, keys.smooth, model, smoothing, stats, fp32_path.parent)
-        plan, front = _quantize(recipe, model, linears, before, stats, smoothing, calib)
+        plan, front = _quantize(recipe, model, linears, before, stats, smoothing, calib, select)
     with stages.run("export") as record:
         record.cache = _cache_state(store, False)
         export_fp32(model, fp32_path, r.export, spec)
@@ -310,7 +319,7 @@ def _front(recipe, stages, store, keys, model, calib, staging, fp32_path):
     return qdq, plan, front
 
 
-def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
+def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib, select):
     """Static ranges, the plan, optional sensitivity fallback, and the per-layer record."""
     r = recipe.recipe
     bs = r.calibration.batch_size
@@ -318,7 +327,7 @@ def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
     plan = full_plan = plan_quantization(model, linears, ranges, r.quantization)
     fallback = None
     if r.quantization.fallback.enabled:
-        fallback = sensitivity_fallback(model, plan, calib, bs, r.quantization.fallback).to_dict()
+        fallback = sensitivity_fallback(model, plan, select, bs, r.quantization.fallback).to_dict()
         plan = without(plan, fallback["fallback"])
     act_errors = activation_errors(model, full_plan, calib, 2, bs)
     layers = layer_rows(linears, before, stats, plan, full_plan, smoothing, act_errors, fallback)
@@ -336,8 +345,8 @@ def _quantize(recipe, model, linears, before, stats, smoothing: dict, calib):
     return plan, front
 
 
-def _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp32_path, eval_windows, prompts,
-            work, dry_run) -> dict:
+def _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp32_path, texts, work,
+            dry_run) -> dict:
     """Build one target and measure its parity (served from the cache when nothing changed)."""
     target = TARGETS[name]
     r = recipe.recipe
@@ -350,13 +359,14 @@ def _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp
         return {"build": build.to_dict(), "parity": dry_run_parity(name, build)}
     with stages.run("parity") as record:
         key = cache.parity_key(recipe, name, build.to_dict(), model_sha256,
-                               loaded.checkpoint_sha256, eval_windows.sha256, prompts)
+                               loaded.checkpoint_sha256, texts.sha256, texts.prompts)
         report = cache.load_parity(store, key, recipe)
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
         if report is None:
             candidate = target.runner(qdq.path, build)
-            report = _parity(recipe, loaded, io, eval_windows, prompts, candidate, fp32_path)
+            report = measure_parity(recipe, loaded.path, io, texts, candidate, fp32_path)
             cache.save_parity(store, key, report)
+    report_warnings(report, name)
     return {"build": build.to_dict(), "parity": report.to_dict()}
 
 
@@ -373,34 +383,3 @@ def _write_files(recipe, staging: Path, checkpoint: Path, version: str, targets:
         else f"# {t}: parity not run\n\n{v['parity']['skipped']}\n" for t, v in targets.items()
     ))
     write_report(staging, f"{r.output.name} {version}", front["layers"], front["channels"])
-
-
-def _parity(recipe: LoadedRecipe, loaded, io, windows, prompts: list[list[int]], candidate,
-            fp32_path: Path) -> ParityReport:
-    r = recipe.recipe
-    layout = kvcache.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
-    original = load_reference(loaded.path, r.source)  # once: metrics, the comparator and generation share it
-    reference = TorchRunner(original, name="fp32-pytorch", io=io, layout=layout)
-    if io.kind == "encoder":  # pooled-embedding cosine (or logits agreement of a classifier)
-        metrics = evaluate_encoder(reference, candidate, windows, r.parity.eval.batch_size, io)
-    else:
-        metrics = evaluate(reference, candidate, windows, r.parity.eval.batch_size, layout)
-    checks = comparator_checks(
-        reference,
-        onnxruntime_runner(fp32_path, name="fp32-onnxruntime"),
-        candidate,
-        windows,
-        r.parity.polygraphy,
-        io,
-        layout,
-    )
-    generation = None
-    if prompts:  # decoders with generation parity enabled
-        with candidate:
-            generation = generation_parity(original, candidate.infer, layout, prompts,
-                                           r.parity.generation.max_new_tokens).to_dict()
-    del original, reference
-    gc.collect()
-    thresholds = r.parity.thresholds
-    return ParityReport(metrics=metrics, comparator=checks, thresholds=thresholds.model_dump(),
-                        failures=check_thresholds(metrics, checks, thresholds, generation), generation=generation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -222,6 +223,10 @@ class Thresholds(_Section):
         default=None, ge=0, le=1,
         description="Greedy generation: mean share of positions where INT8 and FP32 agree (null: reported only; "
         "greedy continuations of small random models diverge easily, so a recipe sets its own).")
+    min_stepwise_agreement: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Greedy generation: mean share of steps where INT8, fed the prompt and FP32's own tokens before "
+        "the step, picks FP32's next token (null: reported only).")
 
 
 class PolygraphyCheck(_Section):
@@ -242,20 +247,86 @@ class Generation(_Section):
     chat_template: bool = Field(default=False, description="Wrap each prompts_file line as a user message with the "
                                 "tokenizer's chat template (instruction-tuned checkpoints).")
     max_new_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt (EOS ignored).")
+    yardstick: Literal["bf16"] | None = Field(
+        default="bf16", description="bf16: also report BF16's greedy and stepwise agreement with FP32 on the same "
+        "prompts (PyTorch, the checkpoint cast to bfloat16), beside the artifact's; not gated. null/none: off.")
+
+    @field_validator("yardstick", mode="before")
+    @classmethod
+    def _none_is_off(cls, value):
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
+
+class EvalSet(TextData):
+    """One named evaluation text with its own thresholds and its own report row (the list form of
+    `parity.eval`). Thresholds it does not set are `parity.thresholds`' values."""
+
+    name: str = Field(pattern=_NAME_PATTERN, description="The set's name in reports and failure lines.")
+    thresholds: Thresholds = Field(default_factory=Thresholds,
+                                   description="Gates of this set: `parity.thresholds` overridden key by key.")
+
+    def text(self) -> TextData:
+        """The set as plain text settings: what its windows (and their digest) depend on, not its gates."""
+        return TextData(**self.model_dump(include=set(TextData.model_fields)))
 
 
 class Parity(_Section):
-    eval: TextData
+    eval: TextData | list[EvalSet] = Field(
+        description="Held-out evaluation text: one mapping (a set named `eval`, judged by `thresholds`), or a list "
+        "of named sets, each judged by `thresholds` overridden by its own. Comparator runs use the first set.")
     thresholds: Thresholds = Thresholds()
     polygraphy: PolygraphyCheck = PolygraphyCheck()
     generation: Generation = Generation()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _set_thresholds_inherit(cls, raw):
+        """Resolve each listed set's thresholds once, here, so the resolved recipe carries them in full."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("eval"), list):
+            return raw
+        base = raw.get("thresholds") or {}
+        base = base.model_dump() if isinstance(base, BaseModel) else base
+        if not isinstance(base, dict):
+            return raw  # the field's own validation reports it
+        sets = [{**item, "thresholds": {**base, **(item.get("thresholds") or {})}}
+                if isinstance(item, dict) and isinstance(item.get("thresholds") or {}, dict) else item
+                for item in raw["eval"]]
+        return {**raw, "eval": sets}
+
+    @property
+    def named_sets(self) -> bool:
+        """True for the list form: failure lines then name their set."""
+        return isinstance(self.eval, list)
+
+    @property
+    def sets(self) -> list[EvalSet]:
+        """Every evaluation set; the single-mapping form is one set named `eval` with `thresholds`."""
+        if isinstance(self.eval, list):
+            return list(self.eval)
+        return [EvalSet(name="eval", thresholds=self.thresholds, **self.eval.model_dump())]
+
+    @field_validator("eval")
+    @classmethod
+    def _sets_named_once(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one evaluation set")
+            names = [s.name for s in value]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"evaluation set name(s) {twice} used more than once")
+        return value
+
     @model_validator(mode="after")
     def _prompts_fit_the_windows(self) -> "Parity":
         g = self.generation  # only a value the recipe sets: the default also serves encoders and short windows
-        if "prompt_tokens" in g.model_fields_set and g.prompts_file is None and g.prompt_tokens > self.eval.seq_len:
-            raise ValueError(f"generation.prompt_tokens {g.prompt_tokens} is more than eval.seq_len "
-                             f"{self.eval.seq_len}: prompts are cut from the evaluation windows")
+        if "prompt_tokens" not in g.model_fields_set or g.prompts_file is not None:
+            return self
+        for s in self.sets:
+            where = f"eval[{s.name}].seq_len" if self.named_sets else "eval.seq_len"
+            if g.prompt_tokens > s.seq_len:
+                raise ValueError(f"generation.prompt_tokens {g.prompt_tokens} is more than {where} {s.seq_len}: "
+                                 "prompts are cut from the evaluation windows")
         return self
 
 
@@ -346,6 +417,11 @@ class Recipe(_Section):
     export: Export = Export()
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"], min_length=1)
     engine: EngineOptions = EngineOptions()  # GPU targets: profiles, workspace, compatibility
+    selection: TextData | None = Field(
+        default=None,
+        description="Selection text: what smoothing.search and quantization.fallback score, and what a recipe's "
+        "fixed choices (alpha, exclude) are judged on. Never an evaluation set's file, so parity stays held out. "
+        "Absent: the calibration windows.")
     parity: Parity
     triton: Triton = Triton()
     output: Output
@@ -398,6 +474,18 @@ class Recipe(_Section):
         if self.quantization.embedding != "int8":
             return None
         return "gather_rows" if all(TARGETS[t].backend == "onnxruntime" for t in self.targets) else "dequantize_table"
+
+    @model_validator(mode="after")
+    def _selection_is_not_evaluation(self) -> Recipe:
+        if self.selection is None:
+            return self
+        chosen = {os.path.normpath(f) for f in self.selection.files}
+        for s in self.parity.sets:
+            both = sorted(chosen & {os.path.normpath(f) for f in s.files})
+            if both:
+                raise ValueError(f"selection.files {', '.join(both)} also in evaluation set {s.name}: choices tuned "
+                                 "on it would flatter its parity gates; select on other text")
+        return self
 
     @model_validator(mode="after")
     def _ort_attention_on_ort_only(self) -> Recipe:

@@ -16,7 +16,8 @@ from converter.data import Windows
 from converter.errors import UserError
 from converter.export import export_fp32, insert_qdq
 from converter.ort_attention import check_fusable
-from converter.generation import compare_tokens, greedy_graph, greedy_torch, session_step, stepwise_agreement
+from converter.generation import (compare_tokens, greedy_graph, greedy_torch, sequence_logits, session_step,
+                                  stepwise_agreement, stepwise_picks)
 from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
 from converter.recipe import Export, Quantization, Smoothing
 from converter.runners import onnxruntime_session
@@ -139,6 +140,36 @@ def test_stepwise_agreement_judges_each_step_on_the_references_context():
     assert rate == pytest.approx((3 / 4 + 1) / 2)
     free_running = compare_tokens([[5, 6, 9, 10]], [[5, 6, 7, 8]], prompt_tokens=3)
     assert free_running.token_agreement == 0.5
+
+
+def _kv_loop_picks(step, layout, prompt: list[int], tokens: list[int]) -> list[int]:
+    """Stepwise picks the slow way: prefill the prompt, then feed the reference's tokens one decode
+    step at a time through the returned cache, taking the argmax before each."""
+    out = step(kvcache.prefill_feed(np.array([prompt]), np.ones((1, len(prompt)), np.int64), layout))
+    picks, seen = [], list(prompt)
+    for token in tokens:
+        picks.append(int(np.asarray(out["logits"])[0, -1].argmax()))
+        seen.append(token)
+        past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
+        out = step({"input_ids": np.array([[token]]), "attention_mask": np.ones((1, len(seen)), np.int64), **past})
+    return picks
+
+
+def test_one_prefill_stepwise_picks_equal_the_kv_cache_loop(kv_exported):
+    model, _, _, _, kv_int8, _, _ = kv_exported
+    step = session_step(onnxruntime_session(kv_int8.path))
+    layout = kvcache.graph_kv_layout(kv_int8.path)
+    gen = torch.Generator().manual_seed(7)
+    prompt, reference = ([int(t) for t in torch.randint(0, 300, (n,), generator=gen)] for n in (9, 12))
+    one_prefill = stepwise_picks(lambda ids: sequence_logits(step, layout, ids), prompt, reference)
+    loop = _kv_loop_picks(step, layout, prompt, reference)
+    assert one_prefill.tolist() == loop
+    # the test can tell a shift: the pass's logits one position later (or earlier) pick other tokens
+    logits = sequence_logits(step, layout, prompt + reference[:-1])
+    assert logits[len(prompt):].argmax(-1).tolist() != loop[:-1]
+    assert logits[len(prompt) - 2 : -1].argmax(-1).tolist() != loop
+    rate = stepwise_agreement(lambda ids: sequence_logits(step, layout, ids), [prompt], [reference])
+    assert rate == pytest.approx(np.mean(np.asarray(loop) == np.asarray(reference)))
 
 
 def test_tensorrt_profile_covers_past_and_mask_lengths(kv_exported):

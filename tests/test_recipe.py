@@ -16,7 +16,8 @@ SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 def test_shipped_recipes_validate(path):
     loaded = load_recipe(path)
     assert loaded.recipe.schema_version == 1
-    for f in loaded.recipe.calibration.files + loaded.recipe.parity.eval.files:
+    r = loaded.recipe
+    for f in r.calibration.files + [f for s in r.parity.sets for f in s.files] + r.selection.files:
         assert loaded.path(f).is_file(), f
 
 
@@ -28,11 +29,24 @@ BENCH_EVAL = ROOT / "recipes" / "data" / "clinical-reports.txt"
 def test_calibration_and_evaluation_texts_do_not_overlap(path):
     loaded = load_recipe(path)
     calib = {loaded.path(f).resolve() for f in loaded.recipe.calibration.files}
-    evals = {loaded.path(f).resolve() for f in loaded.recipe.parity.eval.files} | {BENCH_EVAL.resolve()}
-    assert not calib & evals
-    calib_lines = {l.strip() for f in calib for l in f.read_text().splitlines() if len(l.strip()) > 40}
-    eval_lines = {l.strip() for f in evals for l in f.read_text().splitlines() if len(l.strip()) > 40}
+    evals = {loaded.path(f).resolve() for s in loaded.recipe.parity.sets for f in s.files} | {BENCH_EVAL.resolve()}
+    chosen_on = {loaded.path(f).resolve() for f in loaded.recipe.selection.files}
+    assert not calib & evals and not chosen_on & evals
+    calib_lines, eval_lines, selection_lines = (
+        {l.strip() for f in files for l in f.read_text().splitlines() if len(l.strip()) > 40}
+        for files in (calib, evals, chosen_on))
     assert not calib_lines & eval_lines
+    assert not selection_lines & eval_lines  # alpha, exclude and fallback choices never see held-out text
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_decoders_evaluate_on_two_texts_one_outside_the_calibration_domain(path):
+    r = load_recipe(path).recipe
+    if "minilm" in path.name:  # the encoder recipe: one held-out text
+        return
+    names = {s.name: set(s.files) for s in r.parity.sets}
+    assert len(names) >= 2
+    assert names["clinical"] == {"data/clinical-reports.txt"} and "data/gpl-3.0.txt" in r.calibration.files
 
 
 def test_unknown_key_is_named(write_recipe):
@@ -71,10 +85,12 @@ def test_out_of_range_and_unsupported_values_are_rejected():
     with pytest.raises(UserError, match=r"unknown target"):
         load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["targets=[h100-tensorrtt]"])
     # prompts are cut from the evaluation windows: a longer prompt would silently be the whole window
-    with pytest.raises(UserError, match=r"parity: .*generation\.prompt_tokens 300 is more than eval\.seq_len 256"):
+    with pytest.raises(UserError, match=r"parity: .*generation\.prompt_tokens 300 is more than eval\[license\]\.seq_len 256"):
         load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["parity.generation.prompt_tokens=300"])
-    assert load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["parity.generation.prompt_tokens=256",
-                                                                    "parity.eval.seq_len=256"])
+    assert load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["parity.generation.prompt_tokens=256"])
+    single = ["parity.eval={files: [data/apache-2.0.txt], seq_len: 128}"]  # the one-mapping form names no set
+    with pytest.raises(UserError, match=r"parity: .*generation\.prompt_tokens 200 is more than eval\.seq_len 128"):
+        load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", [*single, "parity.generation.prompt_tokens=200"])
 
 
 def test_ort_attention_needs_ort_targets_and_a_kv_cache():
