@@ -312,3 +312,23 @@ def test_recipe_refuses_migraphx_with_a_kv_cache(write_recipe, tmp_path):
         load_recipe(write_recipe(data))
     assert load_recipe(write_recipe({**data, "export": {"kv_cache": False}})).recipe.targets[1] == "mi300-migraphx"
     assert load_recipe(write_recipe({**data, "targets": ["h100-tensorrt"]})).recipe.export.kv_cache is True
+
+
+def test_migraphx_with_generation_parity_is_refused_before_any_work(tiny_checkpoints, tmp_path):
+    """Generation parity re-runs a growing sequence: a fixed-shape MIGraphX program cannot take it, and
+    the run says so at load, not after calibration and export."""
+    import yaml
+
+    from conftest import tiny_recipe_dict
+    from test_cli import run_cli
+
+    data = tiny_recipe_dict(tiny_checkpoints["llama"])
+    data["targets"] = ["mi300-migraphx"]
+    data["engine"] = {"batch": {"min": 1, "opt": 2, "max": 2}, "sequence": {"min": 1, "opt": 64, "max": 64}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--dry-run", "--quiet")
+    assert code == 1
+    last = stderr.strip().splitlines()[-1]
+    assert "mi300-migraphx" in last and "parity.generation.enabled: false" in last
+    assert not any((tmp_path / "out").rglob("model.onnx"))  # refused before the export
