@@ -307,12 +307,13 @@ def test_real_qwen_coder_is_the_dequantized_gguf_and_generates():
     text = (ROOT / "recipes" / "data" / "apache-2.0.txt").read_text()
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        loss = model(ids[:, :256], labels=ids[:, :256]).loss
-    assert torch.exp(loss) < 3.0  # memorized: ~1.5; a broken permutation or mapping gives hundreds
+        perplexity = torch.exp(model(ids[:, :256], labels=ids[:, :256]).loss).item()
+    print(f"Qwen2.5-Coder-1.5B FP32 perplexity, first 256 Apache-2.0 tokens: {perplexity:.3f}")
+    assert perplexity < 3.0  # memorized: ~1.5; a wrong permutation or name map gives hundreds
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Write a Python function that "
                                            "returns the square of x."}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**chat, max_new_tokens=40, do_sample=False)
+        out = model.generate(**chat, max_new_tokens=16, do_sample=False)
     reply = tokenizer.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert "def " in reply and "return" in reply and "x" in reply, reply
+    assert "def square(x" in reply, reply  # measured: "```python\ndef square(x):\n    \"\"\"..."
