@@ -155,5 +155,5 @@ def test_readme_is_short_and_keeps_the_two_set_up_commands():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 250
     assert "./setup.sh && .venv/bin/python convert.py recipes/smollm2-135m-cpu.yaml" in text
-    assert "./setup.sh && .venv/bin/python -m pytest -n auto" in text
-    assert "./setup.sh && .venv/bin/python -m pytest -n auto" in (ROOT / ".ci" / "run").read_text()
+    assert "./setup.sh --with-qwen && .venv/bin/python -m pytest -n auto" in text
+    assert "./setup.sh --with-qwen && .venv/bin/python -m pytest -n auto" in (ROOT / ".ci" / "run").read_text()
