@@ -160,7 +160,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
         texts = load_eval_inputs(recipe, loaded.tokenizer, wrap, io.kind == "decoder")
         eval_windows = texts.windows[0]
         prompts = [p for set_prompts in texts.prompts for p in set_prompts]
-        _refuse_fixed_shape_generation(r.targets, bool(prompts))
+        _refuse_fixed_shape_generation(r.targets, bool(prompts), dry_run)
         lengths = {"calibration.seq_len": r.calibration.seq_len,
                    **{f"{set_label(recipe, s.name)}.seq_len": s.seq_len for s in r.parity.sets},
                    **({"selection.seq_len": r.selection.seq_len} if r.selection else {})}
@@ -260,15 +260,16 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
     return manifest
 
 
-def _refuse_fixed_shape_generation(targets: list[str], generates: bool) -> None:
+def _refuse_fixed_shape_generation(targets: list[str], generates: bool, dry_run: bool) -> None:
     """Before any work: generation parity re-runs a growing sequence, which a MIGraphX program (one
     fixed input shape) cannot take; without this the run would fail after calibration and export.
+    A dry run plans GPU targets without running their parity, so it is not refused.
 
     Raises:
         UserError: a MIGraphX target with generation parity on a decoder.
     """
     fixed = [t for t in targets if TARGETS[t].backend == "migraphx"]
-    if generates and fixed:
+    if generates and fixed and not dry_run:
         raise UserError(f"{', '.join(fixed)}: a MIGraphX program has one fixed input shape and generation parity "
                         "runs a growing sequence; set parity.generation.enabled: false for MIGraphX targets")
 

@@ -314,21 +314,14 @@ def test_recipe_refuses_migraphx_with_a_kv_cache(write_recipe, tmp_path):
     assert load_recipe(write_recipe({**data, "targets": ["h100-tensorrt"]})).recipe.export.kv_cache is True
 
 
-def test_migraphx_with_generation_parity_is_refused_before_any_work(tiny_checkpoints, tmp_path):
+def test_migraphx_with_generation_parity_is_refused_before_any_work():
     """Generation parity re-runs a growing sequence: a fixed-shape MIGraphX program cannot take it, and
-    the run says so at load, not after calibration and export."""
-    import yaml
+    the load stage says so before calibration and export. A dry run only plans GPU targets (no parity
+    runs), so it goes on."""
+    from converter.pipeline import _refuse_fixed_shape_generation
 
-    from conftest import tiny_recipe_dict
-    from test_cli import run_cli
-
-    data = tiny_recipe_dict(tiny_checkpoints["llama"])
-    data["targets"] = ["mi300-migraphx"]
-    data["engine"] = {"batch": {"min": 1, "opt": 2, "max": 2}, "sequence": {"min": 1, "opt": 64, "max": 64}}
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(data))
-    code, _, stderr = run_cli(recipe, "--output-dir", tmp_path / "out", "--dry-run", "--quiet")
-    assert code == 1
-    last = stderr.strip().splitlines()[-1]
-    assert "mi300-migraphx" in last and "parity.generation.enabled: false" in last
-    assert not any((tmp_path / "out").rglob("model.onnx"))  # refused before the export
+    with pytest.raises(UserError, match=r"mi300-migraphx: .*parity.generation.enabled: false"):
+        _refuse_fixed_shape_generation(["cpu-onnxruntime", "mi300-migraphx"], True, dry_run=False)
+    _refuse_fixed_shape_generation(["mi300-migraphx"], False, dry_run=False)  # generation off, or an encoder
+    _refuse_fixed_shape_generation(["mi300-migraphx"], True, dry_run=True)
+    _refuse_fixed_shape_generation(["cpu-onnxruntime", "h100-tensorrt"], True, dry_run=False)

@@ -212,14 +212,16 @@ def test_smollm2_materializes_byte_identical_to_whole_model_save(tmp_path):
 
 
 _PEAK_CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (imports are not what is measured)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 sys.path.insert(0, "tests")
 from test_packaged import whole_model_save
 from converter import gguf_stream
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's resident size at fork (a pytest
+# worker that converted a real model earlier: 7 GB), while exec gives it a new, unmeasured address space.
+peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 base = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
 if sys.argv[3] == "streamed":

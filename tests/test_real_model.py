@@ -151,12 +151,13 @@ def test_a_real_triton_server_serves_the_artifacts_greedy_tokens(smollm2_artifac
     artifact, model = Path(result["artifact"]), f"{manifest['name']}-generate"
     prompts = ["The license grants you the right to", "Patient presents with", "Apache",
                "Unless required by applicable law or agreed to in writing, software"]
-    expected = {}
+    expected, prompt_ids = {}, {}
     for prompt in prompts:
         proc = subprocess.run([sys.executable, "convert.py", "generate", str(artifact), "--prompt", prompt,
                                "--max-new-tokens", "24", "--json"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        expected[prompt] = json.loads(proc.stdout)["tokens"]
+        record = json.loads(proc.stdout)
+        expected[prompt], prompt_ids[prompt] = record["tokens"], record["prompt_tokens"]
     with serve.start(artifact / "triton", [model], tmp_path / "tritonserver.log") as server:
         answers = {}
         threads = [threading.Thread(target=lambda p=p: answers.__setitem__(
@@ -165,6 +166,38 @@ def test_a_real_triton_server_serves_the_artifacts_greedy_tokens(smollm2_artifac
             t.start()
         for t in threads:
             t.join(300)
-        assert answers == expected
-        streamed, errors = grpc_generate(server, prompts[0], 24, stream=True, model=model)
+        # Batched, left-padded decode sums the attention over other lengths than batch 1 does: the last
+        # bits differ, and on a real INT8 model that can flip a static-scale rounding and, at a near-tie,
+        # a token (3 of 4 prompts equal, one flipped at its 2nd token, in one CI run). A served answer
+        # must equal generate's, or leave it only where the batch-1 artifact's two candidates are within
+        # NEAR_TIE logits; a wrong position or cache would leave it at a clear winner.
+        for prompt in prompts:
+            _same_or_near_tie(artifact, prompt_ids[prompt], expected[prompt], answers[prompt])
+        assert sum(answers[p] == expected[p] for p in prompts) >= len(prompts) // 2
+        streamed, errors = grpc_generate(server, prompts[0], 24, stream=True, model=model)  # alone: batch 1
         assert errors == [] and [ids for _, ids in streamed] == [[t] for t in expected[prompts[0]]]
+
+
+NEAR_TIE = 0.5  # logits; INT8 rounding flips move SmolLM2's logits by up to ~0.16
+
+
+def _same_or_near_tie(artifact, prompt_ids: list[int], expected: list[int], served: list[int]) -> None:
+    """`served` equals `expected` (batch-1 greedy tokens), or first differs where the batch-1 artifact,
+    fed the prompt and the common prefix, scores the two tokens within NEAR_TIE."""
+    import numpy as np
+
+    from converter.runners import onnxruntime_session
+
+    assert len(served) == len(expected)
+    if served == expected:
+        return
+    step = next(i for i, (a, b) in enumerate(zip(served, expected)) if a != b)
+    ids = np.array([prompt_ids + expected[:step]], dtype=np.int64)
+    session = onnxruntime_session(artifact / "model.onnx")
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feed[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), dtype=np.float32)
+    logits = session.run(["logits"], feed)[0][0, -1]
+    gap = float(logits[expected[step]] - logits[served[step]])
+    assert 0 <= gap < NEAR_TIE, f"served token {served[step]} at step {step}: {gap:.3f} logits below generate's"
