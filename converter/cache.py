@@ -28,7 +28,7 @@ from converter import scratch
 CACHE_FORMAT = 6  # bump when what an entry holds changes (3: RMSNorm exported as Sqrt -> Div; 4: merged MatMuls;
 # 5: grouped-query attention exported without repeated K/V; 6: fake quant sums integer products, so a global
 # alpha search's and a fallback's scores moved in their last bits)
-PARITY_FORMAT = 2  # parity entries only (2: one row per evaluation set, BF16 yardstick)
+PARITY_FORMAT = 3  # parity entries only (2: one row per evaluation set, BF16 yardstick; 3: batched generation)
 ENV_DIR = "CONVERTER_CACHE_DIR"
 _META = "meta.json"
 

@@ -77,8 +77,13 @@ def load_eval_inputs(recipe: LoadedRecipe, tokenizer, wrap, decoder: bool) -> Ev
 
 
 def measure_parity(recipe: LoadedRecipe, checkpoint: Path, io, inputs: EvalInputs, candidate,
-                   fp32_path: Path) -> ParityReport:
-    """Every evaluation set's metrics and generation parity, the comparator runs, judged by the recipe."""
+                   fp32_path: Path, max_batch: int | None = None) -> ParityReport:
+    """Every evaluation set's metrics and generation parity, the comparator runs, judged by the recipe.
+
+    Args:
+        max_batch: the most rows the candidate takes in one call (a TensorRT profile's batch maximum);
+            None: any number.
+    """
     r = recipe.recipe
     layout = kvcache.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
     original = load_reference(checkpoint, r.source)  # once: metrics, the comparator and generation share it
@@ -89,13 +94,14 @@ def measure_parity(recipe: LoadedRecipe, checkpoint: Path, io, inputs: EvalInput
     checks = comparator_checks(reference, onnxruntime_runner(fp32_path, name="fp32-onnxruntime"), candidate,
                                inputs.windows[0], r.parity.polygraphy, io, layout)
     del reference
-    generations = _generations(r.parity.generation, original, candidate, layout, inputs.prompts)
+    generations = _generations(r.parity.generation, original, candidate, layout, inputs.prompts, max_batch)
     del original
     gc.collect()
     return judge([(s.name, m, g) for s, m, g in zip(r.parity.sets, metrics, generations)], checks, r.parity)
 
 
-def _generations(cfg, original: torch.nn.Module, candidate, layout, prompts: list[list[list[int]]]) -> list[dict | None]:
+def _generations(cfg, original: torch.nn.Module, candidate, layout, prompts: list[list[list[int]]],
+                 max_batch: int | None) -> list[dict | None]:
     """Generation parity on every set with prompts, then the BF16 yardstick on the same prompts.
 
     The yardstick casts `original` to bfloat16 in place: the FP32 reference is not needed after the
@@ -105,7 +111,8 @@ def _generations(cfg, original: torch.nn.Module, candidate, layout, prompts: lis
     with candidate:
         for i, set_prompts in enumerate(prompts):
             if set_prompts:
-                results[i] = generation_parity(original, candidate.infer, layout, set_prompts, cfg.max_new_tokens)
+                results[i] = generation_parity(original, candidate.infer, layout, set_prompts, cfg.max_new_tokens,
+                                               max_batch)
     if cfg.yardstick == "bf16" and any(m is not None for m in results):
         bf16 = original.to(torch.bfloat16)
         for m, set_prompts in zip(results, prompts):

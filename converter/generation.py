@@ -56,9 +56,50 @@ def greedy_graph(step: Step, layout: KvLayout | None, prompt: list[int], max_new
             return
 
 
-def _whole_sequence_feed(ids: list[int], layout: KvLayout | None) -> dict:
-    """A batch-1 feed that runs all of `ids` at once: a prefill with empty past tensors on a KV graph."""
-    x = np.array([ids], dtype=np.int64)
+def greedy_graph_batch(step: Step, layout: KvLayout | None, prompts: list[list[int]],
+                       max_new_tokens: int) -> list[list[int]]:
+    """`greedy_graph` for prompts of one length, all rows in one batch (EOS ignored): no padding, so
+    each row sees what it would alone (the int8 kernels sum integer products exactly; a float
+    reduction may still differ in its last bits from batch 1, as in any batched decode).
+    """
+    assert len({len(p) for p in prompts}) == 1, "one prompt length per batch"  # internal: see greedy_graph_many
+    ids = np.array(prompts, dtype=np.int64)  # (B, P + generated)
+    past = None
+    for _ in range(max_new_tokens):
+        if layout is None or past is None:
+            out = step(_whole_sequence_feed(ids, layout))
+        else:
+            out = step({"input_ids": ids[:, -1:], "attention_mask": np.ones(ids.shape, dtype=np.int64), **past})
+        if layout is not None:
+            past = {p: out[q] for p, q in zip(past_names(layout.num_layers), present_names(layout.num_layers))}
+        ids = np.concatenate([ids, np.asarray(out["logits"])[:, -1].argmax(-1)[:, None].astype(np.int64)], axis=1)
+    return ids[:, len(prompts[0]):].tolist()
+
+
+def greedy_graph_many(step: Step, layout: KvLayout | None, prompts: list[list[int]], max_new_tokens: int,
+                      max_batch: int | None = None) -> list[list[int]]:
+    """`greedy_graph` for every prompt, batched by prompt length in batches of at most `max_batch`
+    rows (None: no limit; a TensorRT engine's profile sets one)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows in _length_batches(prompts, max_batch):
+        for i, tokens in zip(rows, greedy_graph_batch(step, layout, [prompts[i] for i in rows], max_new_tokens)):
+            out[i] = tokens
+    return out
+
+
+def _length_batches(prompts: list[list[int]], max_batch: int | None) -> list[list[int]]:
+    """Row indices of `prompts` grouped by prompt length, each group split into at most `max_batch` rows."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    size = max_batch or len(prompts) or 1
+    return [rows[k:k + size] for rows in by_length.values() for k in range(0, len(rows), size)]
+
+
+def _whole_sequence_feed(ids, layout: KvLayout | None) -> dict:
+    """A feed that runs all of `ids` (one row, or a (B, T) array) at once: a prefill with empty past
+    tensors on a KV graph."""
+    x = np.array(ids, dtype=np.int64).reshape(-1, np.shape(ids)[-1])
     mask = np.ones_like(x)
     return {"input_ids": x, "attention_mask": mask} if layout is None else prefill_feed(x, mask, layout)
 
@@ -68,18 +109,36 @@ def sequence_logits(step: Step, layout: KvLayout | None, ids: list[int]) -> np.n
     return np.asarray(step(_whole_sequence_feed(ids, layout))["logits"])[0]
 
 
+def batch_logits(step: Step, layout: KvLayout | None, max_batch: int | None = None):
+    """A `stepwise_agreement` logits function that runs sequences of one length together, in batches of at
+    most `max_batch` rows: [ids (T,), ...] -> [logits (T, V), ...]."""
+    def logits_of(sequences: list[list[int]]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.empty(0)] * len(sequences)
+        for rows in _length_batches(sequences, max_batch):
+            logits = np.asarray(step(_whole_sequence_feed([sequences[i] for i in rows], layout))["logits"])
+            for i, row in zip(rows, logits):
+                out[i] = row
+        return out
+    return logits_of
+
+
 def stepwise_agreement(logits_of: Callable[[list[int]], np.ndarray], prompts: list[list[int]],
-                       reference: list[list[int]]) -> float:
+                       reference: list[list[int]], batched: Callable[[list[list[int]]], list[np.ndarray]] | None = None
+                       ) -> float:
     """Mean over prompts of the steps where the candidate, fed the prompt and the reference's tokens
     before the step, picks the reference's token (see the module docstring).
 
     Args:
         logits_of: token ids (T,) -> the candidate's logits (T, V), one causal pass.
         reference: the reference's greedy continuation of each prompt.
+        batched: optional, instead of `logits_of`: every sequence's logits at once (`batch_logits`).
     """
-    rates = [float(np.mean(stepwise_picks(logits_of, prompt, tokens) == np.asarray(tokens)))
-             for prompt, tokens in zip(prompts, reference, strict=True)]
-    return float(np.mean(rates))
+    if batched is not None:
+        sequences = [list(p) + list(t[:-1]) for p, t in zip(prompts, reference, strict=True)]
+        picks = [logits[len(p) - 1:].argmax(-1) for p, logits in zip(prompts, batched(sequences))]
+    else:
+        picks = [stepwise_picks(logits_of, prompt, tokens) for prompt, tokens in zip(prompts, reference, strict=True)]
+    return float(np.mean([float(np.mean(p == np.asarray(t))) for p, t in zip(picks, reference, strict=True)]))
 
 
 def stepwise_picks(logits_of: Callable[[list[int]], np.ndarray], prompt: list[int], tokens: list[int]) -> np.ndarray:
@@ -116,11 +175,8 @@ def greedy_torch_batch(model: torch.nn.Module, prompts: list[list[int]], max_new
 
 def greedy_torch_many(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """`greedy_torch` for every prompt, batched by prompt length (evaluation-window prompts share one)."""
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
     out: list[list[int]] = [[] for _ in prompts]
-    for rows in by_length.values():
+    for rows in _length_batches(prompts, None):
         for i, tokens in zip(rows, greedy_torch_batch(model, [prompts[i] for i in rows], max_new_tokens)):
             out[i] = tokens
     return out
@@ -135,6 +191,20 @@ def torch_logits(model: torch.nn.Module) -> Callable[[list[int]], np.ndarray]:
     return logits_of
 
 
+def torch_batch_logits(model: torch.nn.Module) -> Callable[[list[list[int]]], list[np.ndarray]]:
+    """`torch_logits` for many sequences, those of one length in one batch (no padding)."""
+    @torch.no_grad()
+    def logits_of(sequences: list[list[int]]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.empty(0)] * len(sequences)
+        for rows in _length_batches(sequences, None):
+            x = torch.tensor([sequences[i] for i in rows], dtype=torch.int64)
+            logits = model(input_ids=x, use_cache=False).logits.float().numpy()
+            for i, row in zip(rows, logits):
+                out[i] = row
+        return out
+    return logits_of
+
+
 def yardstick(model: torch.nn.Module, prompts: list[list[int]], reference: list[list[int]]) -> dict:
     """How closely another precision of the reference (e.g. the checkpoint in bfloat16) follows FP32's
     greedy tokens `reference` on the same prompts: the rates GenerationMetrics reports for the artifact."""
@@ -142,7 +212,7 @@ def yardstick(model: torch.nn.Module, prompts: list[list[int]], reference: list[
     metrics = compare_tokens(reference, tokens, len(prompts[0]))
     return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "token_agreement": metrics.token_agreement, "prefix_agreement": metrics.prefix_agreement,
-            "stepwise_agreement": stepwise_agreement(torch_logits(model), prompts, reference),
+            "stepwise_agreement": stepwise_agreement(None, prompts, reference, batched=torch_batch_logits(model)),
             "tokens": tokens}
 
 
@@ -186,17 +256,15 @@ def compare_tokens(reference: list[list[int]], candidate: list[list[int]], promp
 
 
 def generation_parity(reference_model: torch.nn.Module, candidate_step: Step, layout: KvLayout | None,
-                      prompts: list[list[int]], max_new_tokens: int) -> GenerationMetrics:
-    """Greedy-generate from every prompt with the PyTorch reference and the candidate graph."""
-    from converter.progress import track
-
+                      prompts: list[list[int]], max_new_tokens: int, max_batch: int | None = None) -> GenerationMetrics:
+    """Greedy-generate from every prompt with the PyTorch reference and the candidate graph, prompts of one
+    length batched (at most `max_batch` rows per candidate call; None: no limit)."""
     reference = greedy_torch_many(reference_model, prompts, max_new_tokens)
-    candidate = [list(greedy_graph(candidate_step, layout, prompt, max_new_tokens))
-                 for prompt in track(prompts, "generate", total=len(prompts))]
+    candidate = greedy_graph_many(candidate_step, layout, prompts, max_new_tokens, max_batch)
     metrics = compare_tokens(reference, candidate, len(prompts[0]) if prompts else 0)
     if prompts:
-        metrics.stepwise_agreement = stepwise_agreement(lambda ids: sequence_logits(candidate_step, layout, ids),
-                                                        prompts, reference)
+        metrics.stepwise_agreement = stepwise_agreement(None, prompts, reference,
+                                                        batched=batch_logits(candidate_step, layout, max_batch))
     return metrics
 
 

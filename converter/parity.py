@@ -9,6 +9,7 @@ model moves logits by ~0.1.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -216,7 +217,8 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
     io = io or ModelIO("decoder", ("input_ids", "attention_mask"), "logits")
     feeds = [{**io.feed(ids, mask), **(layout.empty_past(len(ids)) if layout is not None else {})}
              for ids, mask in windows.batches(1)][: cfg.samples]
-    results = Comparator.run([torch_runner, fp32_runner, int8_runner], data_loader=feeds)
+    with _no_discarded_stats():
+        results = Comparator.run([torch_runner, fp32_runner, int8_runner], data_loader=feeds)
     if layout is not None:  # keep only the logits of every run
         from polygraphy.comparator.struct import IterationResult
 
@@ -229,7 +231,8 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
         ("int8_vs_fp32_onnx", (1, 2), "mean", cfg.int8_atol),
     ):
         func = SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat=stat)
-        accuracy = Comparator.compare_accuracy(results, comparisons=[pair], compare_func=func)
+        with _no_discarded_stats():
+            accuracy = Comparator.compare_accuracy(results, comparisons=[pair], compare_func=func)
         # AccuracyResults: one AccuracyResult per compare func: {(runner, runner): [{output: result}]}
         per_iteration = next(iter(accuracy[0].values()))
         outs = [it[io.output] for it in per_iteration]
@@ -245,6 +248,25 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
             )
         )
     return checks
+
+
+@contextmanager
+def _no_discarded_stats():
+    """Polygraphy formats every output's statistics (a median and quantiles: a sort of all its values,
+    ~8 s for the comparator's logits of a 49k-vocabulary model) before its logger drops the line. While
+    that logger is silenced (converter.runners), skip the formatting; the comparison is unchanged."""
+    from polygraphy.comparator import util as comp_util
+    from polygraphy.logger import G_LOGGER
+
+    if G_LOGGER.module_severity.get() <= G_LOGGER.INFO:
+        yield
+        return
+    saved = comp_util.log_output_stats
+    comp_util.log_output_stats = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        comp_util.log_output_stats = saved
 
 
 def check_thresholds(metrics: ParityMetrics, checks: list[ComparatorCheck], t: Thresholds,

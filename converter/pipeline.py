@@ -379,7 +379,9 @@ def _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp
         record.ran, record.cache = report is None, _cache_state(store, report is not None)
         if report is None:
             candidate = target.runner(qdq.path, build)
-            report = measure_parity(recipe, loaded.path, io, texts, candidate, fp32_path)
+            # a GPU engine takes at most its profile's batch; an ONNX Runtime session any
+            report = measure_parity(recipe, loaded.path, io, texts, candidate, fp32_path,
+                                    r.engine.batch.max if target.gpu else None)
             cache.save_parity(store, key, report)
     report_warnings(report, name)
     return {"build": build.to_dict(), "parity": report.to_dict()}

@@ -16,7 +16,8 @@ from converter.data import Windows
 from converter.errors import UserError
 from converter.export import export_fp32, insert_qdq
 from converter.ort_attention import check_fusable
-from converter.generation import (compare_tokens, greedy_graph, greedy_torch, sequence_logits, session_step,
+from converter.generation import (batch_logits, compare_tokens, greedy_graph, greedy_graph_many, greedy_torch,
+                                  sequence_logits, session_step,
                                   stepwise_agreement, stepwise_picks)
 from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
 from converter.recipe import Export, Quantization, Smoothing
@@ -108,6 +109,32 @@ def test_ort_int8_greedy_tokens_equal_pytorch_fake_quant(kv_exported):
     assert ort_tokens == fq_tokens
     assert all(len(t) == 20 for t in ort_tokens)
     assert len({tuple(t) for t in ort_tokens}) == len(prompts)  # the prompts really steer generation
+
+
+def test_batched_greedy_and_stepwise_equal_one_prompt_at_a_time(kv_exported):
+    """Generation parity batches prompts of one length (at most max_batch rows): each row's tokens and
+    stepwise picks are the ones it gets alone, including rows of another length in their own batch."""
+    _, _, _, _, kv_int8, _, _ = kv_exported
+    calls = []
+    session_run = session_step(onnxruntime_session(kv_int8.path))
+
+    def step(feed):
+        calls.append(feed["input_ids"].shape[0])
+        return session_run(feed)
+
+    layout = kvcache.graph_kv_layout(kv_int8.path)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=gen)] for n in (12, 12, 12, 7, 12)]
+    alone = [list(greedy_graph(session_run, layout, p, 10)) for p in prompts]
+    assert len({tuple(t) for t in alone}) == len(prompts)  # the rows really differ
+    batched = greedy_graph_many(step, layout, prompts, 10, max_batch=3)
+    assert batched == alone
+    assert sorted(set(calls)) == [1, 3]  # rows of length 12 in batches of 3 and 1; the length-7 prompt alone
+    # its own first 5 tokens (picked), then 5 random ones (mostly missed)
+    reference = [t[:5] + [int(x) for x in torch.randint(0, 300, (5,), generator=gen)] for t in alone]
+    one_by_one = stepwise_agreement(lambda ids: sequence_logits(session_run, layout, ids), prompts, reference)
+    assert stepwise_agreement(None, prompts, reference, batched=batch_logits(session_run, layout, 2)) == one_by_one
+    assert 0.5 <= one_by_one < 1
 
 
 def test_greedy_graph_without_cache_equals_with_cache(kv_exported):
