@@ -31,14 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_run import RESULTS, SMOLLM2_FP32, run_convert, stamp, write_results
+from cli_run import RESULTS, SMOLLM2_FP32, no_gates, run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
 CLINICAL = ROOT / "recipes" / "smollm2-135m-clinical-cpu.yaml"
 TEXTS = {"license (in domain)": "data/apache-2.0.txt", "clinical": "data/clinical-reports.txt"}
-NO_GATES = [f"parity.thresholds.{k}=null" for k in
-            ("max_ppl_ratio", "min_mean_cosine", "min_min_cosine", "min_top1_agreement", "max_kl")]
 O1 = "quantization.activations={mode: dynamic, granularity: per_token}"
 O2 = "quantization.activations={mode: dynamic, granularity: per_tensor}"
 FALLBACK = ["quantization.fallback.enabled=true", "quantization.fallback.target_kl=null",
@@ -220,7 +218,7 @@ def main() -> None:
         for index, (name, (recipe_path, overrides)) in enumerate(OURS.items()):
             if args.only is not None and not any(key in name for key in args.only):
                 continue
-            result, wall = run_convert(recipe_path, work / f"ours{index}", overrides + NO_GATES +
+            result, wall = run_convert(recipe_path, work / f"ours{index}", overrides + no_gates(recipe_path) +
                                        ["parity.polygraphy.int8_atol=1000", "parity.generation.enabled=false"],
                                        ["--no-cache"])
             build = result["targets"]["cpu-onnxruntime"]

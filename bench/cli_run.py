@@ -32,6 +32,20 @@ def run_convert(recipe: Path, out: Path, overrides: list[str], flags: list[str])
     return json.loads(proc.stdout), wall
 
 
+def no_gates(recipe: Path) -> list[str]:
+    """`--set` overrides that turn off every parity threshold of `recipe` (its top-level thresholds and
+    each `parity.eval` set's), so a benchmark row publishes what it measures instead of failing."""
+    import yaml
+
+    from converter.recipe import Thresholds
+
+    raw = yaml.safe_load(recipe.read_text())
+    sets = (raw.get("parity") or {}).get("eval")
+    prefixes = ["parity.thresholds"] + [f"parity.eval.{i}.thresholds" for i in range(len(sets))] \
+        if isinstance(sets, list) else ["parity.thresholds"]
+    return [f"{prefix}.{field}=null" for prefix in prefixes for field in Thresholds.model_fields]
+
+
 def shipped_artifact(artifact: Path | None, recipe: Path, work: Path) -> Path:
     """`artifact` when given, else the artifact that converting `recipe` into `work` publishes."""
     if artifact is not None:

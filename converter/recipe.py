@@ -537,10 +537,12 @@ class LoadedRecipe(BaseModel):
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--set a.b.c=value` overrides to a raw recipe dict (values are parsed as YAML).
+    """Apply `--set a.b.c=value` overrides to a raw recipe dict (values are parsed as YAML). A number
+    indexes a list the recipe already has: `parity.eval.1.thresholds.max_kl=0.2`.
 
     Raises:
-        UserError: an override is not of the form key=value, or walks through a non-mapping.
+        UserError: an override is not of the form key=value, walks through a non-mapping, or indexes
+            past the end of a list.
     """
     out = copy.deepcopy(raw)
     for item in overrides:
@@ -549,12 +551,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. smoothing.alpha=0.8")
         parts = key.strip().split(".")
         node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = yaml.load(text, Loader=_YamlLoader) if text.strip() else None
+        for i, part in enumerate(parts):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {key}: {where}: {'.'.join(parts[:i])} is a list of {len(node)}; "
+                                    f"index it with 0..{len(node) - 1}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise UserError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+            if i == len(parts) - 1:
+                node[part] = yaml.load(text, Loader=_YamlLoader) if text.strip() else None
+            else:
+                if isinstance(node, dict):
+                    node.setdefault(part, {})
+                node = node[part]
     return out
 
 

@@ -160,6 +160,20 @@ def test_apply_overrides_does_not_mutate_input():
     assert raw == {"a": {"b": 1}} and out == {"a": {"b": 2, "c": {"d": "x"}}}
 
 
+def test_overrides_index_a_list_the_recipe_has():
+    raw = {"parity": {"eval": [{"name": "a", "thresholds": {"max_kl": 0.1}}, {"name": "b"}]}}
+    out = apply_overrides(raw, ["parity.eval.1.thresholds.max_kl=null", "parity.eval.0.thresholds.max_kl=0.2"])
+    assert out["parity"]["eval"] == [{"name": "a", "thresholds": {"max_kl": 0.2}}, {"name": "b", "thresholds": {"max_kl": None}}]
+    with pytest.raises(UserError, match=r"parity.eval.2: parity.eval is a list of 2; index it with 0..1"):
+        apply_overrides(raw, ["parity.eval.2.thresholds.max_kl=1"])
+    with pytest.raises(UserError, match=r"parity.eval.b: parity.eval is a list of 2"):
+        apply_overrides(raw, ["parity.eval.b.name=c"])
+    with pytest.raises(UserError, match=r"parity.eval.0.name is not a section"):
+        apply_overrides(raw, ["parity.eval.0.name.x=1"])
+    shipped = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["parity.eval.1.thresholds.max_ppl_ratio=1.5"])
+    assert shipped.recipe.parity.sets[1].thresholds.max_ppl_ratio == 1.5
+
+
 def test_resolved_recipe_fills_defaults_and_digest_tracks_changes():
     a = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml")
     b = load_recipe(ROOT / "recipes" / "smollm2-135m-cpu.yaml", ["smoothing.alpha=0.5"])
