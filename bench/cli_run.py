@@ -56,9 +56,12 @@ def shipped_artifact(artifact: Path | None, recipe: Path, work: Path) -> Path:
 
 def stamp() -> dict:
     """The UTC date and the machine that every results file records (the CPU model too: ratios such
-    as INT8 / FP32 move with the vector units, e.g. full- or half-width AVX-512)."""
+    as INT8 / FP32 move with the vector units, e.g. full- or half-width AVX-512), and the machine's
+    1/5/15-minute load averages when the results are written: above the core count, other work shared
+    the cores during the run, and its times are longer than a quiet machine's."""
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores, {platform.machine()}, {cpu_model()}"}
+            "machine": f"{os.cpu_count()} cores, {platform.machine()}, {cpu_model()}, load {load}"}
 
 
 def cpu_model() -> str:
