@@ -33,6 +33,7 @@ ROWS: dict[str, list[str]] = {
     "shipped recipe": [],
     "alpha 0.7 (the selection text's choice)": ["smoothing.alpha=0.7"],
     "per-group alpha search": ["smoothing.search=per_group"],
+    "per-block alpha search": ["smoothing.search=per_block"],
     "range: percentile 99.99": ["quantization.activations.range=percentile",
                                 "quantization.activations.percentile=99.99"],
     "range: mse": ["quantization.activations.range=mse"],

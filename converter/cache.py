@@ -69,7 +69,8 @@ def stage_keys(recipe, checkpoint_sha256: str, calibration_sha256: str, selectio
     # an alpha search scores fake-quant outputs, so its result depends on quantization settings too:
     # all of them for the global search (whole fake-quant models), the activation level per group
     searched_with = {"global": r.quantization.model_dump(mode="json"),
-                     "per_group": r.quantization.activations.level}.get(r.smoothing.search)
+                     "per_group": r.quantization.activations.level,
+                     "per_block": r.quantization.activations.level}.get(r.smoothing.search)
     # the selection text matters only to what scores on it (absent or unread: the keys of before)
     tuned = r.smoothing.search != "off" or r.quantization.fallback.enabled
     selected_on = [selection_sha256] if selection_sha256 is not None and tuned else []

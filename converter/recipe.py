@@ -90,10 +90,11 @@ class Smoothing(_Section):
         description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o; "
         "head_in: final norm->lm_head. A group whose linears are not quantized is skipped.",
     )
-    search: Literal["off", "global", "per_group"] = Field(
+    search: Literal["off", "global", "per_group", "per_block"] = Field(
         default="off",
         description="off: `alpha` everywhere; global: the grid alpha with the least fake-quant KL; "
-        "per_group: each group's grid alpha with the least W8A8 output error.",
+        "per_group: each group's grid alpha with the least W8A8 output error; per_block: each block's grid "
+        "alpha with the least W8A8 error of the whole block's output (weights and activations fake-quantized).",
     )
     alpha_grid: list[float] = Field(
         default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)], min_length=1

@@ -4,6 +4,10 @@
   linears (against float, on captured calibration inputs) is least. Smoothing preserves the float
   function, so each group's float inputs do not depend on the other groups' alphas: the searches are
   independent and cheap (a few small GEMMs per alpha).
+* `per_block`: each block gets the alpha whose smoothed block, weights and activations fake-quantized
+  together, reproduces the float block's output best on captured inputs (AWQ's scale search and Intel
+  Neural Compressor's auto-alpha judge a block this way): unlike `per_group` it sees how the block's
+  groups' errors add up through attention and the MLP. Independent per block, as `per_group`.
 * `global`: the SmoothQuant paper's method: one alpha for the whole model, the one whose fake-quant
   model has the least KL divergence from the float model's next-token distribution.
 """
@@ -96,6 +100,111 @@ def per_group_alphas(model, spec: ArchSpec, cfg: Smoothing, act_amax, windows: W
 
 
 @torch.no_grad()
+def capture_block_calls(model, spec: ArchSpec, windows: Windows, batch_size: int) -> list[list[tuple[tuple, dict]]]:
+    """Every block's arguments (positional, keyword) for each batch of `windows`, from a float pass
+    without a cache: replaying them runs one block alone, as the whole model would."""
+    blocks = list(model.get_submodule(spec.blocks))
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+
+    def make_hook(index: int):
+        def hook(_module, args, kwargs):
+            calls[index].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        for ids, mask in windows.batches(batch_size):
+            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _block_output(block, calls) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in calls:
+        out = block(*args, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def block_w8a8_error(block, prefix: str, groups, act_amax, alpha: float, spec: ArchSpec, layout, quant: Quantization,
+                     calls, reference: list[torch.Tensor]) -> float:
+    """W8A8 error of one block smoothed at `alpha`: its groups smoothed, its quantized linears given static
+    abs-max ranges measured on the replayed inputs, weights and activations fake-quantized together;
+    returns ||out_q - out||^2 / ||out - x||^2 over the replayed calls (the error of the block's update to
+    the residual stream, whose size does not depend on alpha).
+
+    Args:
+        prefix: the block's module name with a trailing dot ("model.layers.3.").
+        groups: the block's enabled smoothing groups.
+        act_amax: per-channel input abs-max of the quantized linears (full names), before smoothing.
+    """
+    from converter.smooth import _smooth_group
+
+    candidate = copy.deepcopy(block)
+    for group in groups:
+        _smooth_group(candidate, group, act_amax[prefix + group.balance[0]], alpha, spec.norm_offset, layout)
+    names = [n[len(prefix):] for n in act_amax if n.startswith(prefix)]
+    ranges: dict[str, float] = {}
+
+    def record(name):
+        def hook(_module, args):
+            ranges[name] = max(ranges.get(name, 0.0), float(args[0].abs().max()))
+        return hook
+
+    handles = [candidate.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    try:
+        _block_output(candidate, calls)
+    finally:
+        for h in handles:
+            h.remove()
+    apply_fake_quant(candidate, plan_quantization(candidate, names, ranges, quant.model_copy(update={"exclude": []})))
+    err = update = 0.0
+    for (args, kwargs), ref, out in zip(calls, reference, _block_output(candidate, calls)):
+        x = args[0] if args else kwargs["hidden_states"]
+        err += float((out - ref).double().pow(2).sum())
+        update += float((ref - x).double().pow(2).sum())
+    return err / max(update, 1e-30)
+
+
+@torch.no_grad()
+def per_block_alphas(model, spec: ArchSpec, cfg: Smoothing, quant: Quantization, act_amax, windows: Windows,
+                     batch_size: int) -> AlphaSearch:
+    """One alpha per block: the grid alpha whose smoothed, fake-quantized block (weights and activations
+    together, as AWQ's scale search and Intel Neural Compressor's auto-alpha judge it) reproduces the
+    float block's output best on captured inputs. Smoothing keeps the float function, so each block's
+    float inputs do not depend on the other blocks' alphas: the searches are independent. The head
+    group (outside the blocks) is searched as `per_group` does."""
+    layout = head_layout(model.config)
+    search = AlphaSearch("per_block", list(cfg.alpha_grid), cfg.search_samples)
+    calls = capture_block_calls(model, spec, subset(windows, cfg.search_samples), batch_size)
+    blocks = list(model.get_submodule(spec.blocks))
+    for index, block in enumerate(track(blocks, "alpha search")):
+        prefix = f"{spec.blocks}.{index}."
+        groups = [g for g in spec.groups if g.name in cfg.groups and all(prefix + n in act_amax for n in g.balance)
+                  and not isinstance(group_scales(block, g, act_amax[prefix + g.balance[0]], 0.5, layout), str)]
+        if not groups:
+            continue
+        reference = _block_output(block, calls[index])
+        errors = [block_w8a8_error(block, prefix, groups, act_amax, alpha, spec, layout, quant, calls[index], reference)
+                  for alpha in cfg.alpha_grid]
+        best = cfg.alpha_grid[min(range(len(errors)), key=errors.__getitem__)]
+        search.errors[prefix[:-1]] = errors
+        for g in groups:
+            search.chosen[prefix + g.name] = best
+        calls[index] = []  # free the captured inputs as the search moves on
+    if spec.head_group is not None and spec.head_group.name in cfg.groups:
+        head = per_group_alphas(model, spec, cfg.model_copy(update={"groups": [spec.head_group.name]}), act_amax,
+                                windows, batch_size, act_mode(quant.activations.level))
+        search.chosen.update(head.chosen)
+        search.errors.update(head.errors)
+    return search
+
+
+@torch.no_grad()
 def _kl_to_reference(model, windows: Windows, reference: list[torch.Tensor], batch_size: int) -> float:
     total = count = 0.0
     for (ids, mask), ref_logp in zip(windows.batches(batch_size), reference):
@@ -135,6 +244,9 @@ def choose_alphas(model, spec: ArchSpec, cfg: Smoothing, quant: Quantization, li
         return cfg, None, None
     if cfg.search == "per_group":
         search = per_group_alphas(model, spec, cfg, act_amax, windows, batch_size, act_mode(quant.activations.level))
+        return cfg, search.chosen, search
+    if cfg.search == "per_block":
+        search = per_block_alphas(model, spec, cfg, quant, act_amax, windows, batch_size)
         return cfg, search.chosen, search
     search = global_alpha(model, spec, cfg, quant, linears, quantized, act_amax, windows, batch_size)
     return cfg.model_copy(update={"alpha": search.chosen["*"]}), None, search

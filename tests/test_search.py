@@ -88,3 +88,53 @@ def test_searched_alphas_are_applied_per_group():
     by_key = {f"model.layers.{g.block}.{g.group}": g.alpha for g in report.groups}
     assert by_key[KEY] == 0.25 and by_key["model.layers.0.mlp_down"] == 0.9
     assert by_key["model.layers.0.attn_in"] == 0.5
+
+
+def block_error_by_real_smoothing(model, spec, amax, windows, smoothing: Smoothing, block: int = 1):
+    """Independent path for the per-block search: smooth a whole copy, fake-quantize only block `block`'s
+    linears (static abs-max ranges re-measured on the smoothed copy) and compare that block's output
+    inside the full model with the float model's."""
+    smoothed = copy.deepcopy(model)
+    smooth(smoothed, amax, smoothing, spec)
+    sample = Windows(windows.input_ids[:2], "t", 2)
+    prefix = f"model.layers.{block}."
+    names = [n for n in amax if n.startswith(prefix)]
+    stats = collect_input_amax(smoothed, names, sample, 2)
+    apply_fake_quant(smoothed, plan_quantization(smoothed, names, stats.absmax_ranges(), Quantization(exclude=[])))
+    seen = {}
+
+    def keep(key, value):
+        seen.setdefault(key, value[0] if isinstance(value, tuple) else value)
+
+    for key, m in (("float", model), ("quant", smoothed)):
+        layer = m.get_submodule(prefix[:-1])
+        hooks = [layer.register_forward_pre_hook(
+                     lambda mod, args, kwargs, k=key: keep((k, "in"), args[0] if args else kwargs["hidden_states"]),
+                     with_kwargs=True),
+                 layer.register_forward_hook(lambda mod, args, out, k=key: keep((k, "out"), out))]
+        with torch.no_grad():
+            m(sample.input_ids)
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(seen[("quant", "in")], seen[("float", "in")], atol=1e-4)  # block 0 float: same input
+    err = float((seen[("quant", "out")] - seen[("float", "out")]).double().pow(2).sum())
+    return err / float((seen[("float", "out")] - seen[("float", "in")]).double().pow(2).sum())
+
+
+def test_per_block_search_scores_whole_blocks_and_applies_one_alpha_per_block():
+    from converter.search import choose_alphas
+
+    model, spec, linears, quantized, windows, stats = setup()
+    cfg = Smoothing(search="per_block", alpha_grid=GRID, search_samples=2)
+    applied, alphas, search = choose_alphas(model, spec, cfg, Quantization(exclude=[]), linears, quantized,
+                                            stats.amax, windows, 2)
+    assert search.mode == "per_block" and set(search.errors) == {"model.layers.0", "model.layers.1"}
+    independent = [block_error_by_real_smoothing(model, spec, stats.amax, windows, Smoothing(alpha=a)) for a in GRID]
+    assert search.errors["model.layers.1"] == pytest.approx(independent, rel=1e-3)
+    best = GRID[independent.index(min(independent))]
+    assert {k: v for k, v in alphas.items() if k.startswith("model.layers.1.")} == {
+        f"model.layers.1.{g}": best for g in ("attn_in", "mlp_in", "mlp_down", "attn_out")}
+    naive = block_error_by_real_smoothing(model, spec, stats.amax, windows, Smoothing(enabled=False))
+    assert min(independent) < 0.5 * naive  # planted outliers need smoothing, and the search finds it
+    report = smooth(model, stats.amax, applied, spec, alphas)
+    assert {(g.block, g.alpha) for g in report.groups if g.block == 1} == {(1, best)}
