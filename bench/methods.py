@@ -168,17 +168,28 @@ def measure(reference_logits, candidate, recipe, texts, references) -> dict:
     return out
 
 
+def commit() -> str:
+    """The checkout's commit (short), "+" when the working tree differs from it."""
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + ("+" if dirty else "")
+
+
 def markdown(results: dict) -> str:
     sets = results["sets"]
     head = " | ".join(f"{s}: ppl ratio | KL | stepwise" for s in sets)
     lines = [f"{results['recipe']} ({SMOLLM2_FP32 if 'smollm2' in results['recipe'] else 'FP32 = the checkpoint widened to FP32'}), "
              f"fake-quant W8A8 in PyTorch, {results['machine']}, {results['date']}", "",
-             f"| row | {head} | MACs in float | s |", "|---|" + "---|" * (3 * len(sets) + 2)]
+             f"| row | {head} | MACs in float | s | commit |", "|---|" + "---|" * (3 * len(sets) + 3)]
     for name, row in results["rows"].items():
         cells = " | ".join(f"x{row['sets'][s]['ppl_ratio']:.3f} | {row['sets'][s]['kl']:.3f} | "
                            + (f"{row['sets'][s]['stepwise']:.3f}" if row["sets"][s]["stepwise"] is not None else "-")
                            for s in sets)
-        lines.append(f"| {name} | {cells} | {100 * row['float_mac_share']:.1f}% | {row['seconds']:.0f} |")
+        lines.append(f"| {name} | {cells} | {100 * row['float_mac_share']:.1f}% | {row['seconds']:.0f} | "
+                     f"{row.get('commit', '?')} |")
     bf16 = results.get("bf16")
     if bf16:
         lines += ["", "BF16 (the yardstick: the checkpoint cast to bfloat16, no int8): " + "; ".join(
@@ -189,7 +200,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m-cpu.yaml")
-    parser.add_argument("--only", nargs="*", help="rows whose name contains one of these")
+    parser.add_argument("--only", nargs="*", help="re-run only the rows whose name contains one of these; the "
+                        "results file keeps its other rows (each row records its commit and date)")
     parser.add_argument("--name", default="methods", help="results file name (bench/results/<name>.*)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -208,6 +220,8 @@ def main() -> None:
     reference = loaded.model.eval()
     references = [greedy_torch_many(reference, p, base.recipe.parity.generation.max_new_tokens) if p else []
                   for p in texts.prompts]
+    path = RESULTS / f"{args.name}.json"
+    kept = json.loads(path.read_text()) if args.only and path.is_file() else {}
     results = {"recipe": str(args.recipe.relative_to(ROOT)), **stamp(),
                "sets": [s.name for s in base.recipe.parity.sets], "rows": {}}
     ref_logits = reference_logits(reference, base, texts)
@@ -233,7 +247,8 @@ def main() -> None:
             planned = {tuple(overrides): (smoothed, plan, float_share)}  # keep one planned model in memory
         smoothed, plan, float_share = planned[tuple(overrides)]
         candidate = apply(copy.deepcopy(smoothed), copy.copy(plan), float_acts)
-        results["rows"][name] = {"overrides": overrides, "float_activations": list(float_acts),
+        results["rows"][name] = {"commit": commit(), "date": stamp()["date"], "machine": stamp()["machine"],
+                                 "overrides": overrides, "float_activations": list(float_acts),
                                  "float_mac_share": float_share,
                                  "sets": measure(ref_logits, candidate, base, texts, references),
                                  "seconds": time.perf_counter() - start}
@@ -242,7 +257,10 @@ def main() -> None:
     if not args.only:
         bf16 = FloatLogits(copy.deepcopy(reference).to(torch.bfloat16))
         results["bf16"] = measure(ref_logits, bf16, base, texts, references)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    elif kept.get("recipe") == results["recipe"]:  # rows not re-run keep their numbers, in the file's order
+        results["rows"] = {**kept["rows"], **results["rows"]}
+        results["bf16"] = kept.get("bf16")
+    path.write_text(json.dumps(results, indent=1))
     (RESULTS / f"{args.name}.md").write_text(markdown(results))
     print(markdown(results))
 
