@@ -225,6 +225,9 @@ def main() -> None:
     results = {"recipe": str(args.recipe.relative_to(ROOT)), **stamp(),
                "sets": [s.name for s in base.recipe.parity.sets], "rows": {}}
     ref_logits = reference_logits(reference, base, texts)
+    if not args.only:  # the yardstick first: a run stopped early still has it
+        results["bf16"] = measure(ref_logits, FloatLogits(copy.deepcopy(reference).to(torch.bfloat16)), base, texts,
+                                  references)
     # the shipped recipe first, then its diagnostic rows (they share its plan), then the other methods
     first, *others = ROWS.items()
     rows = {first[0]: (first[1], ()), **{n: ([], f) for n, f in FLOAT_ACTS.items()}, **{n: (o, ()) for n, o in others}}
@@ -254,15 +257,18 @@ def main() -> None:
                                  "seconds": time.perf_counter() - start}
         del candidate
         print(f"{name}: {json.dumps(results['rows'][name]['sets'])}", file=sys.stderr, flush=True)
-    if not args.only:
-        bf16 = FloatLogits(copy.deepcopy(reference).to(torch.bfloat16))
-        results["bf16"] = measure(ref_logits, bf16, base, texts, references)
-    elif kept.get("recipe") == results["recipe"]:  # rows not re-run keep their numbers, in the file's order
-        results["rows"] = {**kept["rows"], **results["rows"]}
-        results["bf16"] = kept.get("bf16")
-    path.write_text(json.dumps(results, indent=1))
-    (RESULTS / f"{args.name}.md").write_text(markdown(results))
+        save(path, results, kept)
+    save(path, results, kept)
     print(markdown(results))
+
+
+def save(path: Path, results: dict, kept: dict) -> None:
+    """Write the results so far (after every row: a stopped run keeps what it measured); rows of `kept`
+    (the file before an --only run) that were not re-run stay, in the file's order."""
+    if kept.get("recipe") == results["recipe"]:
+        results = {**results, "rows": {**kept["rows"], **results["rows"]}, "bf16": results.get("bf16") or kept.get("bf16")}
+    path.write_text(json.dumps(results, indent=1))
+    path.with_suffix(".md").write_text(markdown(results))
 
 
 if __name__ == "__main__":
