@@ -41,15 +41,20 @@ ROWS: dict[str, list[str]] = {
         "calibration.files=[data/gpl-3.0.txt, data/clinical-calibration.txt]", "calibration.num_samples=64"],
     "sensitivity fallback (<= 10% MACs float)": ["quantization.fallback.enabled=true"],
 }
+# The ceiling of 8-bit weights: weight-only int8 without smoothing (smoothing only helps activations).
+CEILING = ("weight-only int8, no smoothing (the ceiling of 8-bit weights)", ["smoothing.enabled=false"], ("",))
 # Diagnostic rows: the shipped recipe with the activations of some linears left in float (weights int8).
 FLOAT_ACTS = {
-    "weight-only int8 (every activation float: the ceiling of 8-bit weights)": ("",),
+    "float activations: all (weight-only int8, weights smoothed at the recipe's alpha)": ("",),
     "float activations: q/k/v": ("q_proj", "k_proj", "v_proj"),
     "float activations: o_proj": ("o_proj",),
     "float activations: gate/up": ("gate_proj", "up_proj"),
     "float activations: down_proj": ("down_proj",),
     "float activations: lm_head": ("lm_head",),
 }
+
+
+ROW_NAMES = {*ROWS, *FLOAT_ACTS, CEILING[0]}
 
 
 class WeightOnlyLinear(torch.nn.Module):
@@ -230,7 +235,8 @@ def main() -> None:
                                   references)
     # the shipped recipe first, then its diagnostic rows (they share its plan), then the other methods
     first, *others = ROWS.items()
-    rows = {first[0]: (first[1], ()), **{n: ([], f) for n, f in FLOAT_ACTS.items()}, **{n: (o, ()) for n, o in others}}
+    rows = {first[0]: (first[1], ()), **{n: ([], f) for n, f in FLOAT_ACTS.items()}, **{n: (o, ()) for n, o in others},
+            CEILING[0]: CEILING[1:]}
     planned: dict[tuple, tuple] = {}  # overrides -> (smoothed model, plan, float share): diagnostic rows share one
     calibrated: dict[str, object] = {}  # calibration section -> first calibration's stats
     for name, (overrides, float_acts) in rows.items():
@@ -265,8 +271,9 @@ def main() -> None:
 def save(path: Path, results: dict, kept: dict) -> None:
     """Write the results so far (after every row: a stopped run keeps what it measured); rows of `kept`
     (the file before an --only run) that were not re-run stay, in the file's order."""
-    if kept.get("recipe") == results["recipe"]:
-        results = {**results, "rows": {**kept["rows"], **results["rows"]}, "bf16": results.get("bf16") or kept.get("bf16")}
+    if kept.get("recipe") == results["recipe"]:  # rows this script no longer defines are dropped
+        rows = {n: r for n, r in kept["rows"].items() if n in ROW_NAMES}
+        results = {**results, "rows": {**rows, **results["rows"]}, "bf16": results.get("bf16") or kept.get("bf16")}
     path.write_text(json.dumps(results, indent=1))
     path.with_suffix(".md").write_text(markdown(results))
 
