@@ -24,24 +24,28 @@ from pathlib import Path
 import torch
 import yaml
 
-from converter import cache, kvcache, package, scratch, triton
-from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
-from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import token_windows, window_wrap
-from converter.encoder import checkpoint_io
+from converter import scratch
+from converter import stage_cache as cache
+from converter.export import kv_graph as kvcache
+from converter.artifact import package
+from converter.artifact import triton
+from converter.models.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
+from converter.quant.calibrate import activation_ranges, collect_input_amax
+from converter.models.text import token_windows, window_wrap
+from converter.models.io import checkpoint_io
 from converter.errors import ParityFailure, UserError
-from converter.export import export_fp32, insert_qdq
-from converter.evalsets import load_eval_inputs, measure_parity, report_warnings, set_label
-from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.parity.evalsets import load_eval_inputs, measure_parity, report_warnings, set_label
+from converter.models.load import TOKENIZER_FILES, check_context, check_token_ids, load
 from converter.progress import note, warn
-from converter.quantize import check_patterns, plan_quantization, split_by_exclusions
+from converter.quant.quantize import check_patterns, plan_quantization, split_by_exclusions
 from converter.recipe import LoadedRecipe
-from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
-from converter.search import choose_alphas
-from converter.sensitivity import sensitivity_fallback, without
-from converter.smooth import smooth
-from converter.target_checks import check_targets_buildable, dry_run_parity, tensorrt_checks
-from converter.targets import TARGETS
+from converter.artifact.layer_report import activation_errors, channel_plot_data, layer_rows, write_report
+from converter.quant.alpha_search import choose_alphas
+from converter.quant.sensitivity import sensitivity_fallback, without
+from converter.quant.smooth import smooth
+from converter.targets.checks import check_targets_buildable, dry_run_parity, tensorrt_checks
+from converter.targets.registry import TARGETS
 
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 FRONT_STAGES = ("calibrate", "smooth", "quantize", "export")
@@ -113,7 +117,7 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
         dry_run: GPU targets record their exact build plan instead of building (no GPU needed).
         build_number: CI build number: the artifact version becomes `<output.version>-build<N>` and
             the Triton version folder `<N>`.
-        cache_dir: stage cache folder (see converter/cache.py); None computes everything.
+        cache_dir: stage cache folder (see converter/stage_cache.py); None computes everything.
 
     Raises:
         UserError: bad recipe contents, data or checkpoint, or a target that cannot build here
@@ -169,7 +173,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                 max(map(len, prompts)) + r.parity.generation.max_new_tokens)
         check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
         if r.export.attention == "onnxruntime" and io.kind == "decoder":  # not after minutes of calibration
-            from converter.ort_attention import check_fusable
+            from converter.export.ort_fusion import check_fusable
 
             check_fusable(loaded.model)
         check_token_ids(loaded.model, {"calibration data": int(calib.input_ids.max()),

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from converter.engine_options import EngineOptions
+from converter.targets.engine_options import EngineOptions
 from converter.errors import UserError, read_user_text
 
 SCHEMA_VERSION = 1
@@ -337,7 +337,7 @@ class DynamicBatching(_Section):
 
 
 class Triton(_Section):
-    """Triton model repository written into every artifact (`triton/`); see converter/triton.py."""
+    """Triton model repository written into every artifact (`triton/`); see converter/artifact/triton.py."""
 
     enabled: bool = True
     model_name: str | None = Field(default=None, pattern=_NAME_PATTERN,
@@ -352,7 +352,7 @@ class Triton(_Section):
 
 
 class FusedRowsSpec(_Section):
-    """Rows of a fused linear that produce a group's activation (see converter/archs.py FusedRows)."""
+    """Rows of a fused linear that produce a group's activation (see converter/models/archs.py FusedRows)."""
 
     parts: list[Literal["q", "kv", "ffn"]] = Field(min_length=1)
     take: int = Field(ge=0)
@@ -378,7 +378,7 @@ class GroupSpec(_Section):
 
 
 class Architecture(_Section):
-    """The layer map of a model class that is not in the built-in table (converter/archs.py).
+    """The layer map of a model class that is not in the built-in table (converter/models/archs.py).
 
     Paths of `linears` and `groups` are relative to one block; `lm_head` and `head_group` to the model.
     List only function-preserving groups: the producer's output must reach nothing but the balance
@@ -432,7 +432,7 @@ class Recipe(_Section):
     @field_validator("targets")
     @classmethod
     def _known_targets(cls, targets: list[str]) -> list[str]:
-        from converter.targets import TARGETS  # late import: targets imports heavy backends lazily
+        from converter.targets.registry import TARGETS  # late import: targets imports heavy backends lazily
 
         unknown = [t for t in targets if t not in TARGETS]
         if unknown:
@@ -441,7 +441,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _dynamic_on_cpu_only(self) -> Recipe:
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         level = self.quantization.activations.level
         gpu = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
@@ -455,7 +455,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _int8_embedding_one_layout(self) -> Recipe:
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         backends = {TARGETS[t].backend == "onnxruntime" for t in self.targets}
         if self.quantization.embedding == "int8" and len(backends) > 1:
@@ -469,7 +469,7 @@ class Recipe(_Section):
         """How the graph reads an int8 embedding table (None: the table is float). ONNX Runtime gathers
         int8 rows and scales them (it would dequantize the whole table on every run if a
         DequantizeLinear came first); TensorRT takes an int8 constant only as a DequantizeLinear input."""
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         if self.quantization.embedding != "int8":
             return None
@@ -489,7 +489,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _ort_attention_on_ort_only(self) -> Recipe:
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         if self.export.attention != "onnxruntime":
             return self
@@ -505,8 +505,8 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _no_kv_cache_on_migraphx(self) -> Recipe:
-        from converter.migraphx import KV_CACHE_REFUSAL
-        from converter.targets import TARGETS
+        from converter.targets.migraphx import KV_CACHE_REFUSAL
+        from converter.targets.registry import TARGETS
 
         migraphx = [t for t in self.targets if TARGETS[t].backend == "migraphx"]
         if migraphx and self.export.kv_cache:

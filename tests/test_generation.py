@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict
-from converter import kvcache
-from converter.calibrate import run_hooked
-from converter.data import Windows
-from converter.generation import greedy_graph, greedy_torch, session_step
-from converter.runners import onnxruntime_session
+from converter.export import kv_graph as kvcache
+from converter.quant.calibrate import run_hooked
+from converter.models.text import Windows
+from converter.parity.generation import greedy_graph, greedy_torch, session_step
+from converter.parity.runners import onnxruntime_session
 from test_cli import run_cli
 from tiny_models import build_tiny
 
@@ -84,7 +84,7 @@ def test_generation_parity_is_reported_and_gated(kv_artifact):
 
 def test_triton_config_carries_the_cache_tensors(kv_artifact):
     artifact, manifest, _ = kv_artifact
-    from converter.triton import CONFIG, parse_config
+    from converter.artifact.triton import CONFIG, parse_config
 
     folder = artifact / "triton" / f"{manifest['name']}-cpu-onnxruntime"
     config = parse_config((folder / CONFIG).read_text(), "kv")
@@ -194,7 +194,7 @@ def _word_tokenizer(chat_template: str | None):
 
 
 def test_prompts_file_lines_are_wrapped_in_the_chat_template(tmp_path):
-    from converter.generation import generation_prompts
+    from converter.parity.generation import generation_prompts
     from converter.recipe import Generation
 
     (tmp_path / "prompts.txt").write_text("what is a cyst ?\n\nnodule\n")
@@ -209,7 +209,7 @@ def test_prompts_file_lines_are_wrapped_in_the_chat_template(tmp_path):
 
 def test_chat_template_without_one_in_the_tokenizer_is_a_user_error(tmp_path):
     from converter.errors import UserError
-    from converter.generation import generation_prompts
+    from converter.parity.generation import generation_prompts
     from converter.recipe import Generation
 
     (tmp_path / "prompts.txt").write_text("what is a cyst ?\n")
@@ -231,8 +231,8 @@ def _bos_word_tokenizer():
 
 
 def test_prompts_get_the_tokenizers_leading_bos_and_never_its_trailing_eos(tmp_path):
-    from converter.data import added_special_tokens, text_ids, window_wrap
-    from converter.generation import generation_prompts, prompt_ids
+    from converter.models.text import added_special_tokens, text_ids, window_wrap
+    from converter.parity.generation import generation_prompts, prompt_ids
     from converter.recipe import Generation
 
     bos_tok, plain_tok = _bos_word_tokenizer(), _word_tokenizer(None)
@@ -264,7 +264,7 @@ def bos_artifact(tmp_path_factory):
 def test_a_bos_tokenizer_calibrates_and_evaluates_windows_that_start_with_bos(bos_artifact):
     from transformers import AutoTokenizer
 
-    from converter.data import token_windows
+    from converter.models.text import token_windows
     from converter.recipe import load_recipe
 
     recipe_path, artifact, manifest = bos_artifact

@@ -9,21 +9,21 @@ import onnx
 import pytest
 import torch
 
-from converter import kvcache
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
+from converter.export import kv_graph as kvcache
+from converter.models.archs import arch_spec, block_linear_names
+from converter.quant.calibrate import collect_input_amax
+from converter.models.text import Windows
 from converter.errors import UserError
-from converter.export import export_fp32, insert_qdq
-from converter.ort_attention import check_fusable
-from converter.generation import (batch_logits, compare_tokens, greedy_graph, greedy_graph_many, greedy_torch,
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.export.ort_fusion import check_fusable
+from converter.parity.generation import (batch_logits, compare_tokens, greedy_graph, greedy_graph_many, greedy_torch,
                                   sequence_logits, session_step,
                                   stepwise_agreement, stepwise_picks)
-from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
+from converter.quant.quantize import QuantPlan, apply_fake_quant, plan_quantization
 from converter.recipe import Export, Quantization, Smoothing
-from converter.runners import onnxruntime_session
-from converter.smooth import smooth
-from converter.targets import build_onnxruntime
+from converter.parity.runners import onnxruntime_session
+from converter.quant.smooth import smooth
+from converter.targets.registry import build_onnxruntime
 from tiny_models import DECODERS, build_tiny
 
 KV = Export(kv_cache=True)
@@ -200,8 +200,8 @@ def test_one_prefill_stepwise_picks_equal_the_kv_cache_loop(kv_exported):
 
 
 def test_tensorrt_profile_covers_past_and_mask_lengths(kv_exported):
-    from converter.engine_options import EngineOptions
-    from converter.tensorrt import profile_shapes
+    from converter.targets.engine_options import EngineOptions
+    from converter.targets.tensorrt import profile_shapes
 
     *_, kv_int8, _, _ = kv_exported
     options = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1, "opt": 1, "max": 64},
@@ -214,13 +214,13 @@ def test_tensorrt_profile_covers_past_and_mask_lengths(kv_exported):
     assert shapes["past_key_values.1.value"] == {"min": [1, h, 0, d], "opt": [2, h, 32, d], "max": [4, h, 448, d]}
 
 
-@pytest.mark.skipif(not __import__("converter.tensorrt_rtx", fromlist=["rtx_available"]).rtx_available(),
+@pytest.mark.skipif(not __import__("converter.targets.tensorrt_rtx", fromlist=["rtx_available"]).rtx_available(),
                     reason="TensorRT-RTX packages not installed")
 @pytest.mark.parametrize("past_opt", [0, 16])
 def test_tensorrt_parser_and_builder_accept_the_kv_graph(kv_exported, past_opt):
     """Zero-length past (prefill) and a decode step both parse and build; every linear stays int8."""
-    from converter.engine_options import EngineOptions
-    from converter.tensorrt_rtx import accept
+    from converter.targets.engine_options import EngineOptions
+    from converter.targets.tensorrt_rtx import accept
 
     _, plan, _, _, kv_int8, _, _ = kv_exported
     options = EngineOptions(sequence={"min": 1, "opt": 1 if past_opt else 16, "max": 64},

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import Windows
-from converter.quantize import activation_scale, fake_quantize_activation
-from converter.ranges import HISTOGRAM_BINS, Histogram, expected_quant_mse, mse_range, percentile_range, range_method
+from converter.models.archs import arch_spec, block_linear_names
+from converter.quant.calibrate import activation_ranges, collect_input_amax
+from converter.models.text import Windows
+from converter.quant.quantize import activation_scale, fake_quantize_activation
+from converter.quant.ranges import HISTOGRAM_BINS, Histogram, expected_quant_mse, mse_range, percentile_range, range_method
 from converter.recipe import ActivationQuant
 from tiny_models import build_tiny
 

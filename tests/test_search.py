@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
-from converter.quantize import FakeQuantLinear, apply_fake_quant, plan_quantization
+from converter.models.archs import arch_spec, block_linear_names
+from converter.quant.calibrate import collect_input_amax
+from converter.models.text import Windows
+from converter.quant.quantize import FakeQuantLinear, apply_fake_quant, plan_quantization
 from converter.recipe import Quantization, Smoothing
-from converter.search import global_alpha, per_group_alphas
-from converter.smooth import smooth
+from converter.quant.alpha_search import global_alpha, per_group_alphas
+from converter.quant.smooth import smooth
 from tiny_models import build_tiny
 
 GRID = [0.0, 0.25, 0.5, 0.75, 0.95]

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from conftest import CALIBRATION_TEXT, ROOT, tiny_recipe_dict
-from converter import serve
-from converter.triton import CONFIG, parse_config
+from converter.artifact import serve
+from converter.artifact.triton import CONFIG, parse_config
 from test_cli import run_cli
 from tiny_models import save_tiny_checkpoint
 
@@ -133,7 +133,7 @@ def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):
     (("optional: true", "optional: fals"), "not a valid Triton ModelConfig"),
 ])
 def test_verify_rejects_an_edited_generate_config(artifact, tmp_path, edit, expected):
-    from converter.package import write_manifest
+    from converter.artifact.package import write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
@@ -146,7 +146,7 @@ def test_verify_rejects_an_edited_generate_config(artifact, tmp_path, edit, expe
 
 
 def test_an_artifact_from_before_the_generate_model_verifies_and_serves_from_an_assembled_repository(artifact, tmp_path):
-    from converter.package import write_manifest
+    from converter.artifact.package import write_manifest
 
     old = tmp_path / "old"
     shutil.copytree(artifact, old)
@@ -266,7 +266,7 @@ def test_the_engine_batches_prompts_of_different_lengths_in_one_decode_call(arti
     """In process (the engine needs no Triton): the prompts' ids are generate's (BOS first), all six
     sequences decode in one call per step, each left-padded in the longest one's frame, and a
     sequence arriving mid-way joins the running cohort."""
-    from converter.triton_generate.engine import Engine, Sequence
+    from converter.artifact.triton_generate.engine import Engine, Sequence
 
     engine = Engine(str(artifact / "triton" / MODEL / "1"))
     assert engine.pad_ok  # rotary positions: padding leaves the logits as they were
@@ -297,12 +297,12 @@ def test_sequences_of_different_lengths_share_a_step_only_where_padding_changes_
     """GPT-2's learned positions come from the mask's width, so a left-padded row would read other
     position embeddings: the load-time probe finds that and the engine batches only equal lengths;
     rotary Llama batches them all. Tokens are the unbatched graph's either way (FP32 exports)."""
-    from converter.export import float_graph
-    from converter.generation import greedy_graph, session_step
-    from converter.kvcache import graph_kv_layout
+    from converter.export.exporter import float_graph
+    from converter.parity.generation import greedy_graph, session_step
+    from converter.export.kv_graph import graph_kv_layout
     from converter.recipe import Export
-    from converter.runners import onnxruntime_session
-    from converter.triton_generate.engine import Engine, Sequence
+    from converter.parity.runners import onnxruntime_session
+    from converter.artifact.triton_generate.engine import Engine, Sequence
     from tiny_models import build_tiny, tiny_tokenizer
 
     model = build_tiny(arch)
@@ -368,7 +368,7 @@ def test_convert_serve_answers_and_stops_on_ctrl_c_and_sigterm(artifact, expecte
 @pytest.mark.parametrize("edit, why", [({"kv_cache": False}, "no KV cache in the graph (export.kv_cache: false)"),
                                        ({"kind": "encoder"}, "the model is of kind 'encoder': generate serves decoders")])
 def test_convert_serve_refuses_what_it_cannot_serve_in_one_line(artifact, tmp_path, edit, why):
-    from converter.package import write_manifest
+    from converter.artifact.package import write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)

@@ -1,0 +1,1 @@
+"""Command line: `convert.py` and its subcommands (`main`), the `targets` listing (`targets`)."""
