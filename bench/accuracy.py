@@ -63,7 +63,7 @@ def windows(recipe, file: str, tokenizer, limit: int | None = None):
 def perplexity(path: Path, texts: dict[str, np.ndarray]) -> dict[str, float]:
     """Perplexity of the graph at `path` on each text, every window a prefill (an empty past for a KV graph)."""
     from converter.export.kv_graph import graph_kv_layout, prefill_feed
-    from converter.parity.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     sess, layout = onnxruntime_session(path, threads=2), graph_kv_layout(path)
     out = {}
@@ -127,7 +127,7 @@ def peers(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, dict]:
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from converter.parity.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     # ORT's documented first step: shape inference and graph optimization, which folds each weight's
     # Transpose into a constant so the quantizers see (and per-channel quantize) the MatMul weights

@@ -62,12 +62,12 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from converter.models.text import added_special_tokens, token_windows
     from converter.export.exporter import float_graph
     from converter.export.kv_graph import graph_kv_layout
     from converter.models.load import load_reference
+    from converter.models.text import added_special_tokens, token_windows
     from converter.recipe import Export, load_recipe
-    from converter.parity.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,10 +61,10 @@ def smoothed_fp32(recipe, model, tokenizer):
     """A copy of `model` smoothed as the pipeline smooths it for `recipe` (same calibration windows,
     decode steps included, and alphas), left in FP32."""
     from converter.models.archs import arch_spec, block_linear_names
-    from converter.quant.calibrate import collect_input_amax
     from converter.models.text import token_windows, window_wrap
-    from converter.quant.quantize import split_by_exclusions
     from converter.quant.alpha_search import choose_alphas
+    from converter.quant.calibrate import collect_input_amax
+    from converter.quant.quantize import split_by_exclusions
     from converter.quant.smooth import smooth
 
     r = recipe.recipe
@@ -114,15 +114,15 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from converter.export.exporter import export_fp32
     from converter.models.archs import arch_spec
     from converter.models.text import token_windows, window_wrap
-    from converter.export.exporter import export_fp32
     from converter.parity.generation import (compare_tokens, generation_prompts, greedy_graph, greedy_torch, sequence_logits,
                                       session_step, stepwise_agreement)
     from converter.export.kv_graph import graph_kv_layout
     from converter.models.load import load_reference
     from converter.recipe import Generation, load_recipe
-    from converter.parity.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(RECIPE)

@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None = None) -> dict:
     from converter.models.archs import arch_spec, block_linear_names
-    from converter.quant.calibrate import activation_ranges, collect_input_amax
-    from converter.models.text import token_windows, window_wrap
     from converter.models.load import load
+    from converter.models.text import token_windows, window_wrap
+    from converter.quant.calibrate import activation_ranges, collect_input_amax
     from converter.quant.quantize import apply_fake_quant, plan_quantization, split_by_exclusions
-    from converter.recipe import load_recipe
     from converter.quant.sensitivity import _Scorer
     from converter.quant.smooth import smooth
+    from converter.recipe import load_recipe
 
     overrides = [f"calibration.num_samples={calibration_windows}"] if calibration_windows else []
     recipe = load_recipe(recipe_path, overrides)

@@ -41,9 +41,9 @@ def fp32_repository(artifact: Path, recipe_path: Path, repo: Path, work: Path) -
     from decode import fused_attention
     from converter.artifact import triton
     from converter.artifact import triton_generate
+    from converter.artifact.package import read_manifest
     from converter.export.exporter import float_graph
     from converter.models.load import load_reference
-    from converter.artifact.package import read_manifest
     from converter.recipe import Export, Triton, load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -62,9 +62,10 @@ def fp32_repository(artifact: Path, recipe_path: Path, repo: Path, work: Path) -
 
 def references(model_path: Path, tokenizer, prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
     """prompt -> the greedy tokens ONNX Runtime gives outside the server (what `convert.py generate` prints)."""
-    from converter.parity.generation import greedy_graph, prompt_ids, session_step
+    from converter.artifact.generate import prompt_ids
     from converter.export.kv_graph import graph_kv_layout
-    from converter.parity.runners import onnxruntime_session
+    from converter.parity.generation import greedy_graph, session_step
+    from converter.targets.runners import onnxruntime_session
 
     step, layout = session_step(onnxruntime_session(model_path)), graph_kv_layout(model_path)
     return {p: list(greedy_graph(step, layout, prompt_ids(tokenizer, p, False), max_tokens, tokenizer.eos_token_id))

@@ -48,7 +48,7 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
     from converter.export.kv_graph import graph_kv_layout, prefill_feed
     from converter.models.load import load_reference
     from converter.recipe import Export, load_recipe
-    from converter.parity.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,16 +13,21 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from converter.targets.engine_options import EngineOptions
 from converter.errors import UserError, read_user_text
+from converter.targets.engine_options import EngineOptions
 
 SCHEMA_VERSION = 1
-SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out", "head_in")
+# Smoothing group names, written once (the architecture table's SmoothGroup names are these).
+SmoothingGroup = Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]
+SMOOTHING_GROUPS: tuple[str, ...] = get_args(SmoothingGroup)
+# Activation range methods: each is implemented by an entry of quant/ranges.py RANGE_METHODS
+# (tests/test_ranges.py holds the two equal), so an unknown name is a recipe error.
+RangeMethod = Literal["absmax", "percentile", "mse"]
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -85,7 +90,7 @@ class Smoothing(_Section):
 
     enabled: bool = True
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    groups: list[Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]] = Field(
+    groups: list[SmoothingGroup] = Field(
         default_factory=lambda: list(SMOOTHING_GROUPS),
         description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o; "
         "head_in: final norm->lm_head. A group whose linears are not quantized is skipped.",
@@ -131,13 +136,13 @@ class ActivationQuant(_Section):
                                      "ONNX DynamicQuantizeLinear, which is asymmetric uint8.")
     granularity: Literal["per_tensor", "per_token"] = "per_tensor"
     mode: Literal["static", "dynamic"] = "static"
-    range: Literal["absmax", "percentile", "mse"] = Field(
+    range: RangeMethod = Field(
         default="absmax",
         description="absmax: never clip; percentile: clip at that percentile of |x|; mse: the clip "
         "with the least expected int8 error (from a histogram of |x|).",
     )
     percentile: float = Field(default=99.99, gt=50.0, le=100.0)
-    range_overrides: dict[str, Literal["absmax", "percentile", "mse"]] = Field(
+    range_overrides: dict[str, RangeMethod] = Field(
         default_factory=dict, description="Per-linear method by name or fnmatch pattern, e.g. {'*.down_proj': mse}."
     )
 
@@ -370,7 +375,7 @@ class FusedRowsSpec(_Section):
 class GroupSpec(_Section):
     """One smoothing group: `prev`'s output channels divided by s, `balance` input columns times s."""
 
-    name: Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]
+    name: SmoothingGroup
     prev: str
     prev_kind: Literal["norm", "linear", "linear_heads"]
     balance: list[str] = Field(min_length=1)
@@ -432,7 +437,7 @@ class Recipe(_Section):
     @field_validator("targets")
     @classmethod
     def _known_targets(cls, targets: list[str]) -> list[str]:
-        from converter.targets.registry import TARGETS  # late import: targets imports heavy backends lazily
+        from converter.targets.registry import TARGETS  # late import: the targets import torch
 
         unknown = [t for t in targets if t not in TARGETS]
         if unknown:
@@ -444,7 +449,7 @@ class Recipe(_Section):
         from converter.targets.registry import TARGETS
 
         level = self.quantization.activations.level
-        gpu = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        gpu = [t for t in self.targets if not TARGETS[t].ort_graph]
         if level != "O3" and gpu:
             raise ValueError(
                 f"dynamic activation quantization ({level}) exports ONNX dynamic-quantization ops that only the "
@@ -457,7 +462,7 @@ class Recipe(_Section):
     def _int8_embedding_one_layout(self) -> Recipe:
         from converter.targets.registry import TARGETS
 
-        backends = {TARGETS[t].backend == "onnxruntime" for t in self.targets}
+        backends = {TARGETS[t].ort_graph for t in self.targets}
         if self.quantization.embedding == "int8" and len(backends) > 1:
             raise ValueError("quantization.embedding int8 is laid out per backend (ONNX Runtime: int8 rows "
                              "gathered, then scaled; TensorRT/MIGraphX: a DequantizeLinear on the table before the "
@@ -473,7 +478,7 @@ class Recipe(_Section):
 
         if self.quantization.embedding != "int8":
             return None
-        return "gather_rows" if all(TARGETS[t].backend == "onnxruntime" for t in self.targets) else "dequantize_table"
+        return "gather_rows" if all(TARGETS[t].ort_graph for t in self.targets) else "dequantize_table"
 
     @model_validator(mode="after")
     def _selection_is_not_evaluation(self) -> Recipe:
@@ -493,7 +498,7 @@ class Recipe(_Section):
 
         if self.export.attention != "onnxruntime":
             return self
-        other = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        other = [t for t in self.targets if not TARGETS[t].ort_graph]
         if other:
             raise ValueError(f"export.attention onnxruntime writes ONNX Runtime's GroupQueryAttention, which "
                              f"{', '.join(other)} cannot run; use export.attention: onnx for those targets")
@@ -504,13 +509,12 @@ class Recipe(_Section):
 
 
     @model_validator(mode="after")
-    def _no_kv_cache_on_migraphx(self) -> Recipe:
-        from converter.targets.migraphx import KV_CACHE_REFUSAL
+    def _no_kv_cache_on_fixed_shapes(self) -> Recipe:
         from converter.targets.registry import TARGETS
 
-        migraphx = [t for t in self.targets if TARGETS[t].backend == "migraphx"]
-        if migraphx and self.export.kv_cache:
-            raise ValueError(f"{', '.join(migraphx)}: {KV_CACHE_REFUSAL}")
+        fixed = [t for t in self.targets if TARGETS[t].fixed_shape]
+        if fixed and self.export.kv_cache:
+            raise ValueError(f"{', '.join(fixed)}: {TARGETS[fixed[0]].fixed_shape}")
         return self
 
 

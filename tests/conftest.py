@@ -167,13 +167,13 @@ def exported(request, tmp_path_factory):
     import torch
     from tiny_models import build_tiny
 
-    from converter.models.archs import arch_spec, block_linear_names
-    from converter.quant.calibrate import collect_input_amax
-    from converter.models.text import Windows
     from converter.export.exporter import export_fp32, insert_qdq
+    from converter.models.archs import arch_spec, block_linear_names
+    from converter.models.text import Windows
+    from converter.quant.calibrate import collect_input_amax
     from converter.quant.quantize import plan_quantization
-    from converter.recipe import Export, Quantization, Smoothing
     from converter.quant.smooth import smooth
+    from converter.recipe import Export, Quantization, Smoothing
 
     arch = request.param
     tmp = tmp_path_factory.mktemp(arch)

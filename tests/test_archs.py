@@ -10,7 +10,7 @@ import yaml
 
 from conftest import CALIBRATION_TEXT, tiny_recipe_dict
 from converter.models.archs import ARCHITECTURES
-from converter.models.io import EncoderAccumulator, mean_pool
+from converter.parity.encoder import EncoderAccumulator, mean_pool
 from test_cli import run_cli
 
 
@@ -223,14 +223,14 @@ def test_readme_layer_map_example_is_a_valid_recipe_section():
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma", "gemma2", "gemma3"])
 def test_tied_lm_head_of_new_families_is_quantized_and_fused(arch, tmp_path):
-    from converter.models.archs import arch_spec, block_linear_names
-    from converter.quant.calibrate import collect_input_amax
-    from converter.models.text import Windows
     from converter.export.exporter import export_fp32, insert_qdq
+    from converter.models.archs import arch_spec, block_linear_names
+    from converter.models.text import Windows
+    from converter.quant.calibrate import collect_input_amax
     from converter.quant.quantize import plan_quantization
-    from converter.recipe import Export, Quantization, Smoothing
     from converter.quant.smooth import smooth
-    from converter.targets.registry import build_onnxruntime
+    from converter.recipe import Export, Quantization, Smoothing
+    from converter.targets.onnxruntime import build_onnxruntime
     from tiny_models import build_tiny
 
     model = build_tiny(arch)
@@ -308,8 +308,8 @@ def test_window_wrap_follows_what_the_tokenizer_adds_to_a_text():
     ("phi", "qk_layernorm", True),
 ])
 def test_variant_the_table_entry_does_not_describe_is_refused(arch, attr, value):
-    from converter.models.archs import arch_spec, check_spec
     from converter.errors import UserError
+    from converter.models.archs import arch_spec, check_spec
     from tiny_models import build_tiny
 
     model = build_tiny(arch)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import converter.export.exporter
-from converter.models.archs import arch_spec
-from converter.export.grouped_attention import GROUPED, for_export, groups_kv_heads
 from converter.export.exporter import export_fp32
+import converter.export.exporter
+from converter.export.grouped_attention import GROUPED, for_export, groups_kv_heads
+from converter.models.archs import arch_spec
 from converter.recipe import Export
 from tiny_models import DECODERS, build_tiny
 

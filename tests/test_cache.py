@@ -124,8 +124,8 @@ def test_cached_smoothing_of_a_tied_lm_head_loads_into_a_fresh_model(arch, tiny_
 def test_smoothing_key_follows_what_the_alpha_search_read(tiny_checkpoints, write_recipe):
     """A per-group search scores each alpha with the recipe's activation level, a global one with
     the whole quantization section: their smoothing must not be reused across those changes."""
-    from converter.stage_cache import stage_keys
     from converter.recipe import load_recipe
+    from converter.stage_cache import stage_keys
 
     path = write_recipe(tiny_recipe_dict(tiny_checkpoints["llama"]))
     o1 = ["quantization.activations.mode=dynamic", "quantization.activations.granularity=per_token"]

@@ -12,11 +12,11 @@ import yaml
 from onnx import TensorProto, helper
 
 from conftest import tiny_recipe_dict
-from converter.models.archs import arch_spec, block_linear_names
-from converter.quant.calibrate import collect_input_amax
-from converter.models.text import Windows
 from converter.errors import UserError
 from converter.export.exporter import export_fp32, insert_qdq
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
 from converter.quant.quantize import (
     apply_fake_quant,
     fake_quantize_dynamic_per_tensor,
@@ -24,8 +24,8 @@ from converter.quant.quantize import (
     plan_quantization,
 )
 from converter.recipe import ActivationQuant, Export, Quantization, load_recipe
-from converter.parity.runners import onnxruntime_session
-from converter.targets.registry import build_onnxruntime
+from converter.targets.onnxruntime import build_onnxruntime
+from converter.targets.runners import onnxruntime_session
 from test_cli import run_cli, run_subprocess
 from tiny_models import build_tiny
 

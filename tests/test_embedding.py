@@ -11,19 +11,19 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from converter.models.archs import arch_spec, block_linear_names
-from converter.stage_cache import _plan_from_entry, _plan_to_entry
-from converter.quant.calibrate import collect_input_amax
-from converter.models.text import Windows
-from converter.models.io import model_io
-from converter.targets.engine_options import EngineOptions
 from converter.export.exporter import export_fp32, insert_qdq
-from converter.targets.qdq_lint import lint_qdq
 from converter.export.qdq_names import EMBEDDING_SCALE_SUFFIX, EMBEDDING_SUFFIX
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.io import model_io
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
 from converter.quant.quantize import apply_fake_quant, plan_quantization
-from converter.recipe import Export, Quantization, Smoothing
-from converter.parity.runners import onnxruntime_session
 from converter.quant.smooth import smooth
+from converter.recipe import Export, Quantization, Smoothing
+from converter.stage_cache import _plan_from_entry, _plan_to_entry
+from converter.targets.engine_options import EngineOptions
+from converter.targets.qdq_lint import lint_qdq
+from converter.targets.runners import onnxruntime_session
 from converter.targets.tensorrt_rtx import RTX_MODULE, accept
 from tiny_models import build_tiny
 

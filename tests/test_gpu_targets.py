@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 from polygraphy.exception import PolygraphyException
 
-from converter.targets.engine_options import EngineOptions, PastRange
 from converter.errors import UserError
+from converter.targets.engine_options import EngineOptions, PastRange
 
 OPTIONS = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1, "opt": 64, "max": 512},
                         workspace_mb=256, builder_optimization_level=2)
@@ -193,8 +193,8 @@ def _in_profile(profile: dict, feed: dict) -> list[str]:
 def test_profile_covers_every_feed_of_kv_cache_parity(tmp_path):
     """Parity's feeds on a KV-cache graph: evaluation windows (prefill, empty past), then generation's
     prefill and one-token decode steps over a growing past. Each must lie in the engine's profile."""
-    from converter.parity.generation import greedy_graph
     from converter.export.kv_graph import graph_kv_layout
+    from converter.parity.generation import greedy_graph
     from converter.targets.tensorrt import profile_shapes
 
     model = kv_graph(tmp_path / "model.onnx")
@@ -269,8 +269,8 @@ def test_migraphx_build_compiles_at_the_recipe_sizes_and_counts_int8_instruction
 
 def test_migraphx_runner_feeds_the_graphs_dtypes_and_names_its_outputs(fake_migraphx, tmp_path):
     from converter.quant.quantize import QuantPlan
-    from converter.parity.runners import onnxruntime_runner
     from converter.targets.registry import TARGETS
+    from converter.targets.runners import onnxruntime_runner
 
     model = encoder_graph(tmp_path / "model.onnx", mask_type=FLOAT)  # a float mask, as some exporters write it
     target = TARGETS["mi250x-migraphx"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+from converter.errors import UserError
 from converter.models import gguf_stream
 from converter.models import pypi_models as packaged
-from converter.errors import UserError
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2  # K-quant rows need multiples of 256
 

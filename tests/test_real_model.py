@@ -186,7 +186,7 @@ def _same_or_near_tie(artifact, prompt_ids: list[int], expected: list[int], serv
     fed the prompt and the common prefix, scores the two tokens within NEAR_TIE."""
     import numpy as np
 
-    from converter.parity.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     assert len(served) == len(expected)
     if served == expected:

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from converter.models.archs import arch_spec, block_linear_names
-from converter.quant.calibrate import collect_input_amax
 from converter.models.text import Windows
-from converter.quant.quantize import FakeQuantLinear, apply_fake_quant, plan_quantization
-from converter.recipe import Quantization, Smoothing
 from converter.quant.alpha_search import global_alpha, per_group_alphas
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import FakeQuantLinear, apply_fake_quant, plan_quantization
 from converter.quant.smooth import smooth
+from converter.recipe import Quantization, Smoothing
 from tiny_models import build_tiny
 
 GRID = [0.0, 0.25, 0.5, 0.75, 0.95]

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from converter.models.archs import arch_spec, block_linear_names
-from converter.quant.calibrate import collect_input_amax
 from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
 from converter.quant.quantize import apply_fake_quant, plan_quantization
-from converter.recipe import Fallback, Quantization
 from converter.quant.sensitivity import _Scorer, sensitivity_fallback, without
+from converter.recipe import Fallback, Quantization
 from tiny_models import build_tiny
 
 PLANTED = "model.layers.1.mlp.down_proj"

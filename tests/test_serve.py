@@ -297,12 +297,12 @@ def test_sequences_of_different_lengths_share_a_step_only_where_padding_changes_
     """GPT-2's learned positions come from the mask's width, so a left-padded row would read other
     position embeddings: the load-time probe finds that and the engine batches only equal lengths;
     rotary Llama batches them all. Tokens are the unbatched graph's either way (FP32 exports)."""
-    from converter.export.exporter import float_graph
-    from converter.parity.generation import greedy_graph, session_step
-    from converter.export.kv_graph import graph_kv_layout
-    from converter.recipe import Export
-    from converter.parity.runners import onnxruntime_session
     from converter.artifact.triton_generate.engine import Engine, Sequence
+    from converter.export.exporter import float_graph
+    from converter.export.kv_graph import graph_kv_layout
+    from converter.parity.generation import greedy_graph, session_step
+    from converter.recipe import Export
+    from converter.targets.runners import onnxruntime_session
     from tiny_models import build_tiny, tiny_tokenizer
 
     model = build_tiny(arch)

@@ -4,12 +4,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from converter.models.archs import ARCHITECTURES, arch_spec, block_linear_names, spec_for
-from converter.quant.calibrate import collect_input_amax
-from converter.models.text import Windows
 from converter.errors import UserError
-from converter.recipe import Smoothing
+from converter.models.archs import ARCHITECTURES, arch_spec, block_linear_names, spec_for
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
 from converter.quant.smooth import smooth, smoothing_scales
+from converter.recipe import Smoothing
 from tiny_models import OUTLIER_CHANNELS, TINY_CONFIGS, build_tiny
 
 

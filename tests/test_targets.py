@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import tiny_recipe_dict
-from converter.parity.runners import int8_products_exact, x86_int8_flags
 from converter.targets.registry import TARGETS
+from converter.targets.runners import int8_products_exact, x86_int8_flags
 from test_cli import run_cli, run_subprocess
 
 GPU_TARGETS = ["a100-tensorrt", "h100-tensorrt", "mi250x-migraphx", "mi300-migraphx"]

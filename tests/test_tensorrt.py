@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from converter.targets.engine_options import EngineOptions
 from converter.errors import UserError
+from converter.targets.engine_options import EngineOptions
 from converter.targets.tensorrt import engine_layer_precisions, make_config, plan_build, profile_shapes
 from converter.targets.tensorrt_rtx import RTX_MODULE, accept
 from conftest import quantized_matmuls
@@ -137,7 +137,7 @@ def test_gpu_parity_feed_runs_on_onnxruntime(exported):
     """The ONNX Runtime half of the GPU parity tests below, for every family: the feed holds exactly
     the graph's inputs and the output name is one the graph has."""
     from converter.export.kv_graph import graph_io_names
-    from converter.parity.runners import onnxruntime_runner
+    from converter.targets.runners import onnxruntime_runner
 
     _, model, _, _, int8_path, _ = exported
     feed, output = gpu_parity_feed(model, 2, 32)
@@ -160,7 +160,7 @@ def _gpu_available(module: str) -> bool:
 def test_tensorrt_engine_matches_onnxruntime_on_gpu(exported, tmp_path):
     import shutil
 
-    from converter.parity.runners import onnxruntime_runner
+    from converter.targets.runners import onnxruntime_runner
     from converter.targets.tensorrt import build_engine, device_compute_capability, tensorrt_runner
 
     _, torch_model, _, _, int8_path, _ = exported
@@ -185,7 +185,7 @@ def test_migraphx_program_matches_onnxruntime_on_gpu(exported, tmp_path):
     import shutil
 
     from converter.targets.migraphx import MigraphxRunner, build_program, visible_gfx_archs
-    from converter.parity.runners import onnxruntime_runner
+    from converter.targets.runners import onnxruntime_runner
 
     _, torch_model, _, _, int8_path, _ = exported
     model = tmp_path / "model.onnx"

@@ -116,8 +116,8 @@ def test_a_repo_path_under_a_file_is_refused_before_any_work(artifact, tmp_path)
 
 
 def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
-    from converter.recipe import Triton
     from converter.artifact.triton import ModelSpec, TensorSpec, check_config, model_config
+    from converter.recipe import Triton
 
     spec = ModelSpec("m", "onnxruntime", 1, [TensorSpec("input_ids", "TYPE_INT64", (1, -1))],
                      [TensorSpec("logits", "TYPE_FP32", (1, -1, 320))], {})
@@ -130,8 +130,8 @@ def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
 
 
 def test_the_recipes_thread_count_reaches_only_onnx_runtime_models():
-    from converter.recipe import Triton
     from converter.artifact.triton import ModelSpec, TensorSpec, check_config, validated_config_text
+    from converter.recipe import Triton
 
     io = [TensorSpec("input_ids", "TYPE_INT64", (-1, -1))], [TensorSpec("logits", "TYPE_FP32", (-1, -1, 320))]
     settings = Triton(intra_op_thread_count=2, instance_count=2)

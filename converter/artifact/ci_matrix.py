@@ -3,8 +3,10 @@
     convert.py matrix recipes/ --format github   # {"include": [...]} on one line, for $GITHUB_OUTPUT
     convert.py matrix recipes/ --format json     # the same entries, indented
 
-Runner labels are data: by target name first, else by the target's backend. GitHub-hosted runners
-have no GPUs, so GPU targets go to self-hosted runners labelled with their GPU.
+Runner labels are the target's own data (`Target.runner_labels`, in the registry). GitHub-hosted
+runners have no GPUs, so GPU targets go to self-hosted runners labelled with their exact GPU: an
+engine is tied to its compute capability / gfx arch, and a generic GPU label could build an A100
+engine on an H100.
 """
 
 from __future__ import annotations
@@ -14,37 +16,17 @@ from pathlib import Path
 
 from converter.errors import UserError
 
-# An engine is tied to its GPU (compute capability / gfx arch), so each GPU target asks for a runner
-# with that exact GPU; a generic GPU label could build an A100 engine on an H100.
-RUNNER_LABELS_BY_TARGET: dict[str, list[str]] = {
-    "cpu-onnxruntime": ["ubuntu-latest"],
-    "a100-tensorrt": ["self-hosted", "linux", "x64", "gpu-a100"],
-    "h100-tensorrt": ["self-hosted", "linux", "x64", "gpu-h100"],
-    "mi250x-migraphx": ["self-hosted", "linux", "x64", "gpu-mi250x"],
-    "mi300-migraphx": ["self-hosted", "linux", "x64", "gpu-mi300"],
-}
-RUNNER_LABELS_BY_BACKEND: dict[str, list[str]] = {
-    "onnxruntime": ["ubuntu-latest"],
-    "tensorrt": ["self-hosted", "linux", "x64", "gpu-nvidia"],
-    "migraphx": ["self-hosted", "linux", "x64", "gpu-amd"],
-}
-
-
 def runner_labels(target_name: str) -> list[str]:
-    """Labels of the runner a target's build must run on.
+    """Labels of the runner a target's build must run on (the target's `runner_labels`).
 
     Raises:
-        UserError: a target whose backend has no runner labels.
+        UserError: a target registered without runner labels.
     """
     from converter.targets.registry import TARGETS
 
-    if target_name in RUNNER_LABELS_BY_TARGET:
-        return list(RUNNER_LABELS_BY_TARGET[target_name])
-    target = TARGETS[target_name]
-    labels = getattr(target, "runner_labels", None) or RUNNER_LABELS_BY_BACKEND.get(target.backend)
+    labels = TARGETS[target_name].runner_labels
     if not labels:
-        raise UserError(f"target {target_name}: no CI runner labels for backend {target.backend!r}; "
-                        f"known: {sorted(RUNNER_LABELS_BY_BACKEND)}")
+        raise UserError(f"target {target_name}: no CI runner labels; give its registry entry runner_labels")
     return list(labels)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from converter.quant.calibrate import ActStats, run_hooked
 from converter.models.text import Windows
+from converter.quant.calibrate import ActStats, run_hooked
 from converter.quant.quantize import QuantPlan, fake_quantize_input
 
 REPORT_DIR = "report"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -64,6 +65,35 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def new_manifest(*, name: str, version: str, build: dict, model: dict, source: dict, data: dict, front: dict,
+                 targets: dict, checks: dict, peak_rss_mb: float, recipe) -> dict:
+    """The manifest's fields, in the order it is written (`stages` and `files` are added when written).
+
+    Args:
+        data: `calibration`, `evaluation` and `selection` entries.
+        front: the front stages' record: `smoothing`, `fallback`, `quantization` and `layers` are copied.
+        recipe: the `LoadedRecipe`, written resolved with its digest.
+    """
+    return {
+        "schema_version": 1,
+        "name": name,
+        "version": version,
+        "build": build,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
+        "model": model,
+        "source": source,
+        **{k: data[k] for k in ("calibration", "evaluation", "selection")},
+        **{k: front[k] for k in ("smoothing", "fallback", "quantization", "layers")},
+        "targets": targets,
+        "checks": checks,
+        "peak_rss_mb": peak_rss_mb,
+        "tools": tool_versions(),
+        "recipe_sha256": recipe.digest(),
+        "recipe": recipe.resolved_dict(),
+    }
 
 
 def write_manifest(folder: Path, manifest: dict) -> dict:

@@ -24,15 +24,17 @@ from pathlib import Path
 from converter import scratch
 from converter.artifact import triton_generate
 from converter.errors import UserError, check_writable_folder
+from converter.targets.registry import TARGETS
 
 CONFIG = "config.pbtxt"
 _PACKAGE = Path(__file__).resolve().parent
 REPOSITORY = "triton"  # folder inside an artifact
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+# Each target says how Triton serves it (`Target.triton_platform`, `triton_kind`); a target Triton
+# cannot serve says why (`triton_refusal`), and is reported as skipped, not silently dropped.
+PLATFORMS = {t.backend: t.triton_platform for t in TARGETS.values() if t.triton_platform}
 PYTHON = "python"  # the generate model's backend (a `backend`, not a `platform`, in its config)
-KINDS = {"onnxruntime": "KIND_CPU", "tensorrt": "KIND_GPU"}
-# Triton has no MIGraphX platform: such targets are reported as skipped, not silently dropped.
-UNSERVED_BACKENDS = {"migraphx": "Triton has no MIGraphX platform"}
+KINDS = {t.backend: t.triton_kind for t in TARGETS.values() if t.triton_platform}
+UNSERVED_BACKENDS = {t.backend: t.triton_refusal for t in TARGETS.values() if not t.triton_platform}
 
 
 class TritonConfigError(UserError):

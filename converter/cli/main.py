@@ -13,18 +13,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from converter.cli.args import ArgumentParser
 from converter.errors import ParityFailure, UserError
 
 EXIT_OK, EXIT_USER, EXIT_PARITY, EXIT_INTERNAL = 0, 1, 2, 3
 SUBCOMMANDS = ("inspect", "verify", "generate", "targets", "triton", "serve", "matrix")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a bad command line is a UserError: one line and exit 1. (argparse's own
-    exit 2 would read as a parity failure to a CI job.)"""
-
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -235,7 +228,7 @@ def _cmd_generate(argv: list[str]) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
     if args.threads < 0:
         raise UserError(f"--threads {args.threads}: expected 0 (ONNX Runtime's default) or a positive count")
-    from converter.parity.generation import generate_record
+    from converter.artifact.generate import generate_record
     from converter.artifact.package import read_manifest
 
     kind = read_manifest(args.artifact).get("model", {}).get("kind")

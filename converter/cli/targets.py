@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import sys
 
-from converter.cli.main import ArgumentParser
+from converter.cli.args import ArgumentParser
 
 
 def target_rows() -> list[dict]:
     """One row per target: backend, hardware, available here and why not, plus the CPU-side checks."""
-    from converter.parity.runners import int8_kernels_here
     from converter.targets.registry import TARGETS
+    from converter.targets.runners import int8_kernels_here
     from converter.targets.tensorrt_rtx import RTX_MODULE, rtx_available
 
     rows = []

@@ -16,20 +16,23 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
-from converter.export import kv_graph as kvcache
+from converter.errors import UserError
+from converter.export import kv_graph
 from converter.export.grouped_attention import for_export
+from converter.export.qdq_names import EMBEDDING_SCALE_SUFFIX, EMBEDDING_SUFFIX, WEIGHT_DQ_SUFFIX, WEIGHT_SUFFIX, matmul_name
 from converter.models.archs import ArchSpec, arch_spec
 from converter.models.io import ModelIO, OutputOf, model_io
-from converter.errors import UserError
 from converter.progress import note, track
-from converter.export.qdq_names import EMBEDDING_SCALE_SUFFIX, EMBEDDING_SUFFIX, WEIGHT_DQ_SUFFIX, WEIGHT_SUFFIX, matmul_name
 from converter.quant.quantize import INT8_MAX, TINY_AMAX, EmbeddingQuant, QuantPlan, quantize_weight
-from converter.recipe import Export
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import Export
 
 _WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
 _TWO_GB = 2 * 1024**3
@@ -54,11 +57,11 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
     spec = spec or arch_spec(model)
     io: ModelIO = model_io(spec, model.config)
     if cfg.kv_cache and io.kind == "decoder":
-        layout = kvcache.model_kv_layout(model.config)
-        wrapper = kvcache.KvWrapper(model, _WRAPPED).eval()
-        args = kvcache.example_inputs(model.config, layout)
-        dynamic = kvcache.dynamic_shapes(layout, cfg.dynamic_axes.batch, cfg.dynamic_axes.sequence)
-        input_names, output_names = kvcache.io_names(layout.num_layers)
+        layout = kv_graph.model_kv_layout(model.config)
+        wrapper = kv_graph.KvWrapper(model, _WRAPPED).eval()
+        args = kv_graph.example_inputs(model.config, layout)
+        dynamic = kv_graph.dynamic_shapes(layout, cfg.dynamic_axes.batch, cfg.dynamic_axes.sequence)
+        input_names, output_names = kv_graph.io_names(layout.num_layers)
     else:
         wrapper = OutputOf(model, io).eval()
         example = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -91,20 +94,20 @@ def export_fp32(model: torch.nn.Module, path: Path, cfg: Export, spec: ArchSpec 
             external_data=True,
             verbose=False,
         )
-    _check_opset(path, cfg.opset)
+    _check_opset(path, cfg)
     return path
 
 
-def _check_opset(path: Path, opset: int) -> None:
+def _check_opset(path: Path, cfg: Export) -> None:
     """The exporter writes its own opset and converts the graph down to the recipe's with ONNX's
     version converter; when that fails it only logs, and the graph stays at the exporter's opset.
     Refuse that instead of publishing a model whose opset is not the one the manifest names."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    written, opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), cfg.opset
     if written != opset:
-        default = Export.model_fields["opset"].default
+        default = type(cfg).model_fields["opset"].default
         raise UserError(f"export.opset {opset}: ONNX's version converter could not take this model from opset "
                         f"{written} down to {opset}; use export.opset {written} or higher ({default} is the default)")
 

@@ -36,8 +36,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from converter.export import kv_graph as kvcache
 from converter.errors import UserError
+from converter.export import kv_graph
 
 MS_DOMAIN = "com.microsoft"
 # rotary variants whose cos/sin for a position do not depend on the sequence length: one table serves
@@ -189,8 +189,8 @@ def _attended(full: ir.Value) -> list[ir.Value]:
 
 
 def _match_layer(i: int, outputs: dict[str, ir.Value], inputs: dict[str, ir.Value]) -> _Layer:
-    present_k, present_v = (outputs[n] for n in kvcache.present_names(i + 1)[-2:])
-    past_k, past_v = (inputs[n] for n in kvcache.past_names(i + 1)[-2:])
+    present_k, present_v = (outputs[n] for n in kv_graph.present_names(i + 1)[-2:])
+    past_k, past_v = (inputs[n] for n in kv_graph.past_names(i + 1)[-2:])
     cat_k, cat_v = _cache_concat(present_k), _cache_concat(present_v)
     if list(cat_k.inputs)[:1] != [past_k] or list(cat_v.inputs)[:1] != [past_v]:
         raise _NoMatch("the cache Concat does not start with the past tensor")
@@ -279,7 +279,7 @@ def rotary_tables(model: torch.nn.Module) -> dict[str | None, tuple[np.ndarray, 
             raise UserError(f"export.attention onnxruntime: rotary type {kind!r} changes with the sequence "
                             f"length; supported: {', '.join(STATIC_ROPE)}")
     positions = torch.arange(config.max_position_embeddings, dtype=torch.int64)[None]
-    dim = kvcache.model_kv_layout(config).head_dim
+    dim = kv_graph.model_kv_layout(config).head_dim
     tables = {}
     for layer_type in kinds:
         with torch.no_grad():
@@ -325,26 +325,48 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
         UserError: the model is not a KV-cache decoder, or a layer's attention is not the pattern
             this rewrite knows (the message names the layer and what differed).
     """
-    from converter.models.archs import head_layout
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     graph = onnx_model.graph
     inputs, outputs = {v.name: v for v in graph.inputs}, {v.name: v for v in graph.outputs}
-    heads = head_layout(model.config)
-    layers = model.config.num_hidden_layers
-    if kvcache.past_names(1)[0] not in inputs:
+    matched = _match_layers(model, inputs, outputs)
+    shared = _shared_inputs(graph, model, matched, inputs["attention_mask"])
+    for i, m in enumerate(matched):
+        _fuse_layer(graph, model, i, m, inputs, shared)
+    RemoveUnusedNodesPass()(onnx_model)
+    onnx_model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return len(matched)
+
+
+def _match_layers(model: torch.nn.Module, inputs: dict, outputs: dict) -> list:
+    """Every layer's attention matched to the pattern, or a UserError naming the first that is not."""
+    if kv_graph.past_names(1)[0] not in inputs:
         raise UserError(f"export.attention onnxruntime fuses a KV-cache decoder's attention; the "
                         f"{type(model).__name__} graph has no past_key_values inputs (an encoder, or "
                         "export.kv_cache: false)")
     matched = []
-    for i in range(layers):
+    for i in range(model.config.num_hidden_layers):
         try:
             matched.append(_match_layer(i, outputs, inputs))
         except _NoMatch as err:
             raise UserError(f"export.attention onnxruntime: layer {i} of {type(model).__name__} is not attention "
                             f"this rewrite knows ({err}); use export.attention: onnx") from None
+    return matched
+
+
+@dataclass
+class _Shared:
+    """The values every layer's GroupQueryAttention reads, made once before the first block."""
+
+    seqlens: ir.Value  # (B,) int32: T - 1 for every row (the mask does the padding)
+    total: ir.Value  # () int32: the mask's width T
+    merge: ir.Value  # (B, S, heads, D) -> (B, S, heads * D) reshape
+    tables: dict  # layer type (None: one for all) -> (cos_cache, sin_cache)
+
+
+def _shared_inputs(graph, model: torch.nn.Module, matched: list, mask: ir.Value) -> _Shared:
     order = {id(n): j for j, n in enumerate(graph)}  # the shared inputs go before the first block's reshapes
     first = min((r for m in matched for r in m.reshapes), key=lambda n: order[id(n)])
-    mask = inputs["attention_mask"]
     # total length T = attention_mask's width; seqlens_k = T - 1 for every row (the mask does the padding)
     width = _op(graph, first, "Shape", [mask], "gqa/total_length_i64", start=1, end=2).outputs[0]
     width32 = _op(graph, first, "Cast", [width], "gqa/total_length_i32", to=ir.DataType.INT32).outputs[0]
@@ -359,37 +381,40 @@ def fuse_attention(onnx_model: ir.Model, model: torch.nn.Module) -> int:
               for kind, pair in (rotary_tables(model).items() if any(m.rotary for m in matched) else ())}
     for value in (one, merge, *(v for pair in tables.values() for v in pair)):
         graph.register_initializer(value)
-    for i, m in enumerate(matched):
-        before = m.out.producer()
-        # GQA takes (B, S, heads * D): the projection itself, or the per-head norm's output merged back
-        flat = []
-        for role, x, reshape, heads_first in zip(("query", "key", "value"), (m.q, m.k, m.v), m.reshapes, m.heads_first):
-            name = f"model.layers.{i}.self_attn/{role}"
-            if heads_first:
-                x = _op(graph, before, "Transpose", [x], f"{name}_heads_last", perm=[0, 2, 1, 3]).outputs[0]
-            flat.append(reshape.inputs[0] if x is reshape.outputs[0] else
-                        _op(graph, before, "Reshape", [x, merge], f"{name}_merged").outputs[0])
-        rotary = ((None, None) if not m.rotary else
-                  tables[None] if None in tables else tables[model.config.layer_types[i]])
-        gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention",
-                      [*flat, *(inputs[n] for n in kvcache.past_names(i + 1)[-2:]), seqlens, total,
-                       *rotary, None, m.bias],
-                      attributes=[ir.AttrInt64("num_heads", heads.num_heads),
-                                  ir.AttrInt64("kv_num_heads", heads.num_kv_heads),
-                                  ir.AttrInt64("do_rotary", int(m.rotary)), ir.AttrFloat32("scale", m.scale),
-                                  *([ir.AttrFloat32("softcap", m.softcap)] if m.softcap else [])],
-                      name=f"model.layers.{i}.self_attn/GroupQueryAttention", num_outputs=3)
-        graph.insert_before(before, [gqa])
-        out, present_k, present_v = gqa.outputs
-        ir.convenience.replace_all_uses_with(m.out, out)
-        for old, new in zip(m.present, (present_k, present_v)):
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        out.name, (out.type, out.shape) = f"{m.out.name}.gqa", (m.out.type, m.out.shape)
-        for old, new in zip(m.present, (present_k, present_v)):
-            name, old.name = old.name, f"{old.name}.replaced"
-            new.name, new.type, new.shape = name, old.type, old.shape
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    return _Shared(seqlens, total, merge, tables)
 
-    RemoveUnusedNodesPass()(onnx_model)
-    onnx_model.opset_imports.setdefault(MS_DOMAIN, 1)
-    return len(matched)
+
+def _fuse_layer(graph, model: torch.nn.Module, i: int, m, inputs: dict, shared: _Shared) -> None:
+    """Insert layer `i`'s GroupQueryAttention and move its attention output and presents onto it."""
+    from converter.models.archs import head_layout
+
+    heads = head_layout(model.config)
+    before = m.out.producer()
+    # GQA takes (B, S, heads * D): the projection itself, or the per-head norm's output merged back
+    flat = []
+    for role, x, reshape, heads_first in zip(("query", "key", "value"), (m.q, m.k, m.v), m.reshapes, m.heads_first):
+        name = f"model.layers.{i}.self_attn/{role}"
+        if heads_first:
+            x = _op(graph, before, "Transpose", [x], f"{name}_heads_last", perm=[0, 2, 1, 3]).outputs[0]
+        flat.append(reshape.inputs[0] if x is reshape.outputs[0] else
+                    _op(graph, before, "Reshape", [x, shared.merge], f"{name}_merged").outputs[0])
+    tables = shared.tables
+    rotary = ((None, None) if not m.rotary else
+              tables[None] if None in tables else tables[model.config.layer_types[i]])
+    gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention",
+                  [*flat, *(inputs[n] for n in kv_graph.past_names(i + 1)[-2:]), shared.seqlens, shared.total,
+                   *rotary, None, m.bias],
+                  attributes=[ir.AttrInt64("num_heads", heads.num_heads),
+                              ir.AttrInt64("kv_num_heads", heads.num_kv_heads),
+                              ir.AttrInt64("do_rotary", int(m.rotary)), ir.AttrFloat32("scale", m.scale),
+                              *([ir.AttrFloat32("softcap", m.softcap)] if m.softcap else [])],
+                  name=f"model.layers.{i}.self_attn/GroupQueryAttention", num_outputs=3)
+    graph.insert_before(before, [gqa])
+    out, present_k, present_v = gqa.outputs
+    ir.convenience.replace_all_uses_with(m.out, out)
+    for old, new in zip(m.present, (present_k, present_v)):
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    out.name, (out.type, out.shape) = f"{m.out.name}.gqa", (m.out.type, m.out.shape)
+    for old, new in zip(m.present, (present_k, present_v)):
+        name, old.name = old.name, f"{old.name}.replaced"
+        new.name, new.type, new.shape = name, old.type, old.shape

@@ -6,13 +6,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 
-from converter.models.archs import conv1d_to_linear, spec_for, spec_from_recipe
 from converter.errors import UserError, first_line, listed
-from converter.recipe import LoadedRecipe, Source
+from converter.models.archs import conv1d_to_linear, spec_for, spec_from_recipe
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import LoadedRecipe, Source
 
 # Files whose bytes define the checkpoint (weights, config, tokenizer); hashed into the manifest.
 _CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja")

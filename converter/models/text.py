@@ -6,11 +6,14 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from converter.errors import UserError, read_user_text
-from converter.recipe import LoadedRecipe, TextData
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import LoadedRecipe, TextData
 
 
 @dataclass(frozen=True)

@@ -11,19 +11,22 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from converter.export import kv_graph as kvcache
-from converter.models.text import Windows, shared_files, token_windows
-from converter.models.io import evaluate_encoder
 from converter.errors import UserError
-from converter.parity.generation import generation_parity, generation_prompts, yardstick
+from converter.export import kv_graph
 from converter.models.load import load_reference
+from converter.models.text import Windows, shared_files, token_windows
+from converter.parity.encoder import evaluate_encoder
+from converter.parity.generation import generation_parity, generation_prompts, yardstick
 from converter.parity.metrics import ParityReport, comparator_checks, evaluate, judge
 from converter.progress import warn
-from converter.recipe import LoadedRecipe
-from converter.parity.runners import TorchRunner, onnxruntime_runner
+from converter.targets.runners import TorchRunner, onnxruntime_runner
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import LoadedRecipe
 
 
 @dataclass
@@ -85,7 +88,7 @@ def measure_parity(recipe: LoadedRecipe, checkpoint: Path, io, inputs: EvalInput
             None: any number.
     """
     r = recipe.recipe
-    layout = kvcache.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
+    layout = kv_graph.graph_kv_layout(fp32_path)  # None: a graph without a cache (and every encoder)
     original = load_reference(checkpoint, r.source)  # once: metrics, the comparator and generation share it
     reference = TorchRunner(original, name="fp32-pytorch", io=io, layout=layout)
     metrics = [evaluate_encoder(reference, candidate, w, s.batch_size, io) if io.kind == "encoder"

@@ -11,15 +11,18 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from converter.models.text import Windows
 from converter.export.kv_graph import KvLayout, prefill_feed
+from converter.models.text import Windows
 from converter.progress import track
-from converter.recipe import PolygraphyCheck, Thresholds
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import PolygraphyCheck, Thresholds
 
 
 @dataclass
@@ -254,7 +257,7 @@ def comparator_checks(torch_runner, fp32_runner, int8_runner, windows: Windows, 
 def _no_discarded_stats():
     """Polygraphy formats every output's statistics (a median and quantiles: a sort of all its values,
     ~8 s for the comparator's logits of a 49k-vocabulary model) before its logger drops the line. While
-    that logger is silenced (converter.parity.runners), skip the formatting; the comparison is unchanged."""
+    that logger is silenced (converter.targets.runners), skip the formatting; the comparison is unchanged."""
     from polygraphy.comparator import util as comp_util
     from polygraphy.logger import G_LOGGER
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from converter.models.archs import ArchSpec, head_layout
-from converter.quant.calibrate import run_hooked, collect_input_amax
 from converter.models.text import Windows
 from converter.progress import track
+from converter.quant.calibrate import run_hooked, collect_input_amax
 from converter.quant.quantize import (
     act_mode,
     activation_scale,
@@ -29,8 +30,10 @@ from converter.quant.quantize import (
     plan_quantization,
     weight_scales,
 )
-from converter.recipe import Quantization, Smoothing
 from converter.quant.smooth import balance_names, group_scales, iter_groups, smooth
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import Quantization, Smoothing
 
 
 @dataclass

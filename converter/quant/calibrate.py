@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from converter.models.text import Windows
 from converter.errors import UserError
+from converter.models.text import Windows
 from converter.progress import track
-from converter.quant.ranges import HISTOGRAM_BINS, Histogram, choose_range, range_method
-from converter.recipe import ActivationQuant
+from converter.quant.ranges import HISTOGRAM_BINS, RANGE_METHODS, Histogram, choose_range, range_method
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import ActivationQuant
 
 
 class _HeadReached(Exception):
@@ -134,7 +137,7 @@ def activation_ranges(
     """
     methods = {n: range_method(n, cfg.range, cfg.range_overrides) for n in stats.amax}
     amax = stats.absmax_ranges()
-    needs_hist = {n: amax[n] for n, m in methods.items() if m != "absmax"}
+    needs_hist = {n: amax[n] for n, m in methods.items() if RANGE_METHODS[m].needs_histogram}
     hists = collect_input_histograms(model, needs_hist, windows, batch_size) if needs_hist else {}
     ranges = {n: choose_range(methods[n], amax[n], hists.get(n), cfg.percentile) for n in stats.amax}
     return ranges, methods

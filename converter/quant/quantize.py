@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from converter.errors import UserError
-from converter.recipe import Quantization
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import Quantization
 
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_QMAX = 127  # symmetric weights use [-127, 127] so the range is the same on both sides

@@ -9,6 +9,7 @@ calibration pass, the way TensorRT's and ONNX Runtime's histogram calibrators do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +71,35 @@ def range_method(name: str, default: str, overrides: dict[str, str]) -> str:
     return default
 
 
+@dataclass(frozen=True)
+class RangeMethod:
+    """One way to choose a tensor's static range: whether it reads the |x| histogram, and the range
+    from (abs-max, histogram or None, the recipe's percentile)."""
+
+    needs_histogram: bool
+    clip: Callable[[float, Histogram | None, float], float]
+
+
+# The recipe's `quantization.activations.range` names (recipe.RangeMethod), one entry each.
+RANGE_METHODS: dict[str, RangeMethod] = {
+    "absmax": RangeMethod(needs_histogram=False, clip=lambda amax, hist, percentile: amax),
+    "percentile": RangeMethod(needs_histogram=True, clip=lambda amax, hist, percentile: percentile_range(hist, percentile)),
+    "mse": RangeMethod(needs_histogram=True, clip=lambda amax, hist, percentile: mse_range(hist)),
+}
+
+
 def choose_range(method: str, amax: float, hist: Histogram | None, percentile: float) -> float:
-    """The static range (abs-max after clipping) for one tensor."""
-    if method == "absmax" or amax <= 0:
+    """The static range (abs-max after clipping) for one tensor.
+
+    Raises:
+        ValueError: a method that is not in RANGE_METHODS (the recipe refuses those first), or a
+            histogram method without a histogram.
+    """
+    if method not in RANGE_METHODS:
+        raise ValueError(f"range method {method!r} is not one of {sorted(RANGE_METHODS)}")
+    chosen = RANGE_METHODS[method]
+    if amax <= 0:
         return amax
-    if hist is None:
+    if chosen.needs_histogram and hist is None:
         raise ValueError(f"range method {method} needs a histogram")
-    return percentile_range(hist, percentile) if method == "percentile" else mse_range(hist)
+    return chosen.clip(amax, hist, percentile)

@@ -15,15 +15,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from converter.quant.calibrate import run_hooked
 from converter.models.text import Windows
 from converter.progress import track
+from converter.quant.calibrate import run_hooked
 from converter.quant.quantize import QuantPlan, apply_fake_quant, fake_quantize_input, fake_quantize_weight
-from converter.recipe import Fallback
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import Fallback
 
 
 @dataclass

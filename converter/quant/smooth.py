@@ -9,11 +9,14 @@ per-channel weight quantization absorbs easily.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from converter.models.archs import ArchSpec, SmoothGroup, head_layout
-from converter.recipe import Smoothing
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import Smoothing
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from converter.targets.engine_options import EngineOptions
 from converter.errors import UserError
-from converter.targets.qdq_lint import lint_model
-from converter.progress import note
 from converter.export.qdq_names import EMBEDDING_SUFFIX
-from converter.targets.registry import TARGETS, BuildReport
+from converter.progress import note
+from converter.targets.base import BuildReport
+from converter.targets.engine_options import EngineOptions
+from converter.targets.qdq_lint import lint_model
+from converter.targets.registry import TARGETS
 
 
 def check_targets_buildable(targets: list[str], dry_run: bool) -> None:

@@ -18,14 +18,19 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from converter.targets.engine_options import EngineOptions
 from converter.errors import UserError
 from converter.progress import note
+from converter.targets.base import BuildReport, Target
+from converter.targets.engine_options import EngineOptions
+
+if TYPE_CHECKING:  # annotations only: a target does not depend on the quantization stage
+    from converter.quant.quantize import QuantPlan
 
 MIGRAPHX_MODULE = "migraphx"
 MIGRAPHX_GPUS = {"mi250x-migraphx": ("gfx90a", "AMD Instinct MI250X"), "mi300-migraphx": ("gfx942", "AMD Instinct MI300")}
@@ -178,3 +183,39 @@ class MigraphxRunner(BaseRunner):
 
     def deactivate_impl(self):
         del self.program
+
+
+_AMD_KFD = Path("/dev/kfd")
+
+
+def _amd_device() -> str | None:
+    return None if _AMD_KFD.exists() else "no AMD GPU (no ROCm kernel driver /dev/kfd)"
+
+
+def build_migraphx(target: str, model_path: Path, work_dir: Path, plan: QuantPlan, engine: EngineOptions,
+                   dry_run: bool = False) -> BuildReport:
+    """Compile (or with `dry_run` only plan) the MIGraphX program.
+
+    MIGraphX's instructions do not name the ONNX nodes they came from, so which linears run in int8
+    is unknown: `fused_linears` and `unfused_linears` are None, and the report carries the compiled
+    program's int8 instructions (`int8_dot_instructions`, `program_ops`) instead."""
+    if dry_run:
+        details = {**plan_build(target, model_path, engine), "engine_file": None, "dry_run": True}
+        return BuildReport(target, "migraphx", {}, 0, [], details=details)
+    details = build_program(target, model_path, engine)
+    int8 = {"int8 dot instructions": details["int8_dot_instructions"]} if details["int8_dot_instructions"] else {}
+    return BuildReport(target, "migraphx", int8, None, None, details=details)
+
+
+def _migraphx_runner(model_path: Path, build: BuildReport):
+    return MigraphxRunner(model_path.parent / build.details["engine_file"], model_path, name="int8-migraphx")
+
+
+def target(name: str, runner_labels: tuple[str, ...]) -> Target:
+    """The MIGraphX target `name` (its gfx arch from `MIGRAPHX_GPUS`), built on CI machines labelled
+    `runner_labels`. Triton has no MIGraphX platform, and a program has one fixed input shape."""
+    arch, gpu = MIGRAPHX_GPUS[name]
+    return Target(name=name, backend="migraphx", hardware=f"{gpu} ({arch})", requires=(MIGRAPHX_MODULE,),
+                  build=build_migraphx, runner=_migraphx_runner, gpu=True, device=_amd_device,
+                  runner_labels=runner_labels, triton_refusal="Triton has no MIGraphX platform",
+                  fixed_shape=KV_CACHE_REFUSAL)

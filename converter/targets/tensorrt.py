@@ -19,11 +19,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from converter.targets.engine_options import EngineOptions
 from converter.errors import UserError
-from converter.progress import note
 from converter.export.qdq_names import WEIGHT_DQ_SUFFIX, linears_of
+from converter.progress import note
+from converter.targets.base import BuildReport, Target
+from converter.targets.engine_options import EngineOptions
+
+if TYPE_CHECKING:  # annotations only: a target does not depend on the quantization stage
+    from converter.quant.quantize import QuantPlan
 
 TENSORRT_MODULE = "tensorrt"
 PROFILE_AXES = ("batch", "sequence")  # dimension order of input_ids / attention_mask
@@ -70,8 +75,8 @@ def installed_tensorrt_version() -> str | None:
 
 def _axis_ranges(name: str, rank: int, options: EngineOptions, kv_graph: bool) -> list:
     """The recipe range of each axis of one input (None: the axis is expected to be static)."""
-    from converter.targets.engine_options import DimRange
     from converter.export.kv_graph import PAST_PREFIX
+    from converter.targets.engine_options import DimRange
 
     if name.startswith(f"{PAST_PREFIX}."):  # (batch, kv_heads, past_sequence, head_dim)
         return [options.batch, None, options.past_sequence, None][:rank]
@@ -339,3 +344,38 @@ def tensorrt_runner(engine_path: Path, version_compatible: bool = False, name: s
         return rt
 
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path)), runtime=runtime), name=name)
+
+
+_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def _nvidia_device() -> str | None:
+    present = _NVIDIA_GPUS.is_dir() and any(_NVIDIA_GPUS.iterdir())
+    return None if present else "no NVIDIA GPU (no NVIDIA driver device found)"
+
+
+def build_tensorrt(target: str, model_path: Path, work_dir: Path, plan: QuantPlan, engine: EngineOptions,
+                   dry_run: bool = False) -> BuildReport:
+    """Build (or with `dry_run` only plan) the TensorRT engine; INT8 coverage from the parsed network."""
+    if dry_run:
+        details = {**plan_build(target, model_path, engine, installed_tensorrt_version()),
+                   "engine_file": None, "dry_run": True}
+        return BuildReport(target, "tensorrt", {}, 0, [], details=details)
+    details = build_engine(target, model_path, engine)
+    fused = set(details.get("network", {}).get("int8_matmul_linears", []))
+    return BuildReport(target, "tensorrt", {"int8_layers": details["int8_layers"]}, len(fused & set(plan.linears)),
+                       [n for n in plan.linears if n not in fused], details=details)
+
+
+def _tensorrt_target_runner(model_path: Path, build: BuildReport):
+    return tensorrt_runner(model_path.parent / build.details["engine_file"], build.details["version_compatible"])
+
+
+def target(name: str, runner_labels: tuple[str, ...]) -> Target:
+    """The TensorRT target `name` (its GPU from `TENSORRT_GPUS`), built on CI machines labelled
+    `runner_labels`: an engine is tied to its compute capability, so the label names the exact GPU."""
+    spec = TENSORRT_GPUS[name]
+    return Target(name=name, backend="tensorrt", hardware=f"{spec.gpu} (compute capability {spec.compute_capability})",
+                  requires=(TENSORRT_MODULE,), build=build_tensorrt, runner=_tensorrt_target_runner, gpu=True,
+                  device=_nvidia_device, runner_labels=runner_labels, triton_platform="tensorrt_plan",
+                  triton_kind="KIND_GPU", strict_qdq=True)
