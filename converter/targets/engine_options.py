@@ -41,16 +41,25 @@ class PastRange(DimRange):
 class EngineOptions(_Section):
     """Build settings shared by the TensorRT and MIGraphX targets."""
 
-    batch: DimRange = DimRange(min=1, opt=1, max=8)
-    sequence: DimRange = DimRange(min=1, opt=256, max=2048)
-    past_sequence: PastRange = Field(
-        default=PastRange(min=0, opt=256, max=2048),
-        description="KV-cache graphs: cached tokens (0 = prefill); unused without a cache.")
-    workspace_mb: int = Field(default=4096, ge=16, description="TensorRT workspace memory-pool limit.")
-    builder_optimization_level: int = Field(default=3, ge=0, le=5, description="TensorRT: 0 fastest build .. 5 most tactics.")
+    batch: DimRange = Field(default=DimRange(min=1, opt=1, max=8), description=(
+        "`{min, opt, max}` batch of the TensorRT optimization profile; MIGraphX compiles at `opt`."))
+    sequence: DimRange = Field(default=DimRange(min=1, opt=256, max=2048), description=(
+        "`{min, opt, max}` sequence length of the TensorRT optimization profile; MIGraphX compiles at "
+        "`opt`."))
+    past_sequence: PastRange = Field(default=PastRange(min=0, opt=256, max=2048), description=(
+        "KV-cache graphs: past length range (0 = prefill); the mask's range is sequence + past; unused "
+        "without a cache."))
+    workspace_mb: int = Field(default=4096, ge=16, description=(
+        "TensorRT workspace memory-pool limit."))
+    builder_optimization_level: int = Field(default=3, ge=0, le=5, description=(
+        "TensorRT builder optimization level: 0 fastest build .. 5 most tactics."))
     hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = Field(
-        default="none", description="TensorRT: 'none' ties the engine to the target's compute capability.")
-    version_compatible: bool = Field(default=False, description="TensorRT: engine loads on later TensorRT versions (slower).")
-    tensorrt_version: str | None = Field(
-        default=None, description="Expected TensorRT version; a build with another one is refused. Names dry-run plans.")
-    migraphx_fast_math: bool = Field(default=False, description="MIGraphX: approximate math in compiled kernels.")
+        default="none", description=(
+        "TensorRT: `none` (engine tied to the target's compute capability), `ampere_plus`, "
+        "`same_compute_capability`."))
+    version_compatible: bool = Field(default=False, description=(
+        "TensorRT: engine also loads on later TensorRT versions (slower)."))
+    tensorrt_version: str | None = Field(default=None, description=(
+        "Expected TensorRT version: a build with another one is refused; names dry-run plans."))
+    migraphx_fast_math: bool = Field(default=False, description=(
+        "MIGraphX: approximate math in compiled kernels."))
