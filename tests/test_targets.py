@@ -22,6 +22,38 @@ def test_registry_holds_every_target_with_its_hardware():
     assert "gfx90a" in TARGETS["mi250x-migraphx"].hardware and "gfx942" in TARGETS["mi300-migraphx"].hardware
 
 
+def test_every_target_carries_the_data_other_modules_read():
+    """CI labels, how Triton serves it (or why not), and which graph forms it takes: from the target."""
+    for name, target in TARGETS.items():
+        assert target.name == name and target.runner_labels, name
+        assert bool(target.triton_platform) != bool(target.triton_refusal), name
+    assert TARGETS["cpu-onnxruntime"].ort_graph and not TARGETS["h100-tensorrt"].ort_graph
+    assert TARGETS["h100-tensorrt"].strict_qdq and TARGETS["mi300-migraphx"].fixed_shape
+    assert TARGETS["h100-tensorrt"].runner_labels[-1] == "gpu-h100"
+
+
+def test_a_new_target_is_one_registry_entry(monkeypatch, write_recipe, tmp_path):
+    """A target registered with its data alone is accepted and refused by the recipe and labelled by the
+    CI matrix: neither tests a backend name."""
+    from dataclasses import replace
+
+    from converter.artifact import ci_matrix
+    from converter.recipe import load_recipe
+
+    npu = replace(TARGETS["cpu-onnxruntime"], name="x-npu", backend="npu", ort_graph=False,
+                  runner_labels=("self-hosted", "npu"), triton_platform=None, triton_refusal="no NPU platform")
+    monkeypatch.setitem(TARGETS, "x-npu", npu)
+    data = {**tiny_recipe_dict(tmp_path), "targets": ["x-npu"]}
+    assert load_recipe(write_recipe(data)).recipe.targets == ["x-npu"]
+    assert ci_matrix.runner_labels("x-npu") == ["self-hosted", "npu"]
+    dynamic = {**data, "quantization": {"activations": {"mode": "dynamic"}}}
+    with pytest.raises(Exception, match="x-npu need static per-tensor scales"):
+        load_recipe(write_recipe(dynamic, "dynamic.yaml"))
+    fused = {**data, "export": {"kv_cache": True, "attention": "onnxruntime"}}
+    with pytest.raises(Exception, match="x-npu cannot run"):
+        load_recipe(write_recipe(fused, "fused.yaml"))
+
+
 def test_targets_command_says_what_runs_here_and_why_not():
     code, stdout, _ = run_cli("targets", "--json")
     assert code == 0

@@ -14,7 +14,6 @@ from converter.cli.args import ArgumentParser
 def target_rows() -> list[dict]:
     """One row per target: backend, hardware, available here and why not, plus the CPU-side checks."""
     from converter.targets.registry import TARGETS
-    from converter.targets.runners import int8_kernels_here
     from converter.targets.tensorrt_rtx import RTX_MODULE, rtx_available
 
     rows = []
@@ -23,8 +22,8 @@ def target_rows() -> list[dict]:
         rows.append({"target": name, "backend": target.backend, "hardware": target.hardware,
                      "builds_and_runs_here": ok, "why_not": None if ok else why,
                      "dry_run": target.gpu})
-        if target.backend == "onnxruntime":
-            rows[-1]["int8_here"] = int8_kernels_here()
+        if target.int8_here is not None:
+            rows[-1]["int8_here"] = target.int8_here()
     rows.append({"target": "(check) tensorrt-acceptance", "backend": "tensorrt-rtx parser + builder",
                  "hardware": "CPU", "builds_and_runs_here": rtx_available(),
                  "why_not": None if rtx_available() else f"missing Python module: {RTX_MODULE}", "dry_run": False})

@@ -35,7 +35,8 @@ class Target:
     build: Callable[..., BuildReport]  # (target, model_path, work_dir, plan, engine=, dry_run=)
     runner: Callable[[Path, BuildReport], object]  # (model_path, build report) -> runner
     gpu: bool = False
-    device: Callable[[], str | None] = lambda: None  # preflight: why the hardware is missing, or None
+    preflight: Callable[[], str | None] = lambda: None  # why this machine lacks the hardware, or None
+    int8_here: Callable[[], str] | None = None  # what runs the int8 kernels on this machine (`targets`)
     runner_labels: tuple[str, ...] = ()  # CI: labels of the machine a build runs on (matrix)
     triton_platform: str | None = None  # Triton `platform` serving the built model; None: not served
     triton_kind: str = "KIND_CPU"  # Triton instance group kind
@@ -49,7 +50,7 @@ class Target:
         """(can build and run here, why not): Python modules first, then the device."""
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         reasons = [f"missing Python module(s): {', '.join(missing)}"] if missing else []
-        device = self.device()
+        device = self.preflight()
         if device:
             reasons.append(device)
         return (not reasons, "; ".join(reasons) or "ok")

@@ -216,6 +216,6 @@ def target(name: str, runner_labels: tuple[str, ...]) -> Target:
     `runner_labels`. Triton has no MIGraphX platform, and a program has one fixed input shape."""
     arch, gpu = MIGRAPHX_GPUS[name]
     return Target(name=name, backend="migraphx", hardware=f"{gpu} ({arch})", requires=(MIGRAPHX_MODULE,),
-                  build=build_migraphx, runner=_migraphx_runner, gpu=True, device=_amd_device,
+                  build=build_migraphx, runner=_migraphx_runner, gpu=True, preflight=_amd_device,
                   runner_labels=runner_labels, triton_refusal="Triton has no MIGraphX platform",
                   fixed_shape=KV_CACHE_REFUSAL)

@@ -58,8 +58,15 @@ def _onnxruntime_runner(model_path: Path, build: BuildReport | None = None):
     return onnxruntime_runner(model_path, name="int8-onnxruntime")
 
 
+def _int8_kernels_here() -> str:
+    from converter.targets.runners import int8_kernels_here
+
+    return int8_kernels_here()
+
+
 def target(name: str, hardware: str, runner_labels: tuple[str, ...]) -> Target:
     """An ONNX Runtime target on `hardware`, built on CI machines labelled `runner_labels`."""
     return Target(name=name, backend="onnxruntime", hardware=hardware, requires=("onnxruntime",),
                   build=build_onnxruntime, runner=_onnxruntime_runner, runner_labels=runner_labels,
-                  triton_platform="onnxruntime_onnx", triton_kind="KIND_CPU", ort_graph=True)
+                  triton_platform="onnxruntime_onnx", triton_kind="KIND_CPU", ort_graph=True,
+                  int8_here=_int8_kernels_here)

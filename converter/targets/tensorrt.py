@@ -377,5 +377,5 @@ def target(name: str, runner_labels: tuple[str, ...]) -> Target:
     spec = TENSORRT_GPUS[name]
     return Target(name=name, backend="tensorrt", hardware=f"{spec.gpu} (compute capability {spec.compute_capability})",
                   requires=(TENSORRT_MODULE,), build=build_tensorrt, runner=_tensorrt_target_runner, gpu=True,
-                  device=_nvidia_device, runner_labels=runner_labels, triton_platform="tensorrt_plan",
+                  preflight=_nvidia_device, runner_labels=runner_labels, triton_platform="tensorrt_plan",
                   triton_kind="KIND_GPU", strict_qdq=True)
