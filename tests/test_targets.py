@@ -25,11 +25,11 @@ def test_registry_holds_every_target_with_its_hardware():
 def test_every_target_carries_the_data_other_modules_read():
     """CI labels, how Triton serves it (or why not), and which graph forms it takes: from the target."""
     for name, target in TARGETS.items():
-        assert target.name == name and target.runner_labels, name
+        assert target.name == name and target.ci_labels, name
         assert bool(target.triton_platform) != bool(target.triton_refusal), name
     assert TARGETS["cpu-onnxruntime"].ort_graph and not TARGETS["h100-tensorrt"].ort_graph
     assert TARGETS["h100-tensorrt"].strict_qdq and TARGETS["mi300-migraphx"].fixed_shape
-    assert TARGETS["h100-tensorrt"].runner_labels[-1] == "gpu-h100"
+    assert TARGETS["h100-tensorrt"].ci_labels[-1] == "gpu-h100"
 
 
 def test_a_new_target_is_one_registry_entry(monkeypatch, write_recipe, tmp_path):
@@ -41,11 +41,11 @@ def test_a_new_target_is_one_registry_entry(monkeypatch, write_recipe, tmp_path)
     from converter.recipe import load_recipe
 
     npu = replace(TARGETS["cpu-onnxruntime"], name="x-npu", backend="npu", ort_graph=False,
-                  runner_labels=("self-hosted", "npu"), triton_platform=None, triton_refusal="no NPU platform")
+                  ci_labels=("self-hosted", "npu"), triton_platform=None, triton_refusal="no NPU platform")
     monkeypatch.setitem(TARGETS, "x-npu", npu)
     data = {**tiny_recipe_dict(tmp_path), "targets": ["x-npu"]}
     assert load_recipe(write_recipe(data)).recipe.targets == ["x-npu"]
-    assert ci_matrix.runner_labels("x-npu") == ["self-hosted", "npu"]
+    assert ci_matrix.ci_labels("x-npu") == ["self-hosted", "npu"]
     dynamic = {**data, "quantization": {"activations": {"mode": "dynamic"}}}
     with pytest.raises(Exception, match="x-npu need static per-tensor scales"):
         load_recipe(write_recipe(dynamic, "dynamic.yaml"))

@@ -3,7 +3,7 @@
     convert.py matrix recipes/ --format github   # {"include": [...]} on one line, for $GITHUB_OUTPUT
     convert.py matrix recipes/ --format json     # the same entries, indented
 
-Runner labels are the target's own data (`Target.runner_labels`, in the registry). GitHub-hosted
+Runner labels are the target's own data (`Target.ci_labels`, in the registry). GitHub-hosted
 runners have no GPUs, so GPU targets go to self-hosted runners labelled with their exact GPU: an
 engine is tied to its compute capability / gfx arch, and a generic GPU label could build an A100
 engine on an H100.
@@ -16,17 +16,17 @@ from pathlib import Path
 
 from converter.errors import UserError
 
-def runner_labels(target_name: str) -> list[str]:
-    """Labels of the runner a target's build must run on (the target's `runner_labels`).
+def ci_labels(target_name: str) -> list[str]:
+    """Labels of the runner a target's build must run on (the target's `ci_labels`).
 
     Raises:
         UserError: a target registered without runner labels.
     """
     from converter.targets.registry import TARGETS
 
-    labels = TARGETS[target_name].runner_labels
+    labels = TARGETS[target_name].ci_labels
     if not labels:
-        raise UserError(f"target {target_name}: no CI runner labels; give its registry entry runner_labels")
+        raise UserError(f"target {target_name}: no CI runner labels; give its registry entry ci_labels")
     return list(labels)
 
 
@@ -71,7 +71,7 @@ def job_matrix(paths: list[Path]) -> list[dict]:
                 "name": r.output.name,
                 "version": r.output.version,
                 "target": target,
-                "runs-on": runner_labels(target),
+                "runs-on": ci_labels(target),
                 "artifact": f"{r.output.name}-{r.output.version}-{target}",
             })
     return jobs

@@ -37,7 +37,7 @@ class Target:
     gpu: bool = False
     preflight: Callable[[], str | None] = lambda: None  # why this machine lacks the hardware, or None
     int8_here: Callable[[], str] | None = None  # what runs the int8 kernels on this machine (`targets`)
-    runner_labels: tuple[str, ...] = ()  # CI: labels of the machine a build runs on (matrix)
+    ci_labels: tuple[str, ...] = ()  # labels of the CI machine its build runs on (GitHub `runs-on`)
     triton_platform: str | None = None  # Triton `platform` serving the built model; None: not served
     triton_kind: str = "KIND_CPU"  # Triton instance group kind
     triton_refusal: str = ""  # why Triton cannot serve it (when triton_platform is None)

@@ -211,11 +211,11 @@ def _migraphx_runner(model_path: Path, build: BuildReport):
     return MigraphxRunner(model_path.parent / build.details["engine_file"], model_path, name="int8-migraphx")
 
 
-def target(name: str, runner_labels: tuple[str, ...]) -> Target:
+def target(name: str, ci_labels: tuple[str, ...]) -> Target:
     """The MIGraphX target `name` (its gfx arch from `MIGRAPHX_GPUS`), built on CI machines labelled
-    `runner_labels`. Triton has no MIGraphX platform, and a program has one fixed input shape."""
+    `ci_labels`. Triton has no MIGraphX platform, and a program has one fixed input shape."""
     arch, gpu = MIGRAPHX_GPUS[name]
     return Target(name=name, backend="migraphx", hardware=f"{gpu} ({arch})", requires=(MIGRAPHX_MODULE,),
                   build=build_migraphx, runner=_migraphx_runner, gpu=True, preflight=_amd_device,
-                  runner_labels=runner_labels, triton_refusal="Triton has no MIGraphX platform",
+                  ci_labels=ci_labels, triton_refusal="Triton has no MIGraphX platform",
                   fixed_shape=KV_CACHE_REFUSAL)

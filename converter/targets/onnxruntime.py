@@ -64,9 +64,9 @@ def _int8_kernels_here() -> str:
     return int8_kernels_here()
 
 
-def target(name: str, hardware: str, runner_labels: tuple[str, ...]) -> Target:
-    """An ONNX Runtime target on `hardware`, built on CI machines labelled `runner_labels`."""
+def target(name: str, hardware: str, ci_labels: tuple[str, ...]) -> Target:
+    """An ONNX Runtime target on `hardware`, built on CI machines labelled `ci_labels`."""
     return Target(name=name, backend="onnxruntime", hardware=hardware, requires=("onnxruntime",),
-                  build=build_onnxruntime, runner=_onnxruntime_runner, runner_labels=runner_labels,
+                  build=build_onnxruntime, runner=_onnxruntime_runner, ci_labels=ci_labels,
                   triton_platform="onnxruntime_onnx", triton_kind="KIND_CPU", ort_graph=True,
                   int8_here=_int8_kernels_here)

@@ -14,9 +14,9 @@ _SELF_HOSTED = ("self-hosted", "linux", "x64")  # GitHub-hosted runners have no 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     onnxruntime.target("cpu-onnxruntime", "x86-64 / arm64 CPU (int8 kernels: VNNI, AMX, NEON dot product)",
-                       runner_labels=("ubuntu-latest",)),
-    tensorrt.target("a100-tensorrt", runner_labels=(*_SELF_HOSTED, "gpu-a100")),
-    tensorrt.target("h100-tensorrt", runner_labels=(*_SELF_HOSTED, "gpu-h100")),
-    migraphx.target("mi250x-migraphx", runner_labels=(*_SELF_HOSTED, "gpu-mi250x")),
-    migraphx.target("mi300-migraphx", runner_labels=(*_SELF_HOSTED, "gpu-mi300")),
+                       ci_labels=("ubuntu-latest",)),
+    tensorrt.target("a100-tensorrt", ci_labels=(*_SELF_HOSTED, "gpu-a100")),
+    tensorrt.target("h100-tensorrt", ci_labels=(*_SELF_HOSTED, "gpu-h100")),
+    migraphx.target("mi250x-migraphx", ci_labels=(*_SELF_HOSTED, "gpu-mi250x")),
+    migraphx.target("mi300-migraphx", ci_labels=(*_SELF_HOSTED, "gpu-mi300")),
 )}

@@ -371,11 +371,11 @@ def _tensorrt_target_runner(model_path: Path, build: BuildReport):
     return tensorrt_runner(model_path.parent / build.details["engine_file"], build.details["version_compatible"])
 
 
-def target(name: str, runner_labels: tuple[str, ...]) -> Target:
+def target(name: str, ci_labels: tuple[str, ...]) -> Target:
     """The TensorRT target `name` (its GPU from `TENSORRT_GPUS`), built on CI machines labelled
-    `runner_labels`: an engine is tied to its compute capability, so the label names the exact GPU."""
+    `ci_labels`: an engine is tied to its compute capability, so the label names the exact GPU."""
     spec = TENSORRT_GPUS[name]
     return Target(name=name, backend="tensorrt", hardware=f"{spec.gpu} (compute capability {spec.compute_capability})",
                   requires=(TENSORRT_MODULE,), build=build_tensorrt, runner=_tensorrt_target_runner, gpu=True,
-                  preflight=_nvidia_device, runner_labels=runner_labels, triton_platform="tensorrt_plan",
+                  preflight=_nvidia_device, ci_labels=ci_labels, triton_platform="tensorrt_plan",
                   triton_kind="KIND_GPU", strict_qdq=True)
