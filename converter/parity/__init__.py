@@ -1,2 +1,2 @@
 """Parity: the INT8 candidate against the FP32 reference: metrics and gates, encoder metrics,
-generation agreement, evaluation sets, and Polygraphy-style runners for every backend."""
+generation agreement, and the evaluation sets (each target's runner comes from `targets`)."""
