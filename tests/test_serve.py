@@ -30,6 +30,13 @@ PROMPTS = [("Licensed under the", 9), ("the License", 12), ("You may obtain a co
            ("Copyright", 11)]
 
 
+def test_the_serving_environment_is_looked_for_in_the_checkout(monkeypatch):
+    """`.venv-serve` beside convert.py, wherever the serve module sits in the package."""
+    assert serve.ROOT == ROOT
+    monkeypatch.delenv(serve.VENV_ENV, raising=False)
+    assert (ROOT / "convert.py").is_file()
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     """A tiny Llama with a BOS tokenizer, converted as the shipped recipe is (KV cache, fused attention)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from converter.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: converter/artifact/serve.py
 VENV_ENV = "CONVERTER_SERVE_VENV"  # another serving environment than <checkout>/.venv-serve
 RUNTIME = "triton-runtime"  # the prepared copy of tritonserver/, inside the serving environment
 _QUERY = """import json, sys, sysconfig, pathlib, pytriton
