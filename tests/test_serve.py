@@ -125,7 +125,7 @@ def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):
     version = folder / "1"
     # the graph is the artifact's own (a hard link), the source is a copy of the package's
     assert (version / "model.onnx").stat().st_ino == (artifact / "model.onnx").stat().st_ino
-    source = ROOT / "converter" / "triton_generate" / "engine.py"
+    source = ROOT / "converter" / "artifact" / "triton_generate" / "engine.py"
     assert (version / "engine.py").read_bytes() == source.read_bytes()
     assert (version / "engine.py").stat().st_ino != source.stat().st_ino
     assert {"tokenizer.json", "config.json", "model.py"} <= {p.name for p in version.iterdir()}
