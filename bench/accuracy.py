@@ -51,7 +51,7 @@ OURS = {  # name -> (recipe, overrides), most telling first; generation parity o
 }
 
 def windows(recipe, file: str, tokenizer, limit: int | None = None):
-    from converter.data import token_windows, window_wrap
+    from converter.models.text import token_windows, window_wrap
 
     data = recipe.recipe.parity.sets[0].text().model_copy(update={"files": [file], "num_samples": limit or 10_000})
     return token_windows(recipe, data, tokenizer, shuffle=False,
@@ -60,8 +60,8 @@ def windows(recipe, file: str, tokenizer, limit: int | None = None):
 
 def perplexity(path: Path, texts: dict[str, np.ndarray]) -> dict[str, float]:
     """Perplexity of the graph at `path` on each text, every window a prefill (an empty past for a KV graph)."""
-    from converter.kvcache import graph_kv_layout, prefill_feed
-    from converter.runners import onnxruntime_session
+    from converter.export.kv_graph import graph_kv_layout, prefill_feed
+    from converter.targets.runners import onnxruntime_session
 
     sess, layout = onnxruntime_session(path, threads=2), graph_kv_layout(path)
     out = {}
@@ -125,7 +125,7 @@ def peers(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, dict]:
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     # ORT's documented first step: shape inference and graph optimization, which folds each weight's
     # Transpose into a constant so the quantizers see (and per-channel quantize) the MatMul weights
@@ -179,8 +179,8 @@ def main() -> None:
                         "(none: peers only)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from converter.export import export_fp32
-    from converter.load import load
+    from converter.export.exporter import export_fp32
+    from converter.models.load import load
     from converter.recipe import Export, load_recipe
 
     recipe = load_recipe(RECIPE)

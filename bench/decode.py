@@ -33,7 +33,7 @@ RECIPE = ROOT / "recipes" / "smollm2-135m-cpu.yaml"
 
 def decode_rate(session, layout, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
     """(decode tokens/s after the prefill, tokens), greedy, EOS ignored."""
-    from converter.generation import greedy_graph, session_step
+    from converter.parity.generation import greedy_graph, session_step
 
     tokens = []
     stream = greedy_graph(session_step(session), layout, prompt, new_tokens + 1)
@@ -62,12 +62,12 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from converter.data import added_special_tokens, token_windows
-    from converter.export import float_graph
-    from converter.kvcache import graph_kv_layout
-    from converter.load import load_reference
+    from converter.export.exporter import float_graph
+    from converter.export.kv_graph import graph_kv_layout
+    from converter.models.load import load_reference
+    from converter.models.text import added_special_tokens, token_windows
     from converter.recipe import Export, load_recipe
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:

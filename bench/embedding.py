@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--latency-iters", type=int, default=40)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     candidates, models = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dic
     iteration (see cli_run.against), runs interleaved."""
     import numpy as np
 
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     os.sync()  # freshly written model files: their write-back competes for the CPU (see bench/decode.py)
     sessions = {name: onnxruntime_session(path, threads=threads) for name, path in paths.items()}
@@ -49,8 +49,8 @@ def latency(paths: dict[str, Path], iters: int, shapes, threads: int = 2) -> dic
 
 
 def fp32_onnx(folder: Path) -> Path:
-    from converter.export import float_graph
-    from converter.load import load_reference
+    from converter.export.exporter import float_graph
+    from converter.models.load import load_reference
     from converter.recipe import Export, load_recipe
 
     recipe = load_recipe(RECIPE)

@@ -19,7 +19,7 @@ Two prompt sets: the evaluation text (the recipe's first parity.eval set) cut in
 each window's first 32 tokens a prompt (cut mid-sentence; the recipe's own 256-token windows give
 only 8 from this text), and recipes/data/clinical-questions.txt in the chat template (how an
 instruction-tuned model is used).
-Token, prefix and stepwise agreement are defined in converter/generation.py. Writes
+Token, prefix and stepwise agreement are defined in converter/parity/generation.py. Writes
 bench/results/generation.{json,md}, which the README quotes.
 """
 
@@ -45,7 +45,7 @@ def rounded_weights(model, bits: int):
     (absmax scale, round half to even) on a grid of 2**(bits-1) - 1 steps a side."""
     import torch
 
-    from converter.quantize import fake_quantize_weight, weight_scales
+    from converter.quant.quantize import fake_quantize_weight, weight_scales
 
     copied = copy.deepcopy(model)
     top = 2 ** (bits - 1) - 1
@@ -60,12 +60,12 @@ def rounded_weights(model, bits: int):
 def smoothed_fp32(recipe, model, tokenizer):
     """A copy of `model` smoothed as the pipeline smooths it for `recipe` (same calibration windows,
     decode steps included, and alphas), left in FP32."""
-    from converter.archs import arch_spec, block_linear_names
-    from converter.calibrate import collect_input_amax
-    from converter.data import token_windows, window_wrap
-    from converter.quantize import split_by_exclusions
-    from converter.search import choose_alphas
-    from converter.smooth import smooth
+    from converter.models.archs import arch_spec, block_linear_names
+    from converter.models.text import token_windows, window_wrap
+    from converter.quant.alpha_search import choose_alphas
+    from converter.quant.calibrate import collect_input_amax
+    from converter.quant.quantize import split_by_exclusions
+    from converter.quant.smooth import smooth
 
     r = recipe.recipe
     copied = copy.deepcopy(model)
@@ -114,15 +114,15 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from converter.archs import arch_spec
-    from converter.data import token_windows, window_wrap
-    from converter.export import export_fp32
-    from converter.generation import (compare_tokens, generation_prompts, greedy_graph, greedy_torch, sequence_logits,
+    from converter.export.exporter import export_fp32
+    from converter.models.archs import arch_spec
+    from converter.models.text import token_windows, window_wrap
+    from converter.parity.generation import (compare_tokens, generation_prompts, greedy_graph, greedy_torch, sequence_logits,
                                       session_step, stepwise_agreement)
-    from converter.kvcache import graph_kv_layout
-    from converter.load import load_reference
+    from converter.export.kv_graph import graph_kv_layout
+    from converter.models.load import load_reference
     from converter.recipe import Generation, load_recipe
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(RECIPE)

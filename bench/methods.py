@@ -62,7 +62,7 @@ class WeightOnlyLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, weight_scale: torch.Tensor):
         super().__init__()
-        from converter.quantize import fake_quantize_weight
+        from converter.quant.quantize import fake_quantize_weight
 
         self.weight = torch.nn.Parameter(fake_quantize_weight(linear.weight, weight_scale), requires_grad=False)
         self.bias = linear.bias
@@ -87,12 +87,12 @@ class FloatLogits(torch.nn.Module):
 def plan_model(recipe, model, calib, select, before=None):
     """The converter's front end without the export, in place on `model` (smoothed): returns (plan, share
     of linear MACs in float, the first calibration's stats: pass them back for a row that calibrates alike)."""
-    from converter.archs import arch_spec, block_linear_names, spec_from_recipe
-    from converter.calibrate import activation_ranges, collect_input_amax
-    from converter.quantize import plan_quantization, split_by_exclusions
-    from converter.search import choose_alphas
-    from converter.sensitivity import sensitivity_fallback, without
-    from converter.smooth import smooth
+    from converter.models.archs import arch_spec, block_linear_names, spec_from_recipe
+    from converter.quant.calibrate import activation_ranges, collect_input_amax
+    from converter.quant.quantize import plan_quantization, split_by_exclusions
+    from converter.quant.alpha_search import choose_alphas
+    from converter.quant.sensitivity import sensitivity_fallback, without
+    from converter.quant.smooth import smooth
 
     r = recipe.recipe
     bs = r.calibration.batch_size
@@ -132,7 +132,7 @@ class Replay:
 def apply(model, plan, float_acts: tuple[str, ...]):
     """Fake quant of `plan`, except linears whose name ends with one of `float_acts` ("" = all): int8
     weights, float activations."""
-    from converter.quantize import apply_fake_quant
+    from converter.quant.quantize import apply_fake_quant
 
     keep = {n: q for n, q in plan.linears.items() if any(n.endswith(s) for s in float_acts)} if float_acts else {}
     plan.linears = {n: q for n, q in plan.linears.items() if n not in keep}
@@ -146,7 +146,7 @@ def apply(model, plan, float_acts: tuple[str, ...]):
 
 def reference_logits(model, recipe, texts) -> list[list]:
     """The FP32 model's logits on every evaluation window, per set, batched as `evaluate` feeds them."""
-    from converter.runners import TorchRunner
+    from converter.targets.runners import TorchRunner
 
     out = []
     for s, windows in zip(recipe.recipe.parity.sets, texts.windows):
@@ -158,9 +158,9 @@ def reference_logits(model, recipe, texts) -> list[list]:
 
 def measure(reference_logits, candidate, recipe, texts, references) -> dict:
     """Per evaluation set: parity metrics and stepwise agreement of `candidate` against the reference."""
-    from converter.generation import stepwise_agreement, torch_batch_logits
-    from converter.parity import evaluate
-    from converter.runners import TorchRunner
+    from converter.parity.generation import stepwise_agreement, torch_batch_logits
+    from converter.parity.metrics import evaluate
+    from converter.targets.runners import TorchRunner
 
     out = {}
     for s, windows, prompts, ref_tokens, logits in zip(recipe.recipe.parity.sets, texts.windows, texts.prompts,
@@ -212,10 +212,10 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
 
-    from converter.data import token_windows, window_wrap
-    from converter.evalsets import load_eval_inputs
-    from converter.generation import greedy_torch_many
-    from converter.load import load
+    from converter.models.text import token_windows, window_wrap
+    from converter.parity.evalsets import load_eval_inputs
+    from converter.parity.generation import greedy_torch_many
+    from converter.models.load import load
     from converter.recipe import load_recipe
 
     base = load_recipe(args.recipe)

@@ -73,11 +73,11 @@ def main() -> None:
     from onnx import numpy_helper
     from transformers import AutoTokenizer
 
-    from converter.data import added_special_tokens, token_windows
-    from converter.kvcache import graph_kv_layout, prefill_feed
-    from converter.qdq_names import WEIGHT_SUFFIX
+    from converter.export.kv_graph import graph_kv_layout, prefill_feed
+    from converter.export.qdq_names import WEIGHT_SUFFIX
+    from converter.models.text import added_special_tokens, token_windows
     from converter.recipe import load_recipe
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None = None) -> dict:
-    from converter.archs import arch_spec, block_linear_names
-    from converter.calibrate import activation_ranges, collect_input_amax
-    from converter.data import token_windows, window_wrap
-    from converter.load import load
-    from converter.quantize import apply_fake_quant, plan_quantization, split_by_exclusions
+    from converter.models.archs import arch_spec, block_linear_names
+    from converter.models.load import load
+    from converter.models.text import token_windows, window_wrap
+    from converter.quant.calibrate import activation_ranges, collect_input_amax
+    from converter.quant.quantize import apply_fake_quant, plan_quantization, split_by_exclusions
+    from converter.quant.sensitivity import _Scorer
+    from converter.quant.smooth import smooth
     from converter.recipe import load_recipe
-    from converter.sensitivity import _Scorer
-    from converter.smooth import smooth
 
     overrides = [f"calibration.num_samples={calibration_windows}"] if calibration_windows else []
     recipe = load_recipe(recipe_path, overrides)

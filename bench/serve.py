@@ -6,8 +6,8 @@ the INT8 artifact against the FP32 export served the same way, in one run.
 
 Without --artifact the shipped recipe is converted first (through the real CLI). The FP32 baseline
 is the recipe's checkpoint exported with the artifact's KV-cache graph layout and attention, nothing
-quantized (`converter.export.float_graph`), put in a generate model of its own with the artifact's
-tokenizer. Each model gets its own tritonserver (`converter/serve.py`), started, loaded and stopped
+quantized (`converter.export.exporter.float_graph`), put in a generate model of its own with the artifact's
+tokenizer. Each model gets its own tritonserver (`converter/artifact/serve.py`), started, loaded and stopped
 in turn. Each client loops over the lines of recipes/data/clinical-questions.txt (continued as
 text, as `convert.py generate` does without --chat), one gRPC streaming request at a time, for
 `--duration` seconds per client count (`--soak` seconds for the largest count on INT8: the
@@ -39,10 +39,11 @@ TARGETS = {"batching_16_over_1": 4.0, "int8_over_fp32_at_16": 1.8, "failures": 0
 def fp32_repository(artifact: Path, recipe_path: Path, repo: Path, work: Path) -> str:
     """Write a generate model serving the FP32 export of the artifact's checkpoint; returns its name."""
     from decode import fused_attention
-    from converter import triton, triton_generate
-    from converter.export import float_graph
-    from converter.load import load_reference
-    from converter.package import read_manifest
+    from converter.artifact import triton
+    from converter.artifact import triton_generate
+    from converter.artifact.package import read_manifest
+    from converter.export.exporter import float_graph
+    from converter.models.load import load_reference
     from converter.recipe import Export, Triton, load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -61,9 +62,10 @@ def fp32_repository(artifact: Path, recipe_path: Path, repo: Path, work: Path) -
 
 def references(model_path: Path, tokenizer, prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
     """prompt -> the greedy tokens ONNX Runtime gives outside the server (what `convert.py generate` prints)."""
-    from converter.generation import greedy_graph, prompt_ids, session_step
-    from converter.kvcache import graph_kv_layout
-    from converter.runners import onnxruntime_session
+    from converter.artifact.generate import prompt_ids
+    from converter.export.kv_graph import graph_kv_layout
+    from converter.parity.generation import greedy_graph, session_step
+    from converter.targets.runners import onnxruntime_session
 
     step, layout = session_step(onnxruntime_session(model_path)), graph_kv_layout(model_path)
     return {p: list(greedy_graph(step, layout, prompt_ids(tokenizer, p, False), max_tokens, tokenizer.eos_token_id))
@@ -185,7 +187,7 @@ def rss_summary(samples: list[tuple[float, float]]) -> dict:
 
 
 def serve_model(repo: Path, model: str, levels: list[int], durations: dict, args, prompts, expected, log: Path) -> dict:
-    from converter import serve
+    from converter.artifact import serve
 
     rows = {}
     with serve.start(repo, [model], log) as server:
@@ -232,7 +234,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
-    from converter import serve
+    from converter.artifact import serve
 
     levels = sorted(args.clients)
     prompts = [line for line in PROMPTS.read_text().splitlines() if line.strip()]

@@ -43,11 +43,11 @@ def latency(int8_paths: dict[str, Path], iters: int, threads: int = 2, seq: int 
     import numpy as np
     import torch
 
-    from converter.export import float_graph
-    from converter.kvcache import graph_kv_layout, prefill_feed
-    from converter.load import load_reference
+    from converter.export.exporter import float_graph
+    from converter.export.kv_graph import graph_kv_layout, prefill_feed
+    from converter.models.load import load_reference
     from converter.recipe import Export, load_recipe
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,30 +18,33 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
 
-from converter import cache, kvcache, package, scratch, triton
-from converter.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
-from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import token_windows, window_wrap
-from converter.encoder import checkpoint_io
+from converter import scratch
+from converter import stage_cache as cache
+from converter.artifact import package
+from converter.artifact import triton
+from converter.artifact.layer_report import activation_errors, channel_plot_data, layer_rows, write_report
 from converter.errors import ParityFailure, UserError
-from converter.export import export_fp32, insert_qdq
-from converter.evalsets import load_eval_inputs, measure_parity, report_warnings, set_label
-from converter.load import TOKENIZER_FILES, check_context, check_token_ids, load
+from converter.export import kv_graph
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.models.archs import arch_spec, block_linear_names, check_spec, spec_from_recipe
+from converter.models.io import ModelIO, checkpoint_io
+from converter.models.load import TOKENIZER_FILES, LoadedModel, check_context, check_token_ids, load
+from converter.models.text import Windows, token_windows, window_wrap
+from converter.parity.evalsets import EvalInputs, load_eval_inputs, measure_parity, report_warnings, set_label
 from converter.progress import note, warn
-from converter.quantize import check_patterns, plan_quantization, split_by_exclusions
+from converter.quant.alpha_search import choose_alphas
+from converter.quant.calibrate import activation_ranges, collect_input_amax
+from converter.quant.quantize import check_patterns, plan_quantization, split_by_exclusions
+from converter.quant.sensitivity import sensitivity_fallback, without
+from converter.quant.smooth import smooth
 from converter.recipe import LoadedRecipe
-from converter.report import activation_errors, channel_plot_data, layer_rows, write_report
-from converter.search import choose_alphas
-from converter.sensitivity import sensitivity_fallback, without
-from converter.smooth import smooth
-from converter.target_checks import check_targets_buildable, dry_run_parity, tensorrt_checks
-from converter.targets import TARGETS
+from converter.targets.checks import check_targets_buildable, dry_run_parity, tensorrt_checks
+from converter.targets.registry import TARGETS
 
 STAGES = ("load", "calibrate", "smooth", "quantize", "export", "check", "build", "parity", "package")
 FRONT_STAGES = ("calibrate", "smooth", "quantize", "export")
@@ -113,7 +116,7 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
         dry_run: GPU targets record their exact build plan instead of building (no GPU needed).
         build_number: CI build number: the artifact version becomes `<output.version>-build<N>` and
             the Triton version folder `<N>`.
-        cache_dir: stage cache folder (see converter/cache.py); None computes everything.
+        cache_dir: stage cache folder (see converter/stage_cache.py); None computes everything.
 
     Raises:
         UserError: bad recipe contents, data or checkpoint, or a target that cannot build here
@@ -146,97 +149,149 @@ def convert(recipe: LoadedRecipe, output_dir: Path, force: bool = False, dry_run
         return RunResult(artifact_dir=final, passed=True, manifest=manifest, stages=stages.records)
 
 
+@dataclass
+class _Inputs:
+    """What the load stage hands on: the model, its I/O, the token windows and the stage-cache keys."""
+
+    loaded: LoadedModel
+    io: ModelIO
+    calib: Windows
+    texts: EvalInputs
+    keys: cache.StageKeys
+
+
 def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path, store: cache.StageCache,
                 version: str, build_info: dict, dry_run: bool) -> dict:
     r = recipe.recipe
     torch.manual_seed(0)
     with stages.run("load"):
-        loaded = load(recipe)
-        io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
-        wrap = window_wrap(loaded.tokenizer, io.kind)
-        calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
-        if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
-            calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
-        texts = load_eval_inputs(recipe, loaded.tokenizer, wrap, io.kind == "decoder")
-        eval_windows = texts.windows[0]
-        prompts = [p for set_prompts in texts.prompts for p in set_prompts]
-        _refuse_fixed_shape_generation(r.targets, bool(prompts), dry_run)
-        lengths = {"calibration.seq_len": r.calibration.seq_len,
-                   **{f"{set_label(recipe, s.name)}.seq_len": s.seq_len for s in r.parity.sets},
-                   **({"selection.seq_len": r.selection.seq_len} if r.selection else {})}
-        if prompts:
-            lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
-                max(map(len, prompts)) + r.parity.generation.max_new_tokens)
-        check_context(loaded.model.config, lengths)  # before any work: an index error deep in a stage otherwise
-        if r.export.attention == "onnxruntime" and io.kind == "decoder":  # not after minutes of calibration
-            from converter.ort_attention import check_fusable
-
-            check_fusable(loaded.model)
-        check_token_ids(loaded.model, {"calibration data": int(calib.input_ids.max()),
-                                       "evaluation data": max(int(w.input_ids.max()) for w in texts.windows),
-                                       "selection data": int(texts.selection.input_ids.max()) if texts.selection
-                                       else -1,
-                                       "generation prompts": max((max(p) for p in prompts), default=-1)})
-        note(f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
-             + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
-             + _shortfall("calibration.decode_windows", r.calibration.decode_windows, calib.decode_windows,
-                          "calibration windows")
-             + "; evaluation " + ", ".join((f"{s.name} " if r.parity.named_sets else "") + _windows_line(w, s)
-                                           for s, w in zip(r.parity.sets, texts.windows))
-             + (f"; selection {_windows_line(texts.selection, r.selection)}" if texts.selection else "")
-             + (f"; {len(prompts)} generation prompts" if prompts else "")
-             + (_shortfall("parity.generation.prompts", r.parity.generation.prompts, len(prompts),
-                           "prompts in the file" if r.parity.generation.prompts_file else "evaluation windows")
-                if prompts else ""))
-        keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256,
-                                texts.selection.sha256 if texts.selection else None)
+        inputs = _load_inputs(recipe, dry_run)
+    loaded = inputs.loaded
     fp32_path = work / "model.fp32.onnx"
-    exported = cache.load_export(store, keys.export, staging / MODEL_FILE, fp32_path)
+    exported = cache.load_export(store, inputs.keys.export, staging / MODEL_FILE, fp32_path)
     if exported is not None:  # the model files are cached: calibrate .. export all come from the cache
         qdq, plan, front = exported
         stages.records += [StageRecord(s, 0.0, ran=False, cache="hit") for s in FRONT_STAGES]
     else:
-        qdq, plan, front = _front(recipe, stages, store, keys, loaded.model, calib, texts.selection or calib,
-                                  staging, fp32_path)
+        qdq, plan, front = _front(recipe, stages, store, inputs.keys, loaded.model, inputs.calib,
+                                  inputs.texts.selection or inputs.calib, staging, fp32_path)
     if front["fallback"] and not front["fallback"]["target_met"]:  # also on a cache hit: the run should say it
         outcome = package.fallback_outcome(front["fallback"], r.quantization.fallback.model_dump())
         warn(f"quantization.fallback: {outcome} (parity's thresholds still decide publishing)")
     del loaded.model
     gc.collect()
-    level = r.quantization.activations.level
     model_sha256 = cache.model_sha256(qdq.path)  # keys the check and every target's parity
-    with stages.run("check") as record:  # whatever the targets; after the model is freed (the builder needs memory)
-        if level == "O3":
-            strict = any(TARGETS[t].backend == "tensorrt" for t in r.targets)
-            key = cache.check_key(r.engine.model_dump(mode="json"), strict, model_sha256)
-            checks = cache.load_checks(store, key)
-            record.ran, record.cache = checks is None, _cache_state(store, checks is not None)
-            if checks is None:
-                checks = tensorrt_checks(qdq.path, r.engine, strict=strict)
-                cache.save_checks(store, key, checks)
-        else:  # the recipe only allows the CPU target with dynamic activations
-            record.ran = False
-            checks = {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
-    targets = {name: _target(recipe, name, stages, store, loaded, io, qdq, model_sha256, plan, fp32_path,
-                             texts, work, dry_run)
+    checks = _check(recipe, stages, store, qdq.path, model_sha256)
+    targets = {name: _target(recipe, name, stages, store, loaded, inputs.io, qdq, model_sha256, plan, fp32_path,
+                             inputs.texts, work, dry_run)
                for name in r.targets}
     _write_files(recipe, staging, loaded.path, version, targets, front)
-    inputs, outputs = kvcache.graph_io_names(qdq.path)
-    manifest = {
-        "schema_version": 1,
-        "name": r.output.name,
-        "version": version,
-        "build": build_info,
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "parity_passed": all(v["parity"]["passed"] is not False for v in targets.values()),
-        "model": {"file": MODEL_FILE, "format": MODEL_FORMATS[level], "activation_quantization": level,
-                  "opset": r.export.opset, "kind": io.kind, "inputs": inputs, "outputs": outputs,
-                  "kv_cache": r.export.kv_cache and io.kind == "decoder",
-                  "external_data": qdq.external_data,
-                  "quantized_linears": len(plan.linears), "float_linears": plan.excluded,
-                  "embedding": plan.embedding.summary() if plan.embedding is not None else None},
-        "source": {"path": r.source.path, "architecture": loaded.architecture,
-                   "sha256": loaded.checkpoint_sha256, "files": loaded.files},
+    manifest = package.new_manifest(
+        name=r.output.name, version=version, build=build_info, model=_model_entry(r, inputs.io, qdq, plan),
+        source={"path": r.source.path, "architecture": loaded.architecture,
+                "sha256": loaded.checkpoint_sha256, "files": loaded.files},
+        data=_data_entries(r, inputs.calib, inputs.texts, front), front=front, targets=targets, checks=checks,
+        peak_rss_mb=round(peak_rss_mb(), 1), recipe=recipe)
+    if not manifest["parity_passed"]:
+        manifest["stages"] = [s.__dict__ for s in stages.records]
+        package.write_manifest(staging, manifest)
+    return manifest
+
+
+def _load_inputs(recipe: LoadedRecipe, dry_run: bool) -> _Inputs:
+    """The load stage: the checkpoint, its token windows and prompts, each checked before any work."""
+    r = recipe.recipe
+    loaded = load(recipe)
+    io = checkpoint_io(loaded.path, spec_from_recipe(r.architecture))
+    wrap = window_wrap(loaded.tokenizer, io.kind)
+    calib = token_windows(recipe, r.calibration, loaded.tokenizer, shuffle=True, wrap=wrap)
+    if r.export.kv_cache and io.kind == "decoder":  # the graph also runs decode steps: calibrate them too
+        calib = calib.with_decode(r.calibration.decode_windows, r.calibration.decode_steps)
+    texts = load_eval_inputs(recipe, loaded.tokenizer, wrap, io.kind == "decoder")
+    prompts = [p for set_prompts in texts.prompts for p in set_prompts]
+    _refuse_fixed_shape_generation(r.targets, bool(prompts), dry_run)
+    _check_lengths_and_ids(recipe, loaded, io, calib, texts, prompts)
+    note(_load_line(recipe, loaded, calib, texts, prompts))
+    keys = cache.stage_keys(recipe, loaded.checkpoint_sha256, calib.sha256,
+                            texts.selection.sha256 if texts.selection else None)
+    return _Inputs(loaded, io, calib, texts, keys)
+
+
+def _check_lengths_and_ids(recipe: LoadedRecipe, loaded, io, calib, texts, prompts: list[list[int]]) -> None:
+    """Before any work: a window or prompt longer than the model's context, a token id beyond its
+    vocabulary or an attention the fused kernel cannot take fails here, not after minutes of
+    calibration (or as an index error deep in a stage)."""
+    r = recipe.recipe
+    lengths = {"calibration.seq_len": r.calibration.seq_len,
+               **{f"{set_label(recipe, s.name)}.seq_len": s.seq_len for s in r.parity.sets},
+               **({"selection.seq_len": r.selection.seq_len} if r.selection else {})}
+    if prompts:
+        lengths["the longest generation prompt plus parity.generation.max_new_tokens"] = (
+            max(map(len, prompts)) + r.parity.generation.max_new_tokens)
+    check_context(loaded.model.config, lengths)
+    if r.export.attention == "onnxruntime" and io.kind == "decoder":
+        from converter.export.ort_fusion import check_fusable
+
+        check_fusable(loaded.model)
+    check_token_ids(loaded.model, {"calibration data": int(calib.input_ids.max()),
+                                   "evaluation data": max(int(w.input_ids.max()) for w in texts.windows),
+                                   "selection data": int(texts.selection.input_ids.max()) if texts.selection
+                                   else -1,
+                                   "generation prompts": max((max(p) for p in prompts), default=-1)})
+
+
+def _load_line(recipe: LoadedRecipe, loaded, calib, texts, prompts: list[list[int]]) -> str:
+    """The load stage's one line: the architecture, and how many windows and prompts each part got."""
+    r = recipe.recipe
+    return (f"  {loaded.architecture}: calibration {_windows_line(calib, r.calibration)}"
+            + (f" + {calib.decode_windows} x {calib.decode_steps} decode steps" if calib.decode_windows else "")
+            + _shortfall("calibration.decode_windows", r.calibration.decode_windows, calib.decode_windows,
+                         "calibration windows")
+            + "; evaluation " + ", ".join((f"{s.name} " if r.parity.named_sets else "") + _windows_line(w, s)
+                                          for s, w in zip(r.parity.sets, texts.windows))
+            + (f"; selection {_windows_line(texts.selection, r.selection)}" if texts.selection else "")
+            + (f"; {len(prompts)} generation prompts" if prompts else "")
+            + (_shortfall("parity.generation.prompts", r.parity.generation.prompts, len(prompts),
+                          "prompts in the file" if r.parity.generation.prompts_file else "evaluation windows")
+               if prompts else ""))
+
+
+def _check(recipe: LoadedRecipe, stages: _Stages, store: cache.StageCache, model_path: Path,
+           model_sha256: str) -> dict:
+    """The check stage (QDQ lint + TensorRT acceptance), whatever the targets; after the model is
+    freed (the builder needs memory). Static graphs only: dynamic activations are CPU-only."""
+    r = recipe.recipe
+    level = r.quantization.activations.level
+    with stages.run("check") as record:
+        if level != "O3":  # the recipe only allows targets that run ONNX Runtime's graph with dynamic activations
+            record.ran = False
+            return {"skipped": f"{level} dynamic activations: a CPU-only graph, no TensorRT rules apply"}
+        strict = any(TARGETS[t].strict_qdq for t in r.targets)
+        key = cache.check_key(r.engine.model_dump(mode="json"), strict, model_sha256)
+        checks = cache.load_checks(store, key)
+        record.ran, record.cache = checks is None, _cache_state(store, checks is not None)
+        if checks is None:
+            checks = tensorrt_checks(model_path, r.engine, strict=strict)
+            cache.save_checks(store, key, checks)
+        return checks
+
+
+def _model_entry(r, io: ModelIO, qdq, plan) -> dict:
+    """The manifest's `model`: the graph file, its format, I/O and what was quantized."""
+    level = r.quantization.activations.level
+    inputs, outputs = kv_graph.graph_io_names(qdq.path)
+    return {"file": MODEL_FILE, "format": MODEL_FORMATS[level], "activation_quantization": level,
+            "opset": r.export.opset, "kind": io.kind, "inputs": inputs, "outputs": outputs,
+            "kv_cache": r.export.kv_cache and io.kind == "decoder",
+            "external_data": qdq.external_data,
+            "quantized_linears": len(plan.linears), "float_linears": plan.excluded,
+            "embedding": plan.embedding.summary() if plan.embedding is not None else None}
+
+
+def _data_entries(r, calib: Windows, texts: EvalInputs, front: dict) -> dict:
+    """The manifest's `calibration`, `evaluation` and `selection`: which text, how many windows."""
+    eval_windows = texts.windows[0]
+    return {
         "calibration": {"sha256": calib.sha256, "windows": len(calib.input_ids),
                         "available_windows": calib.total_windows, "tokens": front["calibration_tokens"],
                         "decode_windows": calib.decode_windows, "decode_steps": calib.decode_steps,
@@ -246,18 +301,7 @@ def _run_stages(recipe: LoadedRecipe, stages: _Stages, staging: Path, work: Path
                                 for s, w in zip(r.parity.sets, texts.windows)]},
         "selection": ({"files": r.selection.files, "sha256": texts.selection.sha256,
                        "windows": len(texts.selection.input_ids)} if texts.selection else None),
-        **{k: front[k] for k in ("smoothing", "fallback", "quantization", "layers")},
-        "targets": targets,
-        "checks": checks,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "tools": package.tool_versions(),
-        "recipe_sha256": recipe.digest(),
-        "recipe": recipe.resolved_dict(),
     }
-    if not manifest["parity_passed"]:
-        manifest["stages"] = [s.__dict__ for s in stages.records]
-        package.write_manifest(staging, manifest)
-    return manifest
 
 
 def _refuse_fixed_shape_generation(targets: list[str], generates: bool, dry_run: bool) -> None:
@@ -268,7 +312,7 @@ def _refuse_fixed_shape_generation(targets: list[str], generates: bool, dry_run:
     Raises:
         UserError: a MIGraphX target with generation parity on a decoder.
     """
-    fixed = [t for t in targets if TARGETS[t].backend == "migraphx"]
+    fixed = [t for t in targets if TARGETS[t].fixed_shape]
     if generates and fixed and not dry_run:
         raise UserError(f"{', '.join(fixed)}: a MIGraphX program has one fixed input shape and generation parity "
                         "runs a growing sequence; set parity.generation.enabled: false for MIGraphX targets")

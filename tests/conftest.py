@@ -19,10 +19,10 @@ from tiny_models import DECODERS, ENCODERS  # noqa: E402
 
 def quantized_matmuls(path: Path) -> list[str]:
     """Names of an exported graph's quantized MatMuls, from their int8 weight initializers
-    (a MatMul of several linears is named after all of them: converter/qdq_names.py)."""
+    (a MatMul of several linears is named after all of them: converter/export/qdq_names.py)."""
     import onnx
 
-    from converter.qdq_names import WEIGHT_SUFFIX
+    from converter.export.qdq_names import WEIGHT_SUFFIX
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return [i.name.removesuffix(WEIGHT_SUFFIX) for i in graph.initializer if i.name.endswith(WEIGHT_SUFFIX)]
@@ -98,7 +98,7 @@ def stage_cache_dir(tmp_path_factory):
     """One stage cache for the session (never the user's): content-addressed, so tests share it safely."""
     import os
 
-    from converter.cache import ENV_DIR
+    from converter.stage_cache import ENV_DIR
 
     path = tmp_path_factory.mktemp("stage-cache")
     previous = os.environ.get(ENV_DIR)
@@ -167,13 +167,13 @@ def exported(request, tmp_path_factory):
     import torch
     from tiny_models import build_tiny
 
-    from converter.archs import arch_spec, block_linear_names
-    from converter.calibrate import collect_input_amax
-    from converter.data import Windows
-    from converter.export import export_fp32, insert_qdq
-    from converter.quantize import plan_quantization
+    from converter.export.exporter import export_fp32, insert_qdq
+    from converter.models.archs import arch_spec, block_linear_names
+    from converter.models.text import Windows
+    from converter.quant.calibrate import collect_input_amax
+    from converter.quant.quantize import plan_quantization
+    from converter.quant.smooth import smooth
     from converter.recipe import Export, Quantization, Smoothing
-    from converter.smooth import smooth
 
     arch = request.param
     tmp = tmp_path_factory.mktemp(arch)

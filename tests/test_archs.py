@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from conftest import CALIBRATION_TEXT, tiny_recipe_dict
-from converter.archs import ARCHITECTURES
-from converter.encoder import EncoderAccumulator, mean_pool
+from converter.models.archs import ARCHITECTURES
+from converter.parity.encoder import EncoderAccumulator, mean_pool
 from test_cli import run_cli
 
 
@@ -210,7 +210,7 @@ def test_readme_layer_map_example_is_a_valid_recipe_section():
     import re
 
     from conftest import ROOT
-    from converter.archs import spec_from_recipe
+    from converter.models.archs import spec_from_recipe
     from converter.recipe import Architecture
 
     blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "models.md").read_text(), re.S)
@@ -223,14 +223,14 @@ def test_readme_layer_map_example_is_a_valid_recipe_section():
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma", "gemma2", "gemma3"])
 def test_tied_lm_head_of_new_families_is_quantized_and_fused(arch, tmp_path):
-    from converter.archs import arch_spec, block_linear_names
-    from converter.calibrate import collect_input_amax
-    from converter.data import Windows
-    from converter.export import export_fp32, insert_qdq
-    from converter.quantize import plan_quantization
+    from converter.export.exporter import export_fp32, insert_qdq
+    from converter.models.archs import arch_spec, block_linear_names
+    from converter.models.text import Windows
+    from converter.quant.calibrate import collect_input_amax
+    from converter.quant.quantize import plan_quantization
+    from converter.quant.smooth import smooth
     from converter.recipe import Export, Quantization, Smoothing
-    from converter.smooth import smooth
-    from converter.targets import build_onnxruntime
+    from converter.targets.onnxruntime import build_onnxruntime
     from tiny_models import build_tiny
 
     model = build_tiny(arch)
@@ -252,7 +252,7 @@ def test_tied_lm_head_of_new_families_is_quantized_and_fused(arch, tmp_path):
 
 
 def test_encoder_windows_are_wrapped_in_its_special_tokens(tmp_path, write_recipe):
-    from converter.data import token_windows
+    from converter.models.text import token_windows
     from converter.recipe import TextData, load_recipe
     from tiny_models import tiny_tokenizer
 
@@ -279,7 +279,7 @@ def test_window_wrap_follows_what_the_tokenizer_adds_to_a_text():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from converter.data import window_wrap
+    from converter.models.text import window_wrap
 
     def word_tokenizer(template: str | None):
         words = ["[UNK]", "[CLS]", "[SEP]", "[BOS]", "the", "patient", "is", "afebrile", "."]
@@ -308,8 +308,8 @@ def test_window_wrap_follows_what_the_tokenizer_adds_to_a_text():
     ("phi", "qk_layernorm", True),
 ])
 def test_variant_the_table_entry_does_not_describe_is_refused(arch, attr, value):
-    from converter.archs import arch_spec, check_spec
     from converter.errors import UserError
+    from converter.models.archs import arch_spec, check_spec
     from tiny_models import build_tiny
 
     model = build_tiny(arch)
@@ -325,7 +325,7 @@ def test_every_table_entry_names_modules_its_class_has(class_name):
     from their family's tiny config, so a wrong path in any entry fails here, not on a user's model."""
     import transformers
 
-    from converter.archs import check_spec, conv1d_to_linear
+    from converter.models.archs import check_spec, conv1d_to_linear
     from tiny_models import TINY_CONFIGS
 
     cls = getattr(transformers, class_name)

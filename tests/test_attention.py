@@ -1,4 +1,4 @@
-"""Grouped-query attention for export (converter/attention.py): HF's eager arithmetic, no repeated K/V."""
+"""Grouped-query attention for export (converter/export/grouped_attention.py): HF's eager arithmetic, no repeated K/V."""
 
 import collections
 import contextlib
@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import converter.export
-from converter.archs import arch_spec
-from converter.attention import GROUPED, for_export, groups_kv_heads
-from converter.export import export_fp32
+from converter.export.exporter import export_fp32
+import converter.export.exporter
+from converter.export.grouped_attention import GROUPED, for_export, groups_kv_heads
+from converter.models.archs import arch_spec
 from converter.recipe import Export
 from tiny_models import DECODERS, build_tiny
 
@@ -57,7 +57,7 @@ def test_same_logits_as_eager_with_padding_and_a_cache(arch):
 def test_export_drops_the_repeat_kv_expands_where_the_table_says(arch, tmp_path, monkeypatch):
     model = build_tiny(arch).eval()
     grouped = export_fp32(model, tmp_path / "grouped.onnx", Export(kv_cache=True))
-    monkeypatch.setattr(converter.export, "for_export", lambda m, enabled: contextlib.nullcontext(m))
+    monkeypatch.setattr(converter.export.exporter, "for_export", lambda m, enabled: contextlib.nullcontext(m))
     eager = export_fp32(model, tmp_path / "eager.onnx", Export(kv_cache=True))
 
     # repeat_kv: one Expand for the keys and one for the values of every block; Gemma 3 keeps them
@@ -68,7 +68,7 @@ def test_export_drops_the_repeat_kv_expands_where_the_table_says(arch, tmp_path,
 
 
 def test_a_recipe_layer_map_can_keep_hf_attention(tmp_path):
-    from converter.archs import spec_from_recipe
+    from converter.models.archs import spec_from_recipe
     from converter.recipe import Architecture
 
     model = build_tiny("llama").eval()

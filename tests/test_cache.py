@@ -124,8 +124,8 @@ def test_cached_smoothing_of_a_tied_lm_head_loads_into_a_fresh_model(arch, tiny_
 def test_smoothing_key_follows_what_the_alpha_search_read(tiny_checkpoints, write_recipe):
     """A per-group search scores each alpha with the recipe's activation level, a global one with
     the whole quantization section: their smoothing must not be reused across those changes."""
-    from converter.cache import stage_keys
     from converter.recipe import load_recipe
+    from converter.stage_cache import stage_keys
 
     path = write_recipe(tiny_recipe_dict(tiny_checkpoints["llama"]))
     o1 = ["quantization.activations.mode=dynamic", "quantization.activations.granularity=per_token"]
@@ -144,7 +144,7 @@ def test_smoothing_key_follows_what_the_alpha_search_read(tiny_checkpoints, writ
 def test_model_digest_covers_external_data(tmp_path):
     """With external data the weights live outside the graph file: a model whose weights alone
     changed must not hit the check or parity entries of the old one."""
-    from converter.cache import model_sha256
+    from converter.stage_cache import model_sha256
 
     model = tmp_path / "model.onnx"
     model.write_bytes(b"graph")
@@ -158,7 +158,7 @@ def test_model_digest_covers_external_data(tmp_path):
 def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
     import torch
 
-    from converter.cache import StageCache
+    from converter.stage_cache import StageCache
 
     cache = StageCache(tmp_path)
     source = tmp_path / "model.onnx"
@@ -178,7 +178,7 @@ def test_a_damaged_entry_is_a_miss_not_an_artifact(tmp_path):
 
 def test_storing_an_entry_removes_the_half_stored_one_of_a_killed_run_and_stores_no_lock(tmp_path):
     from converter import scratch
-    from converter.cache import StageCache
+    from converter.stage_cache import StageCache
 
     dead = tmp_path / "cache" / "export" / ".tmp-dead"  # a killed run's: its lock file, held by nobody
     dead.mkdir(parents=True)

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
 from converter.errors import UserError
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
 from tiny_models import build_tiny
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_recipe_dict
-from converter.cli import main
+from converter.cli.main import main
 from converter.pipeline import STAGES
 
 NAME, VERSION = "tiny-w8a8", "1"
@@ -453,7 +453,7 @@ def test_alpha_search_and_range_method_reach_the_manifest(tiny_checkpoints, tmp_
 def test_quantization_report_and_plots_match_the_manifest(converted):
     from PIL import Image
 
-    from converter.report import COLUMNS, _cell
+    from converter.artifact.layer_report import COLUMNS, _cell
 
     _, out, _, _ = converted
     folder = out / NAME / VERSION

@@ -157,3 +157,45 @@ def test_readme_is_short_and_keeps_the_two_set_up_commands():
     assert "./setup.sh && .venv/bin/python convert.py recipes/smollm2-135m-cpu.yaml" in text
     assert "./setup.sh --with-qwen && .venv/bin/python -m pytest -n auto" in text
     assert "./setup.sh --with-qwen && .venv/bin/python -m pytest -n auto" in (ROOT / ".ci" / "run").read_text()
+
+
+def _load_recipes_doc_module():
+    spec = importlib.util.spec_from_file_location("docs_recipes", ROOT / "docs" / "recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipes_doc = _load_recipes_doc_module()
+
+
+def test_recipe_field_table_is_what_the_schema_generates():
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    assert recipes_doc.render(doc) == doc, "docs/recipes.md is out of date: run docs/recipes.py"
+
+
+def test_every_recipe_field_has_one_row():
+    from converter.recipe import Recipe
+
+    names = [name for name, _, _ in recipes_doc.field_rows(Recipe)]
+    assert len(names) == len(set(names))
+    assert {"quantization.activations.range", "engine.batch", "parity.eval", "output.version"} <= set(names)
+
+
+def test_a_changed_description_makes_the_table_stale(monkeypatch):
+    from converter.recipe import Source
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    monkeypatch.setattr(Source.model_fields["path"], "description", "Somewhere else.")
+    assert "| `source.path` | (required) | Somewhere else. |" in recipes_doc.render(doc)
+    assert recipes_doc.render(doc) != doc
+
+
+def test_a_field_without_a_description_is_refused():
+    from pydantic import BaseModel
+
+    class Section(BaseModel):
+        undocumented: int = 1
+
+    with pytest.raises(ValueError, match="undocumented has no description"):
+        recipes_doc.field_rows(Section)

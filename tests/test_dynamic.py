@@ -12,20 +12,20 @@ import yaml
 from onnx import TensorProto, helper
 
 from conftest import tiny_recipe_dict
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
 from converter.errors import UserError
-from converter.export import export_fp32, insert_qdq
-from converter.quantize import (
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import (
     apply_fake_quant,
     fake_quantize_dynamic_per_tensor,
     fake_quantize_per_token,
     plan_quantization,
 )
 from converter.recipe import ActivationQuant, Export, Quantization, load_recipe
-from converter.runners import onnxruntime_session
-from converter.targets import build_onnxruntime
+from converter.targets.onnxruntime import build_onnxruntime
+from converter.targets.runners import onnxruntime_session
 from test_cli import run_cli, run_subprocess
 from tiny_models import build_tiny
 

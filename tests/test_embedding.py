@@ -11,20 +11,20 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from converter.archs import arch_spec, block_linear_names
-from converter.cache import _plan_from_entry, _plan_to_entry
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
-from converter.encoder import model_io
-from converter.engine_options import EngineOptions
-from converter.export import export_fp32, insert_qdq
-from converter.lint import lint_qdq
-from converter.qdq_names import EMBEDDING_SCALE_SUFFIX, EMBEDDING_SUFFIX
-from converter.quantize import apply_fake_quant, plan_quantization
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.export.qdq_names import EMBEDDING_SCALE_SUFFIX, EMBEDDING_SUFFIX
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.io import model_io
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import apply_fake_quant, plan_quantization
+from converter.quant.smooth import smooth
 from converter.recipe import Export, Quantization, Smoothing
-from converter.runners import onnxruntime_session
-from converter.smooth import smooth
-from converter.tensorrt_rtx import RTX_MODULE, accept
+from converter.stage_cache import _plan_from_entry, _plan_to_entry
+from converter.targets.engine_options import EngineOptions
+from converter.targets.qdq_lint import lint_qdq
+from converter.targets.runners import onnxruntime_session
+from converter.targets.tensorrt_rtx import RTX_MODULE, accept
 from tiny_models import build_tiny
 
 # (arch, what the recipe keeps float): an untied LM head, a tied one left float (so the float table

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, ROOT, tiny_recipe_dict
 from converter.errors import UserError
-from converter.parity import MEMORIZED_PPL
+from converter.parity.metrics import MEMORIZED_PPL
 from converter.recipe import load_recipe
 from test_cli import run_cli
 
@@ -138,7 +138,7 @@ def test_every_set_has_its_own_row_with_stepwise_and_bf16_yardstick(two_sets_run
 def test_bf16_yardstick_is_the_checkpoint_in_bfloat16():
     from tiny_models import build_tiny
 
-    from converter.generation import greedy_torch, yardstick
+    from converter.parity.generation import greedy_torch, yardstick
 
     model = build_tiny("llama").eval()
     prompts = [[int(t) for t in torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(i))]

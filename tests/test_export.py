@@ -8,17 +8,17 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
-from converter.encoder import model_io
-from converter.export import export_fp32, float_graph, insert_qdq
-from converter.qdq_names import WEIGHT_SUFFIX, linears_of, matmul_name
-from converter.quantize import apply_fake_quant, plan_quantization, quantize_weight
+from converter.export.exporter import export_fp32, float_graph, insert_qdq
+from converter.export.qdq_names import WEIGHT_SUFFIX, linears_of, matmul_name
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.io import model_io
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import apply_fake_quant, plan_quantization, quantize_weight
+from converter.quant.smooth import smooth
 from converter.recipe import Export, Quantization, Smoothing
-from converter.runners import onnxruntime_session
-from converter.smooth import smooth
-from converter.targets import build_onnxruntime
+from converter.targets.onnxruntime import build_onnxruntime
+from converter.targets.runners import onnxruntime_session
 from conftest import quantized_matmuls as _quantized_matmuls
 from tiny_models import build_tiny
 
@@ -111,7 +111,7 @@ def test_every_quantized_matmul_has_its_own_int8_qdq_pairs(exported):
 @pytest.mark.parametrize("exact_kernels", [False, True], ids=["default-kernels", "x64quantprecision"])
 def test_onnxruntime_runs_one_int8_kernel_per_quantized_matmul(exported, exact_kernels, monkeypatch):
     """Also as a CPU without VNNI builds it: ORT then rewrites the int8 weights as uint8 (renamed)."""
-    from converter import runners
+    from converter.targets import runners
 
     _, _, plan, _, int8_path, tmp = exported
     monkeypatch.setattr(runners, "int8_products_exact", lambda: not exact_kernels)

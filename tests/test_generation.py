@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict
-from converter import kvcache
-from converter.calibrate import run_hooked
-from converter.data import Windows
-from converter.generation import greedy_graph, greedy_torch, session_step
-from converter.runners import onnxruntime_session
+from converter.export import kv_graph
+from converter.models.text import Windows
+from converter.parity.generation import greedy_graph, greedy_torch, session_step
+from converter.quant.calibrate import run_hooked
+from converter.targets.runners import onnxruntime_session
 from test_cli import run_cli
 from tiny_models import build_tiny
 
@@ -44,7 +44,7 @@ def kv_artifact(tiny_checkpoints, tmp_path_factory):
 
 def test_manifest_records_kv_io_and_decode_calibration(kv_artifact):
     artifact, manifest, _ = kv_artifact
-    inputs, outputs = kvcache.io_names(2)
+    inputs, outputs = kv_graph.io_names(2)
     assert manifest["model"]["inputs"] == inputs and manifest["model"]["outputs"] == outputs
     assert manifest["model"]["kv_cache"] is True
     cal = manifest["calibration"]
@@ -66,7 +66,7 @@ def test_generation_parity_is_reported_and_gated(kv_artifact):
     # the prompts are the first 12 tokens of the evaluation windows, and the artifact's greedy
     # tokens from them are what the INT8 graph generates in ONNX Runtime
     step = session_step(onnxruntime_session(artifact / "model.onnx"))
-    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    layout = kv_graph.graph_kv_layout(artifact / "model.onnx")
     from transformers import AutoTokenizer
 
     from conftest import EVALUATION_TEXT
@@ -84,12 +84,12 @@ def test_generation_parity_is_reported_and_gated(kv_artifact):
 
 def test_triton_config_carries_the_cache_tensors(kv_artifact):
     artifact, manifest, _ = kv_artifact
-    from converter.triton import CONFIG, parse_config
+    from converter.artifact.triton import CONFIG, parse_config
 
     folder = artifact / "triton" / f"{manifest['name']}-cpu-onnxruntime"
     config = parse_config((folder / CONFIG).read_text(), "kv")
     dims = {t.name: list(t.dims) for t in [*config.input, *config.output]}
-    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    layout = kv_graph.graph_kv_layout(artifact / "model.onnx")
     assert config.max_batch_size == 8  # every tensor has a dynamic batch axis
     assert dims["past_key_values.1.value"] == [layout.kv_heads, -1, layout.head_dim]
     assert dims["present.0.key"] == [layout.kv_heads, -1, layout.head_dim]
@@ -105,7 +105,7 @@ def _generate_json(artifact, prompt: str, new_tokens: int, *extra):
     assert code == 0, stderr
     tok = AutoTokenizer.from_pretrained(str(artifact))
     step = session_step(onnxruntime_session(artifact / "model.onnx"))
-    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    layout = kv_graph.graph_kv_layout(artifact / "model.onnx")
     return json.loads(stdout), tok, lambda ids: list(greedy_graph(step, layout, ids, new_tokens, tok.eos_token_id))
 
 
@@ -140,7 +140,7 @@ def test_generate_chat_answers_the_prompt_as_a_user_message(kv_artifact, tmp_pat
     expected_prompt = tok("Q: the License A:", add_special_tokens=False)["input_ids"]
     assert record["chat"] is True and record["prompt_tokens"] == expected_prompt
     step = session_step(onnxruntime_session(artifact / "model.onnx"))
-    layout = kvcache.graph_kv_layout(artifact / "model.onnx")
+    layout = kv_graph.graph_kv_layout(artifact / "model.onnx")
     assert record["tokens"] == list(greedy_graph(step, layout, expected_prompt, 6, tok.eos_token_id))
     code, stdout, _ = run_cli("generate", artifact, "--prompt", "the License", "--chat", "--max-new-tokens", 6)
     assert code == 0 and stdout == record["text"] + "\n"  # the reply alone: the template is not echoed
@@ -194,7 +194,7 @@ def _word_tokenizer(chat_template: str | None):
 
 
 def test_prompts_file_lines_are_wrapped_in_the_chat_template(tmp_path):
-    from converter.generation import generation_prompts
+    from converter.parity.generation import generation_prompts
     from converter.recipe import Generation
 
     (tmp_path / "prompts.txt").write_text("what is a cyst ?\n\nnodule\n")
@@ -209,7 +209,7 @@ def test_prompts_file_lines_are_wrapped_in_the_chat_template(tmp_path):
 
 def test_chat_template_without_one_in_the_tokenizer_is_a_user_error(tmp_path):
     from converter.errors import UserError
-    from converter.generation import generation_prompts
+    from converter.parity.generation import generation_prompts
     from converter.recipe import Generation
 
     (tmp_path / "prompts.txt").write_text("what is a cyst ?\n")
@@ -231,8 +231,9 @@ def _bos_word_tokenizer():
 
 
 def test_prompts_get_the_tokenizers_leading_bos_and_never_its_trailing_eos(tmp_path):
-    from converter.data import added_special_tokens, text_ids, window_wrap
-    from converter.generation import generation_prompts, prompt_ids
+    from converter.artifact.generate import prompt_ids
+    from converter.models.text import added_special_tokens, text_ids, window_wrap
+    from converter.parity.generation import generation_prompts
     from converter.recipe import Generation
 
     bos_tok, plain_tok = _bos_word_tokenizer(), _word_tokenizer(None)
@@ -264,7 +265,7 @@ def bos_artifact(tmp_path_factory):
 def test_a_bos_tokenizer_calibrates_and_evaluates_windows_that_start_with_bos(bos_artifact):
     from transformers import AutoTokenizer
 
-    from converter.data import token_windows
+    from converter.models.text import token_windows
     from converter.recipe import load_recipe
 
     recipe_path, artifact, manifest = bos_artifact

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 from polygraphy.exception import PolygraphyException
 
-from converter.engine_options import EngineOptions, PastRange
 from converter.errors import UserError
+from converter.targets.engine_options import EngineOptions, PastRange
 
 OPTIONS = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1, "opt": 64, "max": 512},
                         workspace_mb=256, builder_optimization_level=2)
@@ -94,7 +94,7 @@ def _calls(fake, name):
 
 
 def test_build_engine_passes_the_plan_to_tensorrt_and_names_the_engine(fake_trt, gpu, tmp_path):
-    from converter.tensorrt import build_engine
+    from converter.targets.tensorrt import build_engine
 
     handle = gpu("8.0")
     model = encoder_graph(tmp_path / "bert-w8a8" / "1" / "model.onnx")
@@ -117,7 +117,7 @@ def test_build_engine_passes_the_plan_to_tensorrt_and_names_the_engine(fake_trt,
 def test_network_is_summarized_while_its_parser_is_alive(fake_trt, gpu, tmp_path):
     """TensorRT's parser owns the network's weights: reading the network after `del parser` is a
     use-after-free, which the double turns into a RuntimeError."""
-    from converter.tensorrt import build_engine
+    from converter.targets.tensorrt import build_engine
 
     gpu("8.0")
     report = build_engine("a100-tensorrt", encoder_graph(tmp_path / "m" / "1" / "model.onnx"), OPTIONS)
@@ -125,7 +125,7 @@ def test_network_is_summarized_while_its_parser_is_alive(fake_trt, gpu, tmp_path
 
 
 def test_second_build_reuses_the_first_builds_timing_cache(fake_trt, gpu, tmp_path):
-    from converter.tensorrt import build_engine
+    from converter.targets.tensorrt import build_engine
 
     gpu("9.0")
     first = build_engine("h100-tensorrt", encoder_graph(tmp_path / "m" / "1" / "model.onnx"), OPTIONS)
@@ -141,7 +141,7 @@ def test_second_build_reuses_the_first_builds_timing_cache(fake_trt, gpu, tmp_pa
 
 
 def test_engine_for_another_compute_capability_is_refused(fake_trt, gpu, tmp_path):
-    from converter.tensorrt import build_engine
+    from converter.targets.tensorrt import build_engine
 
     model = encoder_graph(tmp_path / "m" / "1" / "model.onnx")
     gpu("8.0")  # an A100
@@ -160,7 +160,7 @@ def test_engine_for_another_compute_capability_is_refused(fake_trt, gpu, tmp_pat
 
 
 def test_parser_errors_name_every_failing_node(fake_trt, gpu, tmp_path):
-    from converter.tensorrt import TensorRTParseError, build_engine
+    from converter.targets.tensorrt import TensorRTParseError, build_engine
 
     gpu("8.0")
     fake_trt.PARSE_ERRORS[:] = [{"node_name": "norm/mean", "node": 3, "node_operator": "ReduceMean", "desc": "axes"},
@@ -170,8 +170,8 @@ def test_parser_errors_name_every_failing_node(fake_trt, gpu, tmp_path):
 
 
 def test_tensorrt_build_report_lists_linears_the_network_did_not_quantize(fake_trt, gpu, tmp_path):
-    from converter.quantize import QuantPlan
-    from converter.targets import TARGETS
+    from converter.quant.quantize import QuantPlan
+    from converter.targets.registry import TARGETS
 
     gpu("8.0")
     plan = QuantPlan(linears={"fc": None, "fc2": None}, excluded=[])
@@ -193,9 +193,9 @@ def _in_profile(profile: dict, feed: dict) -> list[str]:
 def test_profile_covers_every_feed_of_kv_cache_parity(tmp_path):
     """Parity's feeds on a KV-cache graph: evaluation windows (prefill, empty past), then generation's
     prefill and one-token decode steps over a growing past. Each must lie in the engine's profile."""
-    from converter.generation import greedy_graph
-    from converter.kvcache import graph_kv_layout
-    from converter.tensorrt import profile_shapes
+    from converter.export.kv_graph import graph_kv_layout
+    from converter.parity.generation import greedy_graph
+    from converter.targets.tensorrt import profile_shapes
 
     model = kv_graph(tmp_path / "model.onnx")
     layout = graph_kv_layout(model)
@@ -225,7 +225,7 @@ def test_profile_covers_every_feed_of_kv_cache_parity(tmp_path):
 def fake_migraphx(monkeypatch):
     from fakes import migraphx
 
-    from converter import migraphx as ours
+    from converter.targets import migraphx as ours
 
     migraphx.reset()
     monkeypatch.setitem(sys.modules, "migraphx", migraphx)
@@ -246,9 +246,9 @@ main:@4 = gpu::code_object[code_object=4100,symbol_name=mlir_dot,global=512,loca
 
 
 def test_migraphx_build_compiles_at_the_recipe_sizes_and_counts_int8_instructions(fake_migraphx, tmp_path):
-    from converter.package import int8_linears_text
-    from converter.quantize import QuantPlan
-    from converter.targets import TARGETS
+    from converter.artifact.package import int8_linears_text
+    from converter.quant.quantize import QuantPlan
+    from converter.targets.registry import TARGETS
 
     fake_migraphx.LISTING = LISTING
     model = encoder_graph(tmp_path / "model.onnx")
@@ -268,9 +268,9 @@ def test_migraphx_build_compiles_at_the_recipe_sizes_and_counts_int8_instruction
 
 
 def test_migraphx_runner_feeds_the_graphs_dtypes_and_names_its_outputs(fake_migraphx, tmp_path):
-    from converter.quantize import QuantPlan
-    from converter.runners import onnxruntime_runner
-    from converter.targets import TARGETS
+    from converter.quant.quantize import QuantPlan
+    from converter.targets.registry import TARGETS
+    from converter.targets.runners import onnxruntime_runner
 
     model = encoder_graph(tmp_path / "model.onnx", mask_type=FLOAT)  # a float mask, as some exporters write it
     target = TARGETS["mi250x-migraphx"]
@@ -290,7 +290,7 @@ def test_migraphx_runner_feeds_the_graphs_dtypes_and_names_its_outputs(fake_migr
 
 
 def test_migraphx_refuses_a_kv_cache_graph(fake_migraphx, tmp_path):
-    from converter.migraphx import build_program, plan_build
+    from converter.targets.migraphx import build_program, plan_build
 
     model = kv_graph(tmp_path / "model.onnx")
     with pytest.raises(UserError, match="mi300-migraphx: MIGraphX compiles one fixed input shape per program"):

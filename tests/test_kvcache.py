@@ -9,21 +9,21 @@ import onnx
 import pytest
 import torch
 
-from converter import kvcache
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
 from converter.errors import UserError
-from converter.export import export_fp32, insert_qdq
-from converter.ort_attention import check_fusable
-from converter.generation import (batch_logits, compare_tokens, greedy_graph, greedy_graph_many, greedy_torch,
+from converter.export import kv_graph
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.export.ort_fusion import check_fusable
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.parity.generation import (batch_logits, compare_tokens, greedy_graph, greedy_graph_many, greedy_torch,
                                   sequence_logits, session_step,
                                   stepwise_agreement, stepwise_picks)
-from converter.quantize import QuantPlan, apply_fake_quant, plan_quantization
+from converter.quant.quantize import QuantPlan, apply_fake_quant, plan_quantization
+from converter.quant.smooth import smooth
 from converter.recipe import Export, Quantization, Smoothing
-from converter.runners import onnxruntime_session
-from converter.smooth import smooth
-from converter.targets import build_onnxruntime
+from converter.targets.onnxruntime import build_onnxruntime
+from converter.targets.runners import onnxruntime_session
 from tiny_models import DECODERS, build_tiny
 
 KV = Export(kv_cache=True)
@@ -53,13 +53,13 @@ def test_kv_graph_io_names_and_dynamic_axes(kv_exported):
     model, *_, kv_int8, _, _ = kv_exported
     graph = onnx.load(str(kv_int8.path)).graph
     layers = model.config.num_hidden_layers
-    inputs, outputs = kvcache.io_names(layers)
+    inputs, outputs = kv_graph.io_names(layers)
     assert [v.name for v in graph.input] == inputs and [v.name for v in graph.output] == outputs
     assert inputs[2:4] == ["past_key_values.0.key", "past_key_values.0.value"]
     dims = [d.dim_value or None for d in graph.input[2].type.tensor_type.shape.dim]
-    layout = kvcache.model_kv_layout(model.config)
+    layout = kv_graph.model_kv_layout(model.config)
     assert dims == [None, layout.kv_heads, None, layout.head_dim]  # batch and past length dynamic
-    assert kvcache.graph_kv_layout(kv_int8.path) == layout
+    assert kv_graph.graph_kv_layout(kv_int8.path) == layout
 
 
 def test_kv_graph_quantizes_the_same_matmuls(kv_exported):
@@ -79,14 +79,14 @@ def test_prefill_then_decode_matches_no_cache_logits(kv_exported, which, prefill
     model, _, plain, kv_fp32, kv_int8, plain_int8, _ = kv_exported
     kv_path, plain_path = (kv_fp32, plain) if which == "fp32" else (kv_int8.path, plain_int8.path)
     kv, full = onnxruntime_session(kv_path), onnxruntime_session(plain_path)
-    layout = kvcache.graph_kv_layout(kv_path)
+    layout = kv_graph.graph_kv_layout(kv_path)
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(5)).numpy()
     ref = full.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]  # (2, 40, V)
     step = session_step(kv)
-    out = step(kvcache.prefill_feed(ids[:, :prefill], np.ones((2, prefill), np.int64), layout))
+    out = step(kv_graph.prefill_feed(ids[:, :prefill], np.ones((2, prefill), np.int64), layout))
     got = [out["logits"]]
     for t in range(prefill, 40):  # one-token decode steps feeding the cache back
-        past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
+        past = {p: out[q] for p, q in zip(kv_graph.past_names(layout.num_layers), kv_graph.present_names(layout.num_layers))}
         out = step({"input_ids": ids[:, t : t + 1], "attention_mask": np.ones((2, t + 1), np.int64), **past})
         got.append(out["logits"])
     got = np.concatenate(got, axis=1)
@@ -101,7 +101,7 @@ def test_ort_int8_greedy_tokens_equal_pytorch_fake_quant(kv_exported):
     model, plan, _, _, kv_int8, _, _ = kv_exported
     fq = apply_fake_quant(copy.deepcopy(model), plan)
     step = session_step(onnxruntime_session(kv_int8.path))
-    layout = kvcache.graph_kv_layout(kv_int8.path)
+    layout = kv_graph.graph_kv_layout(kv_int8.path)
     prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))]
                for n in (3, 11, 24)]
     ort_tokens = [list(greedy_graph(step, layout, p, 20)) for p in prompts]
@@ -122,7 +122,7 @@ def test_batched_greedy_and_stepwise_equal_one_prompt_at_a_time(kv_exported):
         calls.append(feed["input_ids"].shape[0])
         return session_run(feed)
 
-    layout = kvcache.graph_kv_layout(kv_int8.path)
+    layout = kv_graph.graph_kv_layout(kv_int8.path)
     gen = torch.Generator().manual_seed(3)
     prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=gen)] for n in (12, 12, 12, 7, 12)]
     alone = [list(greedy_graph(session_run, layout, p, 10)) for p in prompts]
@@ -141,7 +141,7 @@ def test_greedy_graph_without_cache_equals_with_cache(kv_exported):
     _, _, _, _, kv_int8, plain_int8, _ = kv_exported
     prompt = list(range(40, 57))
     with_cache = list(greedy_graph(session_step(onnxruntime_session(kv_int8.path)),
-                                   kvcache.graph_kv_layout(kv_int8.path), prompt, 12))
+                                   kv_graph.graph_kv_layout(kv_int8.path), prompt, 12))
     without = list(greedy_graph(session_step(onnxruntime_session(plain_int8.path)), None, prompt, 12))
     assert with_cache == without
 
@@ -172,12 +172,12 @@ def test_stepwise_agreement_judges_each_step_on_the_references_context():
 def _kv_loop_picks(step, layout, prompt: list[int], tokens: list[int]) -> list[int]:
     """Stepwise picks the slow way: prefill the prompt, then feed the reference's tokens one decode
     step at a time through the returned cache, taking the argmax before each."""
-    out = step(kvcache.prefill_feed(np.array([prompt]), np.ones((1, len(prompt)), np.int64), layout))
+    out = step(kv_graph.prefill_feed(np.array([prompt]), np.ones((1, len(prompt)), np.int64), layout))
     picks, seen = [], list(prompt)
     for token in tokens:
         picks.append(int(np.asarray(out["logits"])[0, -1].argmax()))
         seen.append(token)
-        past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
+        past = {p: out[q] for p, q in zip(kv_graph.past_names(layout.num_layers), kv_graph.present_names(layout.num_layers))}
         out = step({"input_ids": np.array([[token]]), "attention_mask": np.ones((1, len(seen)), np.int64), **past})
     return picks
 
@@ -185,7 +185,7 @@ def _kv_loop_picks(step, layout, prompt: list[int], tokens: list[int]) -> list[i
 def test_one_prefill_stepwise_picks_equal_the_kv_cache_loop(kv_exported):
     model, _, _, _, kv_int8, _, _ = kv_exported
     step = session_step(onnxruntime_session(kv_int8.path))
-    layout = kvcache.graph_kv_layout(kv_int8.path)
+    layout = kv_graph.graph_kv_layout(kv_int8.path)
     gen = torch.Generator().manual_seed(7)
     prompt, reference = ([int(t) for t in torch.randint(0, 300, (n,), generator=gen)] for n in (9, 12))
     one_prefill = stepwise_picks(lambda ids: sequence_logits(step, layout, ids), prompt, reference)
@@ -200,27 +200,27 @@ def test_one_prefill_stepwise_picks_equal_the_kv_cache_loop(kv_exported):
 
 
 def test_tensorrt_profile_covers_past_and_mask_lengths(kv_exported):
-    from converter.engine_options import EngineOptions
-    from converter.tensorrt import profile_shapes
+    from converter.targets.engine_options import EngineOptions
+    from converter.targets.tensorrt import profile_shapes
 
     *_, kv_int8, _, _ = kv_exported
     options = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1, "opt": 1, "max": 64},
                             past_sequence={"min": 0, "opt": 32, "max": 448})
     shapes = profile_shapes(kv_int8.path, options)
-    layout = kvcache.graph_kv_layout(kv_int8.path)
+    layout = kv_graph.graph_kv_layout(kv_int8.path)
     assert shapes["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 64]}
     assert shapes["attention_mask"] == {"min": [1, 1], "opt": [2, 33], "max": [4, 512]}  # past + current
     h, d = layout.kv_heads, layout.head_dim
     assert shapes["past_key_values.1.value"] == {"min": [1, h, 0, d], "opt": [2, h, 32, d], "max": [4, h, 448, d]}
 
 
-@pytest.mark.skipif(not __import__("converter.tensorrt_rtx", fromlist=["rtx_available"]).rtx_available(),
+@pytest.mark.skipif(not __import__("converter.targets.tensorrt_rtx", fromlist=["rtx_available"]).rtx_available(),
                     reason="TensorRT-RTX packages not installed")
 @pytest.mark.parametrize("past_opt", [0, 16])
 def test_tensorrt_parser_and_builder_accept_the_kv_graph(kv_exported, past_opt):
     """Zero-length past (prefill) and a decode step both parse and build; every linear stays int8."""
-    from converter.engine_options import EngineOptions
-    from converter.tensorrt_rtx import accept
+    from converter.targets.engine_options import EngineOptions
+    from converter.targets.tensorrt_rtx import accept
 
     _, plan, _, _, kv_int8, _, _ = kv_exported
     options = EngineOptions(sequence={"min": 1, "opt": 1 if past_opt else 16, "max": 64},
@@ -242,11 +242,11 @@ GQA = Export(kv_cache=True, attention="onnxruntime")
 
 def _decode_logits(path, ids, mask, prefill: int) -> np.ndarray:
     """Logits of a prefill of `prefill` tokens, then one-token steps over the rest of `ids`."""
-    step, layout = session_step(onnxruntime_session(path)), kvcache.graph_kv_layout(path)
-    out = step(kvcache.prefill_feed(ids[:, :prefill], mask[:, :prefill], layout))
+    step, layout = session_step(onnxruntime_session(path)), kv_graph.graph_kv_layout(path)
+    out = step(kv_graph.prefill_feed(ids[:, :prefill], mask[:, :prefill], layout))
     got = [out["logits"]]
     for t in range(prefill, ids.shape[1]):
-        past = {p: out[q] for p, q in zip(kvcache.past_names(layout.num_layers), kvcache.present_names(layout.num_layers))}
+        past = {p: out[q] for p, q in zip(kv_graph.past_names(layout.num_layers), kv_graph.present_names(layout.num_layers))}
         out = step({"input_ids": ids[:, t : t + 1], "attention_mask": mask[:, : t + 1], **past})
         got.append(out["logits"])
     return np.concatenate(got, axis=1)
@@ -277,7 +277,7 @@ def test_ort_attention_fuses_every_layer_or_names_the_layer(kv_exported, ort_att
     ops = collections.Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == model.config.num_hidden_layers and not ops["Softmax"]
     assert [v.name for v in graph.input] == [v.name for v in onnx.load(str(kv_int8.path)).graph.input]
-    assert [v.name for v in graph.output] == kvcache.io_names(model.config.num_hidden_layers)[1]
+    assert [v.name for v in graph.output] == kv_graph.io_names(model.config.num_hidden_layers)[1]
     assert int8.quantized_matmuls == kv_int8.quantized_matmuls
     report = build_onnxruntime("cpu-onnxruntime", int8.path, tmp, plan)
     assert report.unfused_linears == [] and report.fused_linears == len(plan.linears)
@@ -322,7 +322,7 @@ def test_ort_attention_int8_greedy_tokens_equal_pytorch_fake_quant(kv_exported, 
     model, plan, *_ = kv_exported
     _, int8 = ort_attention
     fq = apply_fake_quant(copy.deepcopy(model), plan)
-    step, layout = session_step(onnxruntime_session(int8.path)), kvcache.graph_kv_layout(int8.path)
+    step, layout = session_step(onnxruntime_session(int8.path)), kv_graph.graph_kv_layout(int8.path)
     prompts = [[int(t) for t in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))]
                for n in (3, 11, 24)]
     assert [list(greedy_graph(step, layout, p, 20)) for p in prompts] == [greedy_torch(fq, p, 20) for p in prompts]

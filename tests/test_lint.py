@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.lint import lint_model, lint_qdq
+from converter.targets.qdq_lint import lint_model, lint_qdq
 from conftest import qdq_matmul_model, quantized_matmuls
 
 

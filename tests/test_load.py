@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from converter.errors import UserError
-from converter.load import load
+from converter.models.load import load
 from converter.recipe import load_recipe
 from conftest import tiny_recipe_dict
 
@@ -93,7 +93,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_weights(tiny_checkpoints, tm
 def test_evaluation_files_that_are_calibration_files_under_any_name_are_found(tiny_checkpoints, tmp_path, write_recipe):
     from conftest import CALIBRATION_TEXT
 
-    from converter.data import shared_files
+    from converter.models.text import shared_files
 
     renamed = tmp_path / "renamed.txt"
     renamed.write_bytes(CALIBRATION_TEXT.read_bytes())
@@ -128,7 +128,7 @@ def test_a_weights_file_given_as_the_checkpoint_folder_is_named(tiny_checkpoints
 def test_a_concurrent_materialization_that_finishes_first_leaves_one_complete_folder(tmp_path, monkeypatch):
     """Two runs materializing a packaged model at once (CI jobs sharing a checkout) both succeed:
     the one that renames second finds a complete folder in place and drops its own copy."""
-    from converter import packaged
+    from converter.models import pypi_models as packaged
 
     dest = tmp_path / "models" / "all-MiniLM-L6-v2"
     copy = packaged._copy_folder

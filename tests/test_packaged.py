@@ -1,5 +1,5 @@
 """Packaged models: a GGUF split across PyPI packages, assembled with its hashes checked, and
-materialized tensor by tensor (converter/gguf_stream.py) into what transformers' own GGUF loader gives."""
+materialized tensor by tensor (converter/models/gguf_stream.py) into what transformers' own GGUF loader gives."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from converter import gguf_stream, packaged
 from converter.errors import UserError
+from converter.models import gguf_stream
+from converter.models import pypi_models as packaged
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2  # K-quant rows need multiples of 256
 
@@ -122,7 +123,7 @@ def _reference(gguf: Path):
 
 
 def _streamed(folder: Path):
-    from converter.load import load_reference
+    from converter.models.load import load_reference
     from converter.recipe import Source
 
     return load_reference(folder, Source(path=str(folder)))
@@ -218,7 +219,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (imports are not 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 sys.path.insert(0, "tests")
 from test_packaged import whole_model_save
-from converter import gguf_stream
+from converter.models import gguf_stream
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's resident size at fork (a pytest
 # worker that converted a real model earlier: 7 GB), while exec gives it a new, unmeasured address space.
 peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
@@ -334,7 +335,7 @@ def test_real_qwen_coder_is_the_dequantized_gguf_and_generates():
 
     from transformers import AutoTokenizer
 
-    from converter.load import load_reference
+    from converter.models.load import load_reference
     from converter.recipe import load_recipe
 
     packaged.assemble(QWEN, QWEN_PARTS, packaged._part_files(QWEN, QWEN_PARTS), Path(os.devnull))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from converter.data import Windows
-from converter.parity import ComparatorCheck, ParityMetrics, check_thresholds, evaluate
+from converter.models.text import Windows
+from converter.parity.metrics import ComparatorCheck, ParityMetrics, check_thresholds, evaluate
 from converter.recipe import Thresholds
 
 
@@ -106,7 +106,7 @@ NO_THRESHOLDS = dict.fromkeys(("max_ppl_ratio", "min_mean_cosine", "min_min_cosi
 ], ids=["token_agreement", "comparator"])
 def test_a_gate_alone_fails_a_clipped_artifact_with_exit_2(gate, parity, failure, tiny_checkpoints, tmp_path):
     """Every other threshold is off, so the exit code and the one failure line are this gate's alone.
-    `--no-cache`: a cached parity stage is re-judged from stored numbers (converter/cache.py), and this
+    `--no-cache`: a cached parity stage is re-judged from stored numbers (converter/stage_cache.py), and this
     test is about the comparison the pipeline itself runs (Polygraphy's verdict, the threshold rules)."""
     from conftest import tiny_recipe_dict
     from test_cli import NAME, VERSION, run_cli

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
-from converter.quantize import (
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import (
     FakeQuantLinear,
     LinearQuant,
     activation_scale,
@@ -25,9 +25,9 @@ from converter.quantize import (
     split_by_exclusions,
     weight_scales,
 )
+from converter.quant.smooth import smooth
 from converter.recipe import Quantization, Smoothing
-from converter.runners import onnxruntime_session
-from converter.smooth import smooth
+from converter.targets.runners import onnxruntime_session
 from conftest import qdq_matmul_model
 from tiny_models import build_tiny
 
@@ -85,7 +85,7 @@ def test_an_unknown_activation_mode_is_refused_not_run_as_another():
 
 @pytest.mark.skipif(platform.machine().lower() not in {"x86_64", "amd64"}, reason="x86 CPU flags")
 def test_only_an_x86_cpu_with_vnni_or_amx_counts_as_exact(tmp_path):
-    from converter.runners import int8_products_exact
+    from converter.targets.runners import int8_products_exact
 
     def cpu(flags: str):
         path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
@@ -106,7 +106,7 @@ def test_fake_quant_linear_equals_onnx_runtimes_int8_kernel_bit_for_bit(k, n, bi
                                                                        monkeypatch):
     """Also with the uint8 x uint8 kernels a session asks for on a CPU without VNNI (x86 builds of
     ONNX Runtime switch to them on any AVX2 CPU when asked, so this machine runs them too)."""
-    from converter import runners
+    from converter.targets import runners
 
     if not exact_kernels and not runners.int8_products_exact():
         pytest.skip("this CPU's default int8 kernels saturate (no VNNI): its sessions use the exact ones")

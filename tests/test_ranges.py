@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import activation_ranges, collect_input_amax
-from converter.data import Windows
-from converter.quantize import activation_scale, fake_quantize_activation
-from converter.ranges import HISTOGRAM_BINS, Histogram, expected_quant_mse, mse_range, percentile_range, range_method
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import activation_ranges, collect_input_amax
+from converter.quant.quantize import activation_scale, fake_quantize_activation
+from converter.quant.ranges import HISTOGRAM_BINS, Histogram, choose_range, expected_quant_mse, mse_range, percentile_range, range_method
 from converter.recipe import ActivationQuant
 from tiny_models import build_tiny
 
@@ -84,3 +84,25 @@ def test_activation_ranges_on_a_model_clip_only_where_asked():
             assert methods[name] == "percentile" and ranges[name] < absmax[name]
         else:
             assert methods[name] == "absmax" and ranges[name] == absmax[name]
+
+
+def test_the_recipe_names_exactly_the_registered_range_methods():
+    from typing import get_args
+
+    from converter.quant.ranges import RANGE_METHODS
+    from converter.recipe import RangeMethod
+
+    assert set(get_args(RangeMethod)) == set(RANGE_METHODS)
+
+
+def test_an_unknown_range_method_is_an_error_not_mse():
+    """Before the registry an unknown name silently took the MSE clip; the recipe refuses it first."""
+    from converter.errors import UserError
+    from converter.recipe import ActivationQuant
+
+    with pytest.raises(ValueError, match="'median' is not one of"):
+        choose_range("median", 8.0, None, 99.9)
+    with pytest.raises((ValueError, UserError)):
+        ActivationQuant(range="median")
+    with pytest.raises((ValueError, UserError)):
+        ActivationQuant(range_overrides={"*.down_proj": "median"})

@@ -10,7 +10,7 @@ from conftest import ROOT, convert_shipped
 
 pytestmark = pytest.mark.slow
 LINEARS = 30 * 7 + 1
-MATMULS = 30 * 4 + 1  # q/k/v share one int8 MatMul, gate/up another (converter/qdq_names.py)
+MATMULS = 30 * 4 + 1  # q/k/v share one int8 MatMul, gate/up another (converter/export/qdq_names.py)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_real_triton_server_serves_the_artifacts_greedy_tokens(smollm2_artifac
     import threading
     from pathlib import Path
 
-    from converter import serve
+    from converter.artifact import serve
     from test_serve import grpc_generate, http_generate
 
     result, manifest = smollm2_artifact
@@ -186,7 +186,7 @@ def _same_or_near_tie(artifact, prompt_ids: list[int], expected: list[int], serv
     fed the prompt and the common prefix, scores the two tokens within NEAR_TIE."""
     import numpy as np
 
-    from converter.runners import onnxruntime_session
+    from converter.targets.runners import onnxruntime_session
 
     assert len(served) == len(expected)
     if served == expected:

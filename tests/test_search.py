@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
-from converter.quantize import FakeQuantLinear, apply_fake_quant, plan_quantization
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.alpha_search import global_alpha, per_group_alphas
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import FakeQuantLinear, apply_fake_quant, plan_quantization
+from converter.quant.smooth import smooth
 from converter.recipe import Quantization, Smoothing
-from converter.search import global_alpha, per_group_alphas
-from converter.smooth import smooth
 from tiny_models import build_tiny
 
 GRID = [0.0, 0.25, 0.5, 0.75, 0.95]
@@ -122,7 +122,7 @@ def block_error_by_real_smoothing(model, spec, amax, windows, smoothing: Smoothi
 
 
 def test_per_block_search_scores_whole_blocks_and_applies_one_alpha_per_block():
-    from converter.search import choose_alphas
+    from converter.quant.alpha_search import choose_alphas
 
     model, spec, linears, quantized, windows, stats = setup()
     cfg = Smoothing(search="per_block", alpha_grid=GRID, search_samples=2)

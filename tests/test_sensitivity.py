@@ -3,12 +3,12 @@ import copy
 import pytest
 import torch
 
-from converter.archs import arch_spec, block_linear_names
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
-from converter.quantize import apply_fake_quant, plan_quantization
+from converter.models.archs import arch_spec, block_linear_names
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.quantize import apply_fake_quant, plan_quantization
+from converter.quant.sensitivity import _Scorer, sensitivity_fallback, without
 from converter.recipe import Fallback, Quantization
-from converter.sensitivity import _Scorer, sensitivity_fallback, without
 from tiny_models import build_tiny
 
 PLANTED = "model.layers.1.mlp.down_proj"

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from conftest import CALIBRATION_TEXT, ROOT, tiny_recipe_dict
-from converter import serve
-from converter.triton import CONFIG, parse_config
+from converter.artifact import serve
+from converter.artifact.triton import CONFIG, parse_config
 from test_cli import run_cli
 from tiny_models import save_tiny_checkpoint
 
@@ -28,6 +28,13 @@ MODEL = f"{NAME}-generate"
 PROMPTS = [("Licensed under the", 9), ("the License", 12), ("You may obtain a copy of the License at", 7),
            ("Apache", 10), ("WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied", 8),
            ("Copyright", 11)]
+
+
+def test_the_serving_environment_is_looked_for_in_the_checkout(monkeypatch):
+    """`.venv-serve` beside convert.py, wherever the serve module sits in the package."""
+    assert serve.ROOT == ROOT
+    monkeypatch.delenv(serve.VENV_ENV, raising=False)
+    assert (ROOT / "convert.py").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +125,7 @@ def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):
     version = folder / "1"
     # the graph is the artifact's own (a hard link), the source is a copy of the package's
     assert (version / "model.onnx").stat().st_ino == (artifact / "model.onnx").stat().st_ino
-    source = ROOT / "converter" / "triton_generate" / "engine.py"
+    source = ROOT / "converter" / "artifact" / "triton_generate" / "engine.py"
     assert (version / "engine.py").read_bytes() == source.read_bytes()
     assert (version / "engine.py").stat().st_ino != source.stat().st_ino
     assert {"tokenizer.json", "config.json", "model.py"} <= {p.name for p in version.iterdir()}
@@ -133,7 +140,7 @@ def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):
     (("optional: true", "optional: fals"), "not a valid Triton ModelConfig"),
 ])
 def test_verify_rejects_an_edited_generate_config(artifact, tmp_path, edit, expected):
-    from converter.package import write_manifest
+    from converter.artifact.package import write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
@@ -146,7 +153,7 @@ def test_verify_rejects_an_edited_generate_config(artifact, tmp_path, edit, expe
 
 
 def test_an_artifact_from_before_the_generate_model_verifies_and_serves_from_an_assembled_repository(artifact, tmp_path):
-    from converter.package import write_manifest
+    from converter.artifact.package import write_manifest
 
     old = tmp_path / "old"
     shutil.copytree(artifact, old)
@@ -266,7 +273,7 @@ def test_the_engine_batches_prompts_of_different_lengths_in_one_decode_call(arti
     """In process (the engine needs no Triton): the prompts' ids are generate's (BOS first), all six
     sequences decode in one call per step, each left-padded in the longest one's frame, and a
     sequence arriving mid-way joins the running cohort."""
-    from converter.triton_generate.engine import Engine, Sequence
+    from converter.artifact.triton_generate.engine import Engine, Sequence
 
     engine = Engine(str(artifact / "triton" / MODEL / "1"))
     assert engine.pad_ok  # rotary positions: padding leaves the logits as they were
@@ -297,12 +304,12 @@ def test_sequences_of_different_lengths_share_a_step_only_where_padding_changes_
     """GPT-2's learned positions come from the mask's width, so a left-padded row would read other
     position embeddings: the load-time probe finds that and the engine batches only equal lengths;
     rotary Llama batches them all. Tokens are the unbatched graph's either way (FP32 exports)."""
-    from converter.export import float_graph
-    from converter.generation import greedy_graph, session_step
-    from converter.kvcache import graph_kv_layout
+    from converter.artifact.triton_generate.engine import Engine, Sequence
+    from converter.export.exporter import float_graph
+    from converter.export.kv_graph import graph_kv_layout
+    from converter.parity.generation import greedy_graph, session_step
     from converter.recipe import Export
-    from converter.runners import onnxruntime_session
-    from converter.triton_generate.engine import Engine, Sequence
+    from converter.targets.runners import onnxruntime_session
     from tiny_models import build_tiny, tiny_tokenizer
 
     model = build_tiny(arch)
@@ -368,7 +375,7 @@ def test_convert_serve_answers_and_stops_on_ctrl_c_and_sigterm(artifact, expecte
 @pytest.mark.parametrize("edit, why", [({"kv_cache": False}, "no KV cache in the graph (export.kv_cache: false)"),
                                        ({"kind": "encoder"}, "the model is of kind 'encoder': generate serves decoders")])
 def test_convert_serve_refuses_what_it_cannot_serve_in_one_line(artifact, tmp_path, edit, why):
-    from converter.package import write_manifest
+    from converter.artifact.package import write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)

@@ -4,12 +4,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from converter.archs import ARCHITECTURES, arch_spec, block_linear_names, spec_for
-from converter.calibrate import collect_input_amax
-from converter.data import Windows
 from converter.errors import UserError
+from converter.models.archs import ARCHITECTURES, arch_spec, block_linear_names, spec_for
+from converter.models.text import Windows
+from converter.quant.calibrate import collect_input_amax
+from converter.quant.smooth import smooth, smoothing_scales
 from converter.recipe import Smoothing
-from converter.smooth import smooth, smoothing_scales
 from tiny_models import OUTLIER_CHANNELS, TINY_CONFIGS, build_tiny
 
 
@@ -215,7 +215,7 @@ def test_conv1d_is_swapped_for_an_equal_linear():
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
 
-    from converter.archs import conv1d_to_linear
+    from converter.models.archs import conv1d_to_linear
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
@@ -242,9 +242,9 @@ def outlier_heavy(tmp_path_factory):
 
 def _without_norm_fold(monkeypatch):
     """Smoothing that scales the consumers' input columns by s but leaves the norm in front undivided."""
-    import converter.smooth
+    import converter.quant.smooth
 
-    real = converter.smooth._smooth_group
+    real = converter.quant.smooth._smooth_group
 
     def smooth_group(root, group, *args):
         producer = root.get_submodule(group.prev)
@@ -254,7 +254,7 @@ def _without_norm_fold(monkeypatch):
             producer.load_state_dict(kept)
         return record
 
-    monkeypatch.setattr(converter.smooth, "_smooth_group", smooth_group)
+    monkeypatch.setattr(converter.quant.smooth, "_smooth_group", smooth_group)
 
 
 @pytest.mark.parametrize("case", ["alpha 0.5", "no smoothing", "alpha 0", "no norm fold"])

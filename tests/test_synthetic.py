@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import ROOT
-from converter.load import load_reference
+from converter.models.load import load_reference
 from converter.recipe import Source
 
 sys.path.insert(0, str(ROOT / "bench"))

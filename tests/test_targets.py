@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import tiny_recipe_dict
-from converter.runners import int8_products_exact, x86_int8_flags
-from converter.targets import TARGETS
+from converter.targets.registry import TARGETS
+from converter.targets.runners import int8_products_exact, x86_int8_flags
 from test_cli import run_cli, run_subprocess
 
 GPU_TARGETS = ["a100-tensorrt", "h100-tensorrt", "mi250x-migraphx", "mi300-migraphx"]
@@ -20,6 +20,38 @@ def test_registry_holds_every_target_with_its_hardware():
     assert set(GPU_TARGETS) | {"cpu-onnxruntime"} <= set(TARGETS)
     assert "9.0" in TARGETS["h100-tensorrt"].hardware and "8.0" in TARGETS["a100-tensorrt"].hardware
     assert "gfx90a" in TARGETS["mi250x-migraphx"].hardware and "gfx942" in TARGETS["mi300-migraphx"].hardware
+
+
+def test_every_target_carries_the_data_other_modules_read():
+    """CI labels, how Triton serves it (or why not), and which graph forms it takes: from the target."""
+    for name, target in TARGETS.items():
+        assert target.name == name and target.ci_labels, name
+        assert bool(target.triton_platform) != bool(target.triton_refusal), name
+    assert TARGETS["cpu-onnxruntime"].ort_graph and not TARGETS["h100-tensorrt"].ort_graph
+    assert TARGETS["h100-tensorrt"].strict_qdq and TARGETS["mi300-migraphx"].fixed_shape
+    assert TARGETS["h100-tensorrt"].ci_labels[-1] == "gpu-h100"
+
+
+def test_a_new_target_is_one_registry_entry(monkeypatch, write_recipe, tmp_path):
+    """A target registered with its data alone is accepted and refused by the recipe and labelled by the
+    CI matrix: neither tests a backend name."""
+    from dataclasses import replace
+
+    from converter.artifact import ci_matrix
+    from converter.recipe import load_recipe
+
+    npu = replace(TARGETS["cpu-onnxruntime"], name="x-npu", backend="npu", ort_graph=False,
+                  ci_labels=("self-hosted", "npu"), triton_platform=None, triton_refusal="no NPU platform")
+    monkeypatch.setitem(TARGETS, "x-npu", npu)
+    data = {**tiny_recipe_dict(tmp_path), "targets": ["x-npu"]}
+    assert load_recipe(write_recipe(data)).recipe.targets == ["x-npu"]
+    assert ci_matrix.ci_labels("x-npu") == ["self-hosted", "npu"]
+    dynamic = {**data, "quantization": {"activations": {"mode": "dynamic"}}}
+    with pytest.raises(Exception, match="x-npu need static per-tensor scales"):
+        load_recipe(write_recipe(dynamic, "dynamic.yaml"))
+    fused = {**data, "export": {"kv_cache": True, "attention": "onnxruntime"}}
+    with pytest.raises(Exception, match="x-npu cannot run"):
+        load_recipe(write_recipe(fused, "fused.yaml"))
 
 
 def test_targets_command_says_what_runs_here_and_why_not():

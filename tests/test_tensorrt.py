@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from converter.engine_options import EngineOptions
 from converter.errors import UserError
-from converter.tensorrt import engine_layer_precisions, make_config, plan_build, profile_shapes
-from converter.tensorrt_rtx import RTX_MODULE, accept
+from converter.targets.engine_options import EngineOptions
+from converter.targets.tensorrt import engine_layer_precisions, make_config, plan_build, profile_shapes
+from converter.targets.tensorrt_rtx import RTX_MODULE, accept
 from conftest import quantized_matmuls
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec(RTX_MODULE) is None,
@@ -20,8 +20,8 @@ OPTIONS = EngineOptions(batch={"min": 1, "opt": 2, "max": 4}, sequence={"min": 1
 
 
 def test_plan_names_the_engine_and_takes_profiles_from_the_recipe(exported):
-    from converter.archs import arch_spec
-    from converter.encoder import model_io
+    from converter.models.archs import arch_spec
+    from converter.models.io import model_io
 
     _, model, _, _, int8_path, _ = exported
     inputs = model_io(arch_spec(model), model.config).inputs  # encoders add token_type_ids
@@ -125,8 +125,8 @@ def gpu_parity_feed(model, batch: int, sequence: int) -> tuple[dict, str]:
     token_type_ids) and output (`last_hidden_state` for a bare encoder, else `logits`), from `ModelIO`."""
     import torch
 
-    from converter.archs import arch_spec
-    from converter.encoder import model_io
+    from converter.models.archs import arch_spec
+    from converter.models.io import model_io
 
     io = model_io(arch_spec(model), model.config)
     ids = torch.arange(batch * sequence).reshape(batch, sequence) % 300
@@ -136,8 +136,8 @@ def gpu_parity_feed(model, batch: int, sequence: int) -> tuple[dict, str]:
 def test_gpu_parity_feed_runs_on_onnxruntime(exported):
     """The ONNX Runtime half of the GPU parity tests below, for every family: the feed holds exactly
     the graph's inputs and the output name is one the graph has."""
-    from converter.kvcache import graph_io_names
-    from converter.runners import onnxruntime_runner
+    from converter.export.kv_graph import graph_io_names
+    from converter.targets.runners import onnxruntime_runner
 
     _, model, _, _, int8_path, _ = exported
     feed, output = gpu_parity_feed(model, 2, 32)
@@ -149,7 +149,7 @@ def test_gpu_parity_feed_runs_on_onnxruntime(exported):
 
 
 def _gpu_available(module: str) -> bool:
-    from converter.targets import TARGETS
+    from converter.targets.registry import TARGETS
 
     name = "a100-tensorrt" if module == "tensorrt" else "mi250x-migraphx"
     return TARGETS[name].availability()[0]
@@ -160,8 +160,8 @@ def _gpu_available(module: str) -> bool:
 def test_tensorrt_engine_matches_onnxruntime_on_gpu(exported, tmp_path):
     import shutil
 
-    from converter.runners import onnxruntime_runner
-    from converter.tensorrt import build_engine, device_compute_capability, tensorrt_runner
+    from converter.targets.runners import onnxruntime_runner
+    from converter.targets.tensorrt import build_engine, device_compute_capability, tensorrt_runner
 
     _, torch_model, _, _, int8_path, _ = exported
     model = tmp_path / "v1" / "model.onnx"
@@ -184,8 +184,8 @@ def test_tensorrt_engine_matches_onnxruntime_on_gpu(exported, tmp_path):
 def test_migraphx_program_matches_onnxruntime_on_gpu(exported, tmp_path):
     import shutil
 
-    from converter.migraphx import MigraphxRunner, build_program, visible_gfx_archs
-    from converter.runners import onnxruntime_runner
+    from converter.targets.migraphx import MigraphxRunner, build_program, visible_gfx_archs
+    from converter.targets.runners import onnxruntime_runner
 
     _, torch_model, _, _, int8_path, _ = exported
     model = tmp_path / "model.onnx"

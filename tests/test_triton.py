@@ -10,8 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from conftest import tiny_recipe_dict
-from converter.package import write_manifest
-from converter.triton import TritonConfigError, parse_config
+from converter.artifact.package import write_manifest
+from converter.artifact.triton import TritonConfigError, parse_config
 from test_cli import NAME, run_cli
 
 BUILD = 7
@@ -116,8 +116,8 @@ def test_a_repo_path_under_a_file_is_refused_before_any_work(artifact, tmp_path)
 
 
 def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
+    from converter.artifact.triton import ModelSpec, TensorSpec, check_config, model_config
     from converter.recipe import Triton
-    from converter.triton import ModelSpec, TensorSpec, check_config, model_config
 
     spec = ModelSpec("m", "onnxruntime", 1, [TensorSpec("input_ids", "TYPE_INT64", (1, -1))],
                      [TensorSpec("logits", "TYPE_FP32", (1, -1, 320))], {})
@@ -130,8 +130,8 @@ def test_fixed_batch_axis_gives_max_batch_size_0_and_full_dims():
 
 
 def test_the_recipes_thread_count_reaches_only_onnx_runtime_models():
+    from converter.artifact.triton import ModelSpec, TensorSpec, check_config, validated_config_text
     from converter.recipe import Triton
-    from converter.triton import ModelSpec, TensorSpec, check_config, validated_config_text
 
     io = [TensorSpec("input_ids", "TYPE_INT64", (-1, -1))], [TensorSpec("logits", "TYPE_FP32", (-1, -1, 320))]
     settings = Triton(intra_op_thread_count=2, instance_count=2)

@@ -18,7 +18,7 @@ from transformers import (BertConfig, BloomConfig, DistilBertConfig, Gemma2Confi
                           OPTConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
                           RobertaConfig, SmolLM3Config, Starcoder2Config, XLMRobertaConfig)
 
-from converter.archs import arch_spec, conv1d_to_linear, head_layout
+from converter.models.archs import arch_spec, conv1d_to_linear, head_layout
 
 OUTLIER_CHANNELS = (3, 17, 42)
 OUTLIER_FACTOR = 40.0

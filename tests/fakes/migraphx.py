@@ -1,4 +1,4 @@
-"""Test double of the `migraphx` Python module (ROCm MIGraphX), for `converter.migraphx`.
+"""Test double of the `migraphx` Python module (ROCm MIGraphX), for `converter.targets.migraphx`.
 
 Names and signatures follow MIGraphX's Python bindings (`parse_onnx`, `program.compile /
 get_parameter_shapes / run`, `get_target`, `save`, `load`, `argument`, `shape`). A "program" keeps

@@ -1,4 +1,4 @@
-"""Test double of the `tensorrt` module (TensorRT 10/11 Python API), for `converter.tensorrt`.
+"""Test double of the `tensorrt` module (TensorRT 10/11 Python API), for `converter.targets.tensorrt`.
 
 Names and signatures follow the TensorRT Python API reference (Builder, NetworkDefinitionCreationFlag,
 OnnxParser, IBuilderConfig, IOptimizationProfile, ITimingCache, Runtime, ICudaEngine, EngineInspector).

@@ -1,0 +1,2 @@
+"""Command line: `convert.py` and its subcommands (`main`), the `targets` listing (`targets`), and
+the argument parser they share (`args`)."""
