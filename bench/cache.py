@@ -15,12 +15,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from cli_run import run_convert, stamp, write_results
+from cli_run import no_gates, run_convert, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.30
-# Only thresholds change; relaxed so the second run publishes whatever the model measures.
-THRESHOLD_CHANGE = ["parity.thresholds.max_kl=1.0", "parity.thresholds.max_ppl_ratio=2.0"]
 RANGE_CHANGE = ["quantization.activations.range=mse"]
 
 
@@ -50,8 +48,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache, runs = Path(tmp) / "cache", []
-        for label, extra in (("first (empty cache)", []), ("second (thresholds changed)", THRESHOLD_CHANGE),
-                             ("third (activation range changed too)", THRESHOLD_CHANGE + RANGE_CHANGE)):
+        # only thresholds change (all of them off, every set's: the later runs publish whatever they measure)
+        thresholds = no_gates(args.recipe)
+        for label, extra in (("first (empty cache)", []), ("second (thresholds changed)", thresholds),
+                             ("third (activation range changed too)", thresholds + RANGE_CHANGE)):
             result, wall = run(args.recipe, Path(tmp) / "out", cache, args.overrides + extra)
             runs.append({"label": label, "wall_s": round(wall, 2), "stages": result["stages"]})
     results = {
