@@ -52,17 +52,25 @@ class TritonPythonModel:
                                  f"{self.engine.max_batch}, padded batching {self.engine.pad_ok}")
 
     def _count_decode_steps(self) -> None:
-        """Two counters on Triton's metrics endpoint: decode calls and the rows they decoded (their
-        ratio is the mean decode batch, the sign that concurrent requests are batched)."""
-        families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-                    for name, text in (("generate_decode_steps", "batched decode calls"),
-                                       ("generate_decode_rows", "sequences decoded, summed over decode calls"))]
-        steps, rows = (family.Metric(labels={"model": self.name}) for family in families)
+        """Decode batching on Triton's metrics endpoint: two counters, decode calls and the rows they
+        decoded (their ratio is the mean decode batch), and a gauge, the widest decode call since the
+        model loaded (more than 1 only if concurrent requests shared a call)."""
+        kinds = {"generate_decode_steps": (pb_utils.MetricFamily.COUNTER, "batched decode calls"),
+                 "generate_decode_rows": (pb_utils.MetricFamily.COUNTER, "sequences decoded, summed over decode calls"),
+                 "generate_decode_widest": (pb_utils.MetricFamily.GAUGE, "most sequences in one decode call")}
+        families = [pb_utils.MetricFamily(name=name, description=text, kind=kind)
+                    for name, (kind, text) in kinds.items()]
+        steps, rows, widest = (family.Metric(labels={"model": self.name}) for family in families)
         self._metric_families = families  # a family must outlive its metrics
+        most = 0
 
         def count(batch: int) -> None:
+            nonlocal most
             steps.increment(1)
             rows.increment(batch)
+            if batch > most:
+                most = batch
+                widest.set(batch)
 
         self.engine.on_decode = count
 
