@@ -5,7 +5,7 @@
 Each row is the recipe with `--set` overrides, run through the converter's own stage functions:
 calibrate (with the recipe's decode steps), alpha search, smoothing, re-calibration, ranges, plan,
 sensitivity fallback. The plan is then applied as fake quant in PyTorch (integer sums, as the int8
-kernels compute; equal to ONNX Runtime's int8 graph to ~1e-6 of the logits' size, tests/test_quantize.py),
+kernels compute; equal to ONNX Runtime's int8 graph to ~1e-6 of the logits' size, tests/quant/test_quantize.py),
 so a row costs seconds instead of a conversion. Fused attention and the export are not involved: the
 shipped artifact's own figures are in its parity report and bench/results/accuracy.md.
 

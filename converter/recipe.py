@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 SmoothingGroup = Literal["attn_in", "mlp_in", "mlp_down", "attn_out", "head_in"]
 SMOOTHING_GROUPS: tuple[str, ...] = get_args(SmoothingGroup)
 # Activation range methods: each is implemented by an entry of quant/ranges.py RANGE_METHODS
-# (tests/test_ranges.py holds the two equal), so an unknown name is a recipe error.
+# (tests/quant/test_ranges.py holds the two equal), so an unknown name is a recipe error.
 RangeMethod = Literal["absmax", "percentile", "mse"]
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 

@@ -55,7 +55,7 @@ def qdq_matmul_model(w_int8, w_scale, x_scale, *, x_zero_point: int = 0, weight_
 
 
 # Test files that read the session `exported` fixture (an export of every table family, minutes).
-EXPORTED_FILES = {"tests/test_export.py", "tests/test_lint.py", "tests/test_tensorrt.py"}
+EXPORTED_FILES = {"tests/export/test_exporter.py", "tests/targets/test_qdq_lint.py", "tests/targets/test_tensorrt.py"}
 
 
 def _scope(nodeid: str) -> str:

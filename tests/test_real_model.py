@@ -145,7 +145,7 @@ def test_a_real_triton_server_serves_the_artifacts_greedy_tokens(smollm2_artifac
     from pathlib import Path
 
     from converter.artifact import serve
-    from test_serve import grpc_generate, http_generate
+    from serve_client import grpc_generate, http_generate
 
     result, manifest = smollm2_artifact
     artifact, model = Path(result["artifact"]), f"{manifest['name']}-generate"

@@ -288,7 +288,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Gemma2ForCausalLM": _GEMMA3,
     # Gemma 3's k_norm acts after the head transpose: with the cache no longer repeated before the
     # scores, ONNX Runtime's transpose optimizer moves that transpose into the norm, which then does
-    # not fuse into one kernel (tests/test_export.py), so its attention exports as HF's eager
+    # not fuse into one kernel (tests/export/test_exporter.py), so its attention exports as HF's eager
     "Gemma3ForCausalLM": replace(_GEMMA3, grouped_attention=False),
     "Phi3ForCausalLM": _PHI3,
     "PhiForCausalLM": _PHI,

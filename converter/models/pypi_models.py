@@ -136,7 +136,7 @@ def materialize(name: str, dest: Path) -> Path:
     if entry.hf_folder is not None:
         return _publish(dest, lambda staging: _copy_folder(pkg_dir / entry.hf_folder, staging))
     # Streamed, the SmolLM2 folder is byte for byte what from_pretrained + save_pretrained wrote
-    # (tests/test_packaged.py checks it), at a fraction of the memory.
+    # (tests/models/test_pypi_models.py checks it), at a fraction of the memory.
     return _publish(dest, lambda staging: gguf_to_folder(pkg_dir / entry.gguf_file, staging, name))
 
 

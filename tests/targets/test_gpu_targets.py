@@ -1,5 +1,5 @@
 """The TensorRT and MIGraphX code paths, run on CPU through test doubles of their Python modules
-(tests/fakes). What is checked is our control flow: which calls are made with which values, what is
+(tests/targets/fakes). What is checked is our control flow: which calls are made with which values, what is
 written where, what is refused. Whether the real libraries build working engines is not (that needs
 the GPUs; see the `gpu`-marked tests in test_tensorrt.py)."""
 

@@ -11,7 +11,7 @@ import yaml
 from conftest import CALIBRATION_TEXT, tiny_recipe_dict
 from converter.models.archs import ARCHITECTURES
 from converter.parity.encoder import EncoderAccumulator, mean_pool
-from test_cli import run_cli
+from runcli import run_cli
 
 
 def _convert(recipe_data, tmp_path):

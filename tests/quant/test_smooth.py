@@ -267,7 +267,7 @@ def test_the_perplexity_gate_alone_fails_broken_smoothing(case, outlier_heavy, t
     import yaml
 
     from conftest import tiny_recipe_dict
-    from test_cli import NAME, VERSION, run_cli
+    from runcli import NAME, VERSION, run_cli
 
     data = tiny_recipe_dict(outlier_heavy)
     data["parity"]["eval"]["num_samples"] = 16

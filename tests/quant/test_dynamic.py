@@ -26,7 +26,7 @@ from converter.quant.quantize import (
 from converter.recipe import ActivationQuant, Export, Quantization, load_recipe
 from converter.targets.onnxruntime import build_onnxruntime
 from converter.targets.runners import onnxruntime_session
-from test_cli import run_cli, run_subprocess
+from runcli import run_cli, run_subprocess
 from tiny_models import build_tiny
 
 LEVELS = {"O1": {"mode": "dynamic", "granularity": "per_token"}, "O2": {"mode": "dynamic", "granularity": "per_tensor"}}

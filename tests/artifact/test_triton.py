@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from conftest import tiny_recipe_dict
 from converter.artifact.package import write_manifest
 from converter.artifact.triton import TritonConfigError, parse_config
-from test_cli import NAME, run_cli
+from runcli import NAME, run_cli
 
 BUILD = 7
 CPU_MODEL = f"{NAME}-cpu-onnxruntime"

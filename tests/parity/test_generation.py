@@ -13,7 +13,7 @@ from converter.models.text import Windows
 from converter.parity.generation import greedy_graph, greedy_torch, session_step
 from converter.quant.calibrate import run_hooked
 from converter.targets.runners import onnxruntime_session
-from test_cli import run_cli
+from runcli import run_cli
 from tiny_models import build_tiny
 
 

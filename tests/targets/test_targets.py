@@ -10,7 +10,7 @@ import yaml
 from conftest import tiny_recipe_dict
 from converter.targets.registry import TARGETS
 from converter.targets.runners import int8_products_exact, x86_int8_flags
-from test_cli import run_cli, run_subprocess
+from runcli import run_cli, run_subprocess
 
 GPU_TARGETS = ["a100-tensorrt", "h100-tensorrt", "mi250x-migraphx", "mi300-migraphx"]
 no_tensorrt = pytest.mark.skipif(TARGETS["h100-tensorrt"].availability()[0], reason="this machine can build TensorRT engines")

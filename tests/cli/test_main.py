@@ -1,6 +1,4 @@
-import contextlib
 import hashlib
-import io
 import json
 import shutil
 import subprocess
@@ -12,27 +10,8 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_recipe_dict
-from converter.cli.main import main
 from converter.pipeline import STAGES
-
-NAME, VERSION = "tiny-w8a8", "1"
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    from converter import progress
-
-    progress.console.file = err
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
-    finally:
-        progress.console.file = sys.stderr
-    return code, out.getvalue(), err.getvalue()
-
-
-def run_subprocess(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "convert.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+from runcli import NAME, VERSION, run_cli, run_subprocess
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, ROOT, tiny_recipe_dict
 from converter.errors import UserError
 from converter.parity.metrics import MEMORIZED_PPL
 from converter.recipe import load_recipe
-from test_cli import run_cli
+from runcli import run_cli
 
 OTHER_TEXT = ROOT / "recipes" / "data" / "clinical-reports.txt"
 NO_GATES = {"max_ppl_ratio": None, "min_mean_cosine": None, "min_min_cosine": None, "min_top1_agreement": None,

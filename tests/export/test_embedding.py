@@ -191,7 +191,7 @@ def test_cli_converts_with_an_int8_table(tiny_checkpoints, tmp_path):
     import yaml
 
     from conftest import tiny_recipe_dict
-    from test_cli import run_cli
+    from runcli import run_cli
 
     sizes = {}
     for embedding in ("float", "int8"):

@@ -109,7 +109,7 @@ def test_a_gate_alone_fails_a_clipped_artifact_with_exit_2(gate, parity, failure
     `--no-cache`: a cached parity stage is re-judged from stored numbers (converter/stage_cache.py), and this
     test is about the comparison the pipeline itself runs (Polygraphy's verdict, the threshold rules)."""
     from conftest import tiny_recipe_dict
-    from test_cli import NAME, VERSION, run_cli
+    from runcli import NAME, VERSION, run_cli
 
     data = tiny_recipe_dict(tiny_checkpoints["llama"])
     data["quantization"] = CLIPPED

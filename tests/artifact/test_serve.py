@@ -12,18 +12,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from conftest import CALIBRATION_TEXT, ROOT, tiny_recipe_dict
 from converter.artifact import serve
 from converter.artifact.triton import CONFIG, parse_config
-from test_cli import run_cli
+from runcli import NAME, run_cli
+from serve_client import MODEL, grpc_generate, http_generate
 from tiny_models import save_tiny_checkpoint
 
-NAME = "tiny-w8a8"
-MODEL = f"{NAME}-generate"
 # (prompt, max_tokens): lengths differ, so batched rows carry different padding
 PROMPTS = [("Licensed under the", 9), ("the License", 12), ("You may obtain a copy of the License at", 7),
            ("Apache", 10), ("WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied", 8),
@@ -64,56 +62,6 @@ def expected(artifact):
 def server(artifact, tmp_path_factory):
     with serve.start(artifact / "triton", [MODEL], tmp_path_factory.mktemp("log") / "tritonserver.log") as running:
         yield running
-
-
-def http_generate(server, body: dict, stream: bool = False, model: str = MODEL):
-    """POST /generate (one JSON answer) or /generate_stream (server-sent events: a list of answers)."""
-    path = "generate_stream" if stream else "generate"
-    request = urllib.request.Request(f"{server.url}/v2/models/{model}/{path}", data=json.dumps(body).encode())
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return {"status": exc.code, **json.loads(exc.read().decode())}
-    if not stream:
-        return json.loads(text)
-    return [json.loads(line.removeprefix("data: ")) for line in text.splitlines() if line.startswith("data: ")]
-
-
-def grpc_generate(server, prompt, max_tokens=None, stream=False, max_tokens_dtype="INT32", model=MODEL):
-    """One request over a gRPC stream: (responses' (text, ids), errors, final flags seen)."""
-    import tritonclient.grpc as grpcclient
-
-    results, errors, done = [], [], threading.Event()
-
-    def callback(result, error):
-        if error is not None:
-            errors.append(str(error))
-            done.set()
-            return
-        final = result.get_response().parameters["triton_final_response"].bool_param
-        if result.as_numpy("text_output") is not None:
-            results.append((b"".join(result.as_numpy("text_output")).decode(), result.as_numpy("token_ids").tolist()))
-        if final:
-            done.set()
-
-    inputs = [grpcclient.InferInput("text_input", [1], "BYTES")]
-    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
-    if max_tokens is not None:
-        inputs.append(grpcclient.InferInput("max_tokens", [1], max_tokens_dtype))
-        inputs[-1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32 if max_tokens_dtype == "INT32" else np.float32))
-    if stream:
-        inputs.append(grpcclient.InferInput("stream", [1], "BOOL"))
-        inputs[-1].set_data_from_numpy(np.array([True]))
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=callback)
-    try:
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-        assert done.wait(60), "no final response"
-    finally:
-        client.stop_stream()
-        client.close()
-    return results, errors
 
 
 def test_the_artifact_carries_a_strict_generate_config_and_its_files(artifact):

@@ -5,7 +5,7 @@ import json
 import yaml
 
 from conftest import ROOT
-from test_cli import run_cli
+from runcli import run_cli
 
 
 def test_matrix_of_the_shipped_recipes_has_one_job_per_recipe_and_target():

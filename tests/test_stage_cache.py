@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_recipe_dict
-from test_cli import NAME, VERSION, run_cli
+from runcli import NAME, VERSION, run_cli
 
 MODEL_FILES = ("model.onnx", f"triton/{NAME}-cpu-onnxruntime/1/model.onnx", f"triton/{NAME}-cpu-onnxruntime/config.pbtxt")
 

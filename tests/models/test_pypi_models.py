@@ -217,8 +217,8 @@ import json, sys
 from pathlib import Path
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (imports are not what is measured)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-sys.path.insert(0, "tests")
-from test_packaged import whole_model_save
+sys.path[:0] = ["tests", "tests/models"]
+from test_pypi_models import whole_model_save
 from converter.models import gguf_stream
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's resident size at fork (a pytest
 # worker that converted a real model earlier: 7 GB), while exec gives it a new, unmeasured address space.
