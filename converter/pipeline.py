@@ -310,12 +310,12 @@ def _refuse_fixed_shape_generation(targets: list[str], generates: bool, dry_run:
     A dry run plans GPU targets without running their parity, so it is not refused.
 
     Raises:
-        UserError: a MIGraphX target with generation parity on a decoder.
+        UserError: a fixed-shape target (MIGraphX) with generation parity on a decoder.
     """
     fixed = [t for t in targets if TARGETS[t].fixed_shape]
     if generates and fixed and not dry_run:
-        raise UserError(f"{', '.join(fixed)}: a MIGraphX program has one fixed input shape and generation parity "
-                        "runs a growing sequence; set parity.generation.enabled: false for MIGraphX targets")
+        raise UserError(f"{', '.join(fixed)}: {TARGETS[fixed[0]].fixed_shape} and generation parity runs a growing "
+                        "sequence; set parity.generation.enabled: false for such targets")
 
 
 def _cache_state(store: cache.StageCache, hit: bool) -> str | None:

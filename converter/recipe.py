@@ -597,7 +597,8 @@ class Recipe(_Section):
 
         fixed = [t for t in self.targets if TARGETS[t].fixed_shape]
         if fixed and self.export.kv_cache:
-            raise ValueError(f"{', '.join(fixed)}: {TARGETS[fixed[0]].fixed_shape}")
+            raise ValueError(f"{', '.join(fixed)}: {TARGETS[fixed[0]].fixed_shape} and a KV-cache graph's past grows "
+                             "every decode step; use export.kv_cache: false for such targets")
         return self
 
 

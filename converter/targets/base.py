@@ -44,7 +44,7 @@ class Target:
     ort_graph: bool = False  # runs ONNX Runtime's own graph forms: dynamic quantization ops (O1/O2),
     #   contrib ops (GroupQueryAttention) and int8 embedding rows gathered before scaling
     strict_qdq: bool = False  # the check stage enforces TensorRT's explicit-quantization rules
-    fixed_shape: str = ""  # why a graph whose input grows (KV cache, generation) cannot run; "": it can
+    fixed_shape: str = ""  # what fixes its input shapes, so a growing input (KV cache, generation) cannot run; "": none
 
     def availability(self) -> tuple[bool, str]:
         """(can build and run here, why not): Python modules first, then the device."""

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # annotations only: a target does not depend on the quantizat
 MIGRAPHX_MODULE = "migraphx"
 MIGRAPHX_GPUS = {"mi250x-migraphx": ("gfx90a", "AMD Instinct MI250X"), "mi300-migraphx": ("gfx942", "AMD Instinct MI300")}
 _KFD_NODES = Path("/sys/class/kfd/kfd/topology/nodes")
-KV_CACHE_REFUSAL = ("MIGraphX compiles one fixed input shape per program and a KV-cache graph's past grows every "
+FIXED_SHAPE = "MIGraphX compiles one fixed input shape per program"
+KV_CACHE_REFUSAL = (f"{FIXED_SHAPE} and a KV-cache graph's past grows every "
                     "decode step; use export.kv_cache: false for MIGraphX targets")
 
 
@@ -218,4 +219,4 @@ def target(name: str, ci_labels: tuple[str, ...]) -> Target:
     return Target(name=name, backend="migraphx", hardware=f"{gpu} ({arch})", requires=(MIGRAPHX_MODULE,),
                   build=build_migraphx, runner=_migraphx_runner, gpu=True, preflight=_amd_device,
                   ci_labels=ci_labels, triton_refusal="Triton has no MIGraphX platform",
-                  fixed_shape=KV_CACHE_REFUSAL)
+                  fixed_shape=FIXED_SHAPE)
