@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,6 +121,11 @@ class Smoothing(_Section):
         "`attn_in` norm->q/k/v, `mlp_in` norm->gate/up, `mlp_down` up->down, `attn_out` v->o, `head_in` "
         "final norm->lm_head (unties a tied lm_head so the embedding stays exact); a group whose linears "
         "stay float is skipped."))
+    group_alpha: dict[SmoothingGroup, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict, description=(
+            "Alpha of a group by name, over `alpha` (e.g. `{mlp_down: 0.9}`: down_proj's input, the product "
+            "of two projections, has outliers of its own); a `per_group` or `per_block` search chooses "
+            "every group's alpha itself and is refused with it."))
     search: Literal["off", "global", "per_group", "per_block"] = Field(default="off", description=(
         "`off`: `alpha` everywhere; `global`: the grid alpha whose fake-quant model has the least KL to "
         "float (the SmoothQuant paper's search); `per_group`: each group's grid alpha with the least W8A8 "
@@ -133,6 +138,13 @@ class Smoothing(_Section):
         description="The alphas the search tries.")
     search_samples: int = Field(default=4, ge=1, description=(
         "Calibration (or selection) windows the search scores."))
+
+    @model_validator(mode="after")
+    def _group_alpha_or_a_local_search(self) -> "Smoothing":
+        if self.group_alpha and self.search in ("per_group", "per_block"):
+            raise ValueError(f"group_alpha sets {', '.join(self.group_alpha)}, and search: {self.search} chooses "
+                             "every group's alpha: use one of the two")
+        return self
 
     @field_validator("alpha_grid")
     @classmethod

@@ -165,7 +165,8 @@ def smooth(
         act_amax: per-channel input abs-max of the quantized linears (from *calibrate*), keyed by
             full module name. A group whose balance linears were not calibrated (kept in float) is
             skipped: smoothing it would only move outliers into weights nobody quantizes.
-        alphas: per-group alpha by group key (from an alpha search); `cfg.alpha` elsewhere.
+        alphas: per-group alpha by group key (from an alpha search); elsewhere the group's
+            `cfg.group_alpha`, else `cfg.alpha`.
 
     Returns:
         One record per smoothed group, and the groups skipped with the reason.
@@ -181,7 +182,7 @@ def smooth(
             continue
         if group is spec.head_group:
             untie_output_embeddings(model)
-        alpha = (alphas or {}).get(key, cfg.alpha)
+        alpha = (alphas or {}).get(key, cfg.group_alpha.get(group.name, cfg.alpha))
         result = _smooth_group(root, group, act_amax[names[0]], alpha, spec.norm_offset, layout)
         if isinstance(result, str):
             report.skipped.append(f"{key[: -len(group.name)]}{result}")

@@ -78,6 +78,33 @@ def test_norm_fold_matches_formula_inline():
     assert torch.equal(block.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
 
 
+def test_a_group_alpha_applies_to_its_group_only():
+    model, spec, names, stats = calibrated("llama")
+    reference = copy.deepcopy(model)
+    report = smooth(model, stats.amax, Smoothing(alpha=0.5, group_alpha={"mlp_down": 0.9}), spec)
+    assert {(g.group, g.alpha) for g in report.groups} == {
+        ("attn_in", 0.5), ("mlp_in", 0.5), ("attn_out", 0.5), ("mlp_down", 0.9)}
+    block, before = model.model.layers[1], reference.model.layers[1]
+    act = stats.amax["model.layers.1.mlp.down_proj"]
+    s = (act.pow(0.9) / before.mlp.down_proj.weight.abs().amax(dim=0).pow(0.1)).clamp(min=1e-5)
+    torch.testing.assert_close(block.mlp.down_proj.weight, before.mlp.down_proj.weight * s)
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_alpha_with_a_local_search_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="group_alpha sets mlp_down, and search: per_group chooses every group's alpha"):
+        Smoothing(group_alpha={"mlp_down": 0.9}, search="per_group")
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        Smoothing(group_alpha={"mlp_down": 1.5})
+    with pytest.raises(ValidationError, match="mlp_out"):
+        Smoothing(group_alpha={"mlp_out": 0.9})
+    assert Smoothing(group_alpha={"mlp_down": 0.9}, search="global").group_alpha == {"mlp_down": 0.9}
+
+
 def test_gqa_scale_is_the_max_over_the_query_heads_of_one_kv_head():
     """o_proj input (h, d) reads v_proj output (h // group, d): one scale per v channel, from the largest
     activation and the largest o_proj column among the query heads that share it (recomputed inline)."""
