@@ -1,7 +1,7 @@
 """Re-check a decoder recipe's fixed smoothing alpha on its selection text (never an evaluation text).
 
     .venv/bin/python bench/selection.py [--recipe recipes/smollm2-135m-cpu.yaml] [--grid 0.6 0.7 0.8 0.9]
-                                        [--calibration-windows N]
+                                        [--calibration-windows N] [--group mlp_down]
 
 For each alpha: a copy of the model smoothed with the calibration maxima, static ranges re-calibrated
 on the calibration windows, every quantized linear fake-quantized as the recipe asks; scored against
@@ -9,7 +9,9 @@ the float model on the recipe's `selection` windows (mean KL per token and perpl
 sensitivity fallback scores). The KV-cache decode-step calibration is left out (prefill windows only),
 which keeps each alpha to two passes over the calibration windows; `--calibration-windows N` calibrates
 on the recipe's first N (shuffled) windows only, a cheaper and coarser check.
-Prints a Markdown table and writes bench/results/selection.{json,md}.
+`--group NAME` sweeps that smoothing group's own alpha (`smoothing.group_alpha`) with every other
+group at the recipe's alpha.
+Prints a Markdown table and writes bench/results/selection.{json,md} (selection-NAME.* with --group).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from cli_run import stamp, write_results
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None = None) -> dict:
+def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None = None,
+          group: str | None = None) -> dict:
     from converter.models.archs import arch_spec, block_linear_names
     from converter.models.load import load
     from converter.models.text import token_windows, window_wrap
@@ -51,7 +54,8 @@ def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None 
     rows = {}
     for alpha in grid:
         candidate = copy.deepcopy(model)
-        smooth(candidate, before.amax, r.smoothing.model_copy(update={"alpha": alpha}), spec)
+        update = {"group_alpha": {**r.smoothing.group_alpha, group: alpha}} if group else {"alpha": alpha}
+        smooth(candidate, before.amax, r.smoothing.model_copy(update=update), spec)
         stats = collect_input_amax(candidate, quantized, calib, bs, "re-calibrate")
         ranges, _ = activation_ranges(candidate, stats, calib, bs, r.quantization.activations)
         apply_fake_quant(candidate, plan_quantization(candidate, linears, ranges, r.quantization))
@@ -59,14 +63,16 @@ def sweep(recipe_path: Path, grid: list[float], calibration_windows: int | None 
         rows[f"{alpha:g}"] = {"kl": errors.kl, "ppl_ratio": errors.ppl_ratio}
         print(f"alpha {alpha:g}: KL {errors.kl:.4f}, ppl x{errors.ppl_ratio:.4f}", flush=True)
         del candidate
-    return {"recipe": str(recipe_path.relative_to(ROOT)), "recipe_alpha": r.smoothing.alpha,
+    return {"recipe": str(recipe_path.relative_to(ROOT)), "group": group,
+            "recipe_alpha": r.smoothing.group_alpha.get(group, r.smoothing.alpha),
             "selection": r.selection.model_dump(), "selection_windows": len(selection.input_ids),
             "calibration_windows": len(calib.input_ids), "alphas": rows,
             "best": min(rows, key=lambda a: rows[a]["kl"])}
 
 
 def markdown(results: dict) -> str:
-    lines = [f"{results['recipe']}: alpha re-checked on the selection text {', '.join(results['selection']['files'])} "
+    what = f"{results['group']}'s own alpha (every other group at the recipe's)" if results.get("group") else "alpha"
+    lines = [f"{results['recipe']}: {what} re-checked on the selection text {', '.join(results['selection']['files'])} "
              f"({results['selection_windows']} windows), static ranges calibrated on {results['calibration_windows']} "
              f"calibration windows (prefill only); {results['machine']}, {results['date']}", "",
              "| alpha | KL(float \\|\\| fake-quant W8A8), mean per token | perplexity ratio |", "|---|---|---|"]
@@ -81,9 +87,10 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-135m-cpu.yaml")
     parser.add_argument("--grid", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--calibration-windows", type=int, default=None)
+    parser.add_argument("--group", default=None, help="sweep this smoothing group's own alpha (smoothing.group_alpha)")
     args = parser.parse_args()
-    results = {**stamp(), **sweep(args.recipe.resolve(), args.grid, args.calibration_windows)}
-    write_results("selection", results, markdown(results))
+    results = {**stamp(), **sweep(args.recipe.resolve(), args.grid, args.calibration_windows, args.group)}
+    write_results(f"selection-{args.group}" if args.group else "selection", results, markdown(results))
     print(markdown(results))
 
 
