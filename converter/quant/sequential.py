@@ -5,6 +5,12 @@ arguments: masks, rotary tables, positions; the same for every block of a model 
 one kind). Then each block in turn is read from the checkpoint, runs every window, has its linears'
 inputs recorded, and hands its float outputs on as the next block's inputs (the pattern of GPTQ's and
 llm-compressor's layer loops). The head's input is the final norm of the last block's outputs.
+
+Decode-step calibration (converter/quant/decode_steps.py) records the activations of the model's own
+greedy tokens. Here the greedy continuations are produced first, one block-streamed step at a time
+through a KV cache, and then calibrated as prefill tokens: in float a token's activations are the
+same in a decode step and in a prefill (causal attention), and the window's prefix, recorded again,
+cannot move an abs-max the full-window pass already holds.
 """
 
 from __future__ import annotations
@@ -22,9 +28,8 @@ class _FirstBlockReached(Exception):
     """Raised by the first block's hook: what comes after needs weights that are not read yet."""
 
 
-@torch.no_grad()
-def first_block_calls(streamed: StreamedModel, windows: Windows, batch_size: int) -> list[tuple[tuple, dict]]:
-    """The first block's (positional, keyword) arguments for each batch of `windows`."""
+def _first_block_call(streamed: StreamedModel, ids: torch.Tensor, mask: torch.Tensor, cache=None) -> tuple[tuple, dict]:
+    """The first block's (positional, keyword) arguments for one batch (with `cache`: a step through it)."""
     calls: list[tuple[tuple, dict]] = []
 
     def hook(_module, args, kwargs):
@@ -33,14 +38,60 @@ def first_block_calls(streamed: StreamedModel, windows: Windows, batch_size: int
 
     handle = streamed.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for ids, mask in windows.batches(batch_size):
-            try:
-                streamed.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _FirstBlockReached:
-                pass
+        streamed.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+    except _FirstBlockReached:
+        pass
     finally:
         handle.remove()
-    return calls
+    return calls[0]
+
+
+@torch.no_grad()
+def first_block_calls(streamed: StreamedModel, windows: Windows, batch_size: int) -> list[tuple[tuple, dict]]:
+    """The first block's (positional, keyword) arguments for each batch of `windows`."""
+    return [_first_block_call(streamed, ids, mask) for ids, mask in windows.batches(batch_size)]
+
+
+def _run_block(block, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    outputs = []
+    for args, kwargs in calls:
+        out = block(*args, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def greedy_continuations(streamed: StreamedModel, prefixes: torch.Tensor, steps: int, batch_size: int,
+                         description: str = "decode steps") -> torch.Tensor:
+    """(N, steps): each prefix's greedy continuation, one token per step through a KV cache per
+    batch; every step reads each block once for all batches."""
+    from transformers import DynamicCache
+
+    batches = list(torch.split(prefixes, batch_size))
+    caches = [DynamicCache(config=streamed.model.config) for _ in batches]
+    norm = streamed.model.get_submodule(streamed.spec.head_group.prev)
+    head = streamed.model.get_output_embeddings()
+    feeds, tokens = batches, [[] for _ in batches]
+    for _ in track(range(steps), description, total=steps):
+        calls = [_first_block_call(streamed, feed, torch.ones(len(feed), cache.get_seq_length() + feed.shape[1],
+                                                              dtype=torch.int64), cache)
+                 for feed, cache in zip(feeds, caches)]
+        for index in range(len(streamed.blocks)):
+            prefix = streamed.block_prefix(index)
+            try:
+                outputs = _run_block(streamed.materialize(prefix), calls)
+            finally:
+                streamed.release(prefix)
+            calls = [_with_hidden(call, hidden) for call, hidden in zip(calls, outputs)]
+        feeds = [head(norm(_hidden(call)[:, -1:])).argmax(-1) for call in calls]
+        for got, nxt in zip(tokens, feeds):
+            got.append(nxt)
+    return torch.cat([torch.cat(got, dim=1) for got in tokens])
 
 
 def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -55,15 +106,13 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
                                 description: str = "calibrate") -> ActStats:
     """Per-channel input abs-max of the linears in `names` (full module names), computed block by block.
 
-    Equal to `collect_input_amax` on the whole model loaded in fp32 from the same checkpoint.
+    Equal to `collect_input_amax` on the whole model loaded in fp32 from the same checkpoint (with
+    decode steps: to float rounding, a decode step's sums being ordered as a prefill's are not).
 
     Raises:
-        UserError: decode-step calibration asked for, a head whose input is not a known final norm,
-            or a linear that saw a non-finite activation or never ran.
+        UserError: a head whose input is not a known final norm, or a linear that saw a non-finite
+            activation or never ran.
     """
-    if windows.decode_steps and windows.decode_windows:
-        raise UserError("calibration.decode_steps: decode-step calibration is not block-streamed yet; "
-                        "set calibration.decode_steps: 0 for a streamed conversion")
     spec = streamed.spec
     inside = spec.blocks + "."
     head = [n for n in names if not n.startswith(inside)]
@@ -80,18 +129,23 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
     def make_hook(name: str):
         return lambda _module, args: record(name, args[0].detach())
 
-    calls = first_block_calls(streamed, windows, batch_size)
     tokens = sum(ids.numel() for ids, _ in windows.batches(batch_size))
+    batches = len(range(0, len(windows.input_ids), batch_size))
+    if windows.decode_steps and windows.decode_windows:
+        # the decode windows' prefixes, continued by the model's own greedy tokens: calibrated as prefill
+        steps, width = windows.decode_steps, windows.input_ids.shape[1]
+        prefixes = windows.input_ids[: windows.decode_windows, : width - steps]
+        continued = torch.cat([prefixes, greedy_continuations(streamed, prefixes, steps, batch_size)], dim=1)
+        windows = Windows(torch.cat([windows.input_ids, continued]), windows.sha256, windows.total_windows)
+        tokens += continued.shape[0] * steps
+    calls = first_block_calls(streamed, windows, batch_size)
     for index in track(range(len(streamed.blocks)), description, total=len(streamed.blocks)):
         prefix = streamed.block_prefix(index)
         block = streamed.materialize(prefix)
         mine = [n for n in names if n.startswith(prefix + ".")]
         handles = [streamed.model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in mine]
         try:
-            outputs = []
-            for args, kwargs in calls:
-                out = block(*args, **kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs = _run_block(block, calls)
         finally:
             for h in handles:
                 h.remove()
@@ -99,14 +153,14 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
         calls = [_with_hidden(call, hidden) for call, hidden in zip(calls, outputs)]
     if head:
         norm = streamed.model.get_submodule(spec.head_group.prev)
-        for args, kwargs in calls:
-            normed = norm(args[0] if args else kwargs["hidden_states"])
+        for call in calls:
+            normed = norm(_hidden(call))
             for name in head:
                 record(name, normed)
     for name in names:
         if name not in amax:
             raise UserError(f"layer {name}: never ran during calibration")
         if not torch.isfinite(amax[name]).all():
-            raise UserError(f"layer {name}: activation amax is not finite after {len(calls)} calibration batches")
-    return ActStats(amax=amax, batches=len(calls), tokens=tokens)
+            raise UserError(f"layer {name}: activation amax is not finite after {batches} calibration batches")
+    return ActStats(amax=amax, batches=batches, tokens=tokens)
 

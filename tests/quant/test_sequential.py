@@ -11,7 +11,7 @@ from converter.models.archs import arch_spec, block_linear_names
 from converter.models.lazy import INDEX, LazyCheckpoint, StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed
+from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations
 from tiny_models import DECODERS, _checkpoint_layout, build_tiny
 
 
@@ -53,11 +53,24 @@ def test_a_model_whose_layers_differ_in_kind_is_refused_in_one_line(tmp_path):
         StreamedModel(tmp_path, arch_spec(whole))
 
 
-def test_decode_step_calibration_is_refused_not_skipped(tmp_path):
-    _, whole = sharded_bf16("llama", tmp_path)
-    streamed = StreamedModel(tmp_path, arch_spec(whole))
-    with pytest.raises(UserError, match="decode-step calibration is not block-streamed yet"):
-        collect_input_amax_streamed(streamed, ["lm_head"], windows().with_decode(2, 3), batch_size=2)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt-neox", "opt"])
+def test_streamed_decode_step_calibration_equals_the_whole_models(arch, tmp_path):
+    """The greedy continuations are produced block-streamed first and then calibrated as prefill."""
+    _, whole = sharded_bf16(arch, tmp_path)
+    spec = arch_spec(whole)
+    names = block_linear_names(whole, spec)
+    decoding = windows().with_decode(3, 4)
+    expected = collect_input_amax(whole, names, decoding, batch_size=2)
+    prefill_only = collect_input_amax(whole, names, windows(), batch_size=2)
+    assert any(not torch.equal(expected.amax[n], prefill_only.amax[n]) for n in names)  # the steps add something
+    got = collect_input_amax_streamed(StreamedModel(tmp_path, spec), names, decoding, batch_size=2)
+    assert (got.batches, got.tokens) == (expected.batches, expected.tokens)
+    for name in names:  # a decode step sums in another order than a prefill
+        torch.testing.assert_close(got.amax[name], expected.amax[name], rtol=1e-5, atol=1e-6, msg=name)
+    prefixes = decoding.input_ids[:3, :20]
+    greedy = whole.generate(prefixes, attention_mask=torch.ones_like(prefixes), max_new_tokens=4, min_new_tokens=4,
+                            do_sample=False)[:, 20:]
+    assert torch.equal(greedy_continuations(StreamedModel(tmp_path, spec), prefixes, 4, batch_size=2), greedy)
 
 
 def test_a_missing_shard_or_weight_or_a_wrong_shape_is_named(tmp_path):
@@ -97,7 +110,7 @@ from converter.models.archs import arch_spec, block_linear_names
 from converter.models.lazy import StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed
+from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 base = status("VmRSS")
 folder = Path(sys.argv[1])
