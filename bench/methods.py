@@ -40,6 +40,7 @@ ROWS: dict[str, list[str]] = {
     "mixed calibration (+ clinical-calibration.txt)": [
         "calibration.files=[data/gpl-3.0.txt, data/clinical-calibration.txt]", "calibration.num_samples=64"],
     "sensitivity fallback (<= 10% MACs float)": ["quantization.fallback.enabled=true"],
+    "mlp_down alpha 0.65 (the selection text's choice), other groups 0.8": ["smoothing.group_alpha.mlp_down=0.65"],
 }
 # The ceiling of 8-bit weights: weight-only int8 without smoothing (smoothing only helps activations).
 CEILING = ("weight-only int8, no smoothing (the ceiling of 8-bit weights)", ["smoothing.enabled=false"], ("",))
