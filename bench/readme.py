@@ -125,6 +125,13 @@ def _cache(d: dict) -> str:
     return f"{d['ratio']:.3f} (target < {d['target_ratio']})"
 
 
+def _scale(d: dict) -> str:
+    qwen, big = d["rows"]["qwen2.5-1.5b"], d["rows"]["llama-3.1-8b"]
+    gib = 2**30
+    return (f"{qwen['streamed']['peak_bytes'] / gib:.2f} / {qwen['whole']['peak_bytes'] / gib:.2f} GiB; "
+            f"8B: {big['streamed']['peak_bytes'] / gib:.2f} GiB streamed")
+
+
 HEADLINES = [
     Headline("Perplexity on held-out text, INT8 (shipped recipe) / FP32; naive static W8A8 for contrast",
              "smollm2", _perplexity),
@@ -141,6 +148,8 @@ HEADLINES = [
              "minilm", _minilm),
     Headline("Stage cache: re-run with only parity thresholds changed, wall time / first run",
              "cache", _cache),
+    Headline("Calibrate stage peak memory, block-streamed / whole model: Qwen2.5-1.5B; a synthetic 8B "
+             "(random weights)", "scale", _scale),
 ]
 
 
