@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -67,17 +66,6 @@ class LazyCheckpoint:
     def names(self, prefix: str = "") -> list[str]:
         return sorted(n for n in self.weight_map if n.startswith(prefix))
 
-    def stored_dtypes(self) -> Counter:
-        """Stored dtype -> number of tensors (the headers only)."""
-        from safetensors import safe_open
-
-        counts: Counter = Counter()
-        for file in sorted(set(self.weight_map.values())):
-            with safe_open(str(self.folder / file), framework="pt") as fh:
-                for name in fh.keys():
-                    counts[str(fh.get_slice(name).get_dtype())] += 1
-        return counts
-
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors in their stored dtype, each shard opened once."""
         from safetensors import safe_open
@@ -110,8 +98,8 @@ class StreamedModel:
 
     Raises:
         UserError: an encoder, a model whose layers differ in kind (sliding-window and global
-            attention alternating: each kind takes its own mask), or weights outside the blocks that
-            the checkpoint lacks.
+            attention alternating: each kind takes its own mask), a tensor transformers converts on
+            load, or weights outside the blocks that the checkpoint lacks.
     """
 
     def __init__(self, folder: Path, spec: ArchSpec, trust_remote_code: bool = False):

@@ -53,7 +53,7 @@ def test_a_model_whose_layers_differ_in_kind_is_refused_in_one_line(tmp_path):
         StreamedModel(tmp_path, arch_spec(whole))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt-neox", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2", "phi3", "gpt-neox", "opt"])
 def test_streamed_decode_step_calibration_equals_the_whole_models(arch, tmp_path):
     """The greedy continuations are produced block-streamed first and then calibrated as prefill."""
     _, whole = sharded_bf16(arch, tmp_path)
