@@ -34,6 +34,7 @@ from converter.quant.quantize import (
     plan_quantization,
     weight_scales,
 )
+from converter.quant.sequential import block_outputs
 from converter.quant.smooth import balance_names, group_scales, iter_groups, smooth
 
 if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
@@ -124,14 +125,6 @@ def capture_block_calls(model, spec: ArchSpec, windows: Windows, batch_size: int
     return calls
 
 
-def _block_output(block, calls) -> list[torch.Tensor]:
-    outs = []
-    for args, kwargs in calls:
-        out = block(*args, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
-
-
 @torch.no_grad()
 def block_w8a8_error(block, prefix: str, groups, act_amax, alpha: float, spec: ArchSpec, layout, quant: Quantization,
                      calls, reference: list[torch.Tensor]) -> float:
@@ -160,13 +153,13 @@ def block_w8a8_error(block, prefix: str, groups, act_amax, alpha: float, spec: A
 
     handles = [candidate.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
     try:
-        _block_output(candidate, calls)
+        block_outputs(candidate, calls)
     finally:
         for h in handles:
             h.remove()
     apply_fake_quant(candidate, plan_quantization(candidate, names, ranges, quant.model_copy(update={"exclude": []})))
     err = update = 0.0
-    for (args, kwargs), ref, out in zip(calls, reference, _block_output(candidate, calls)):
+    for (args, kwargs), ref, out in zip(calls, reference, block_outputs(candidate, calls)):
         x = args[0] if args else kwargs["hidden_states"]
         err += float((out - ref).double().pow(2).sum())
         update += float((ref - x).double().pow(2).sum())
@@ -191,7 +184,7 @@ def per_block_alphas(model, spec: ArchSpec, cfg: Smoothing, quant: Quantization,
                   and not isinstance(group_scales(block, g, act_amax[prefix + g.balance[0]], 0.5, layout), str)]
         if not groups:
             continue
-        reference = _block_output(block, calls[index])
+        reference = block_outputs(block, calls[index])
         errors = [block_w8a8_error(block, prefix, groups, act_amax, alpha, spec, layout, quant, calls[index], reference)
                   for alpha in cfg.alpha_grid]
         best = cfg.alpha_grid[min(range(len(errors)), key=errors.__getitem__)]

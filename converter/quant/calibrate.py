@@ -100,13 +100,24 @@ def collect_input_amax(
         UserError: a linear saw a non-finite activation, or never ran.
     """
     amax: dict[str, torch.Tensor] = {}
+    batches, tokens = run_hooked(model, names, windows, batch_size, description,
+                                 lambda name, x: record_amax(amax, name, x))
+    return checked_stats(amax, names, batches, tokens)
 
-    def record(name: str, x: torch.Tensor) -> None:
-        batch_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-        prev = amax.get(name)
-        amax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
 
-    batches, tokens = run_hooked(model, names, windows, batch_size, description, record)
+def record_amax(amax: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    """Fold one batch of a linear's input into its running per-channel abs-max."""
+    batch_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+    prev = amax.get(name)
+    amax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
+
+
+def checked_stats(amax: dict[str, torch.Tensor], names: list[str], batches: int, tokens: int) -> ActStats:
+    """The recorded maxima as ActStats.
+
+    Raises:
+        UserError: a linear saw a non-finite activation, or never ran.
+    """
     for name in names:
         if name not in amax:
             raise UserError(f"layer {name}: never ran during calibration")

@@ -21,7 +21,7 @@ from converter.errors import UserError
 from converter.models.lazy import StreamedModel
 from converter.models.text import Windows
 from converter.progress import track
-from converter.quant.calibrate import ActStats
+from converter.quant.calibrate import ActStats, checked_stats, record_amax
 
 
 class _FirstBlockReached(Exception):
@@ -52,12 +52,20 @@ def first_block_calls(streamed: StreamedModel, windows: Windows, batch_size: int
     return [_first_block_call(streamed, ids, mask) for ids, mask in windows.batches(batch_size)]
 
 
-def _run_block(block, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+def block_outputs(block, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """The block's output hidden states for each replayed (positional, keyword) call."""
     outputs = []
     for args, kwargs in calls:
         out = block(*args, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
+
+
+def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
@@ -84,7 +92,7 @@ def greedy_continuations(streamed: StreamedModel, prefixes: torch.Tensor, steps:
         for index in range(len(streamed.blocks)):
             prefix = streamed.block_prefix(index)
             try:
-                outputs = _run_block(streamed.materialize(prefix), calls)
+                outputs = block_outputs(streamed.materialize(prefix), calls)
             finally:
                 streamed.release(prefix)
             calls = [_with_hidden(call, hidden) for call, hidden in zip(calls, outputs)]
@@ -92,13 +100,6 @@ def greedy_continuations(streamed: StreamedModel, prefixes: torch.Tensor, steps:
         for got, nxt in zip(tokens, feeds):
             got.append(nxt)
     return torch.cat([torch.cat(got, dim=1) for got in tokens])
-
-
-def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
-    args, kwargs = call
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 @torch.no_grad()
@@ -121,13 +122,8 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
                         "architecture table names; block streaming cannot calibrate them")
     amax: dict[str, torch.Tensor] = {}
 
-    def record(name: str, x: torch.Tensor) -> None:
-        batch_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-        prev = amax.get(name)
-        amax[name] = batch_max if prev is None else torch.maximum(prev, batch_max)
-
     def make_hook(name: str):
-        return lambda _module, args: record(name, args[0].detach())
+        return lambda _module, args: record_amax(amax, name, args[0].detach())
 
     tokens = sum(ids.numel() for ids, _ in windows.batches(batch_size))
     batches = len(range(0, len(windows.input_ids), batch_size))
@@ -145,7 +141,7 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
         mine = [n for n in names if n.startswith(prefix + ".")]
         handles = [streamed.model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in mine]
         try:
-            outputs = _run_block(block, calls)
+            outputs = block_outputs(block, calls)
         finally:
             for h in handles:
                 h.remove()
@@ -156,11 +152,6 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
         for call in calls:
             normed = norm(_hidden(call))
             for name in head:
-                record(name, normed)
-    for name in names:
-        if name not in amax:
-            raise UserError(f"layer {name}: never ran during calibration")
-        if not torch.isfinite(amax[name]).all():
-            raise UserError(f"layer {name}: activation amax is not finite after {batches} calibration batches")
-    return ActStats(amax=amax, batches=batches, tokens=tokens)
+                record_amax(amax, name, normed)
+    return checked_stats(amax, names, batches, tokens)
 
