@@ -154,7 +154,39 @@ def _drop_weight_transpose(graph: ir.Graph, old_b: ir.Value) -> None:
             graph.initializers.pop(source.name)
 
 
-def _quantize_matmul_dynamic(graph: ir.Graph, matmul: ir.Node, name: str, weight: torch.Tensor, quant) -> None:
+def _weight_values(sources: list[ir.Value]) -> list[ir.TensorProtocol]:
+    """The float tensors behind the weight initializers `sources` (held even after the graph drops them)."""
+    values = [source.const_value for source in sources]
+    missing = [s.name for s, v in zip(sources, values) if v is None]
+    if missing:
+        raise RuntimeError(f"weight initializers without a value: {missing}")
+    return values
+
+
+def _lazy_int8(name: str, values: list[ir.TensorProtocol], quants: list) -> ir.Value:
+    """The int8 weights of one MatMul, (in, out): each float weight (out, in) quantized per output
+    channel, side by side. Computed when the model is written, one MatMul at a time, from the float
+    initializers the export wrote (on disk, memory-mapped), so no stage holds every weight at once.
+    The float weights are the model's own, exported bit for bit, so this is the same arithmetic as
+    quantizing the module's weight in PyTorch."""
+    shape = (values[0].shape[1], sum(v.shape[0] for v in values))
+
+    def one(value: ir.TensorProtocol, quant) -> np.ndarray:
+        return quantize_weight(torch.from_numpy(np.asarray(value.numpy(), dtype=np.float32)), quant.weight_scale).T.numpy()
+
+    def compute() -> ir.Tensor:
+        parts = []
+        for value, quant in zip(values, quants):
+            parts.append(one(value, quant))
+            if isinstance(value, ir.ExternalTensor):  # drop the file mapping once read
+                value.release()
+        return ir.tensor(np.ascontiguousarray(np.concatenate(parts, axis=1)), name=name)
+
+    tensor = ir.LazyTensor(compute, dtype=ir.DataType.INT8, shape=ir.Shape(shape), name=name)
+    return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.INT8), const_value=tensor)
+
+
+def _quantize_matmul_dynamic(graph: ir.Graph, matmul: ir.Node, name: str, weight: ir.TensorProtocol, quant) -> None:
     """O2/O1: the input is quantized at run time and the MatMul becomes an integer MatMul:
 
         O2: DynamicQuantizeLinear(x) -> (x_u8, s_x, zp_x); MatMulInteger(x_u8, W_s8, zp_x)
@@ -163,8 +195,7 @@ def _quantize_matmul_dynamic(graph: ir.Graph, matmul: ir.Node, name: str, weight
     then Cast(int32 -> float) * s_x * s_w (s_w per output channel). ONNX Runtime runs the O2 pattern
     as one DynamicQuantizeMatMul kernel and O1's MatMulInteger as an int8 GEMM.
     """
-    w_int8 = quantize_weight(weight, quant.weight_scale).T.contiguous().numpy()  # (in, out)
-    w_q = _const(f"{name}.weight_quantized", w_int8)
+    w_q = _lazy_int8(f"{name}.weight_quantized", [weight], [quant])  # (in, out)
     w_s = _const(f"{name}.weight_scale", quant.weight_scale.numpy().astype(np.float32))
     for value in (w_q, w_s):
         graph.register_initializer(value)
@@ -228,7 +259,7 @@ def _shared_input_groups(found: dict[str, ir.Node], plan: QuantPlan) -> list[lis
 
 
 def _quantize_matmuls(graph: ir.Graph, matmuls: list[ir.Node], first: ir.Node, names: list[str],
-                      weights: list[torch.Tensor], plan: QuantPlan) -> None:
+                      weights: list[ir.TensorProtocol], plan: QuantPlan) -> None:
     """Static W8A8 for one group of linears (see `_shared_input_groups`): one QuantizeLinear ->
     DequantizeLinear on the shared input, the int8 weights (in, out) side by side behind one
     per-channel DequantizeLinear, one MatMul, and for a group of several a Split back into each
@@ -238,10 +269,9 @@ def _quantize_matmuls(graph: ir.Graph, matmuls: list[ir.Node], first: ir.Node, n
         _quantize_matmul_dynamic(graph, matmuls[0], names[0], weights[0], quants[0])
         return
     name = matmul_name(names)
-    w_int8 = np.concatenate([quantize_weight(w, lq.weight_scale).T.numpy() for w, lq in zip(weights, quants)], axis=1)
     w_scale = np.concatenate([lq.weight_scale.numpy().astype(np.float32) for lq in quants])
     inits = [
-        _const(f"{name}{WEIGHT_SUFFIX}", np.ascontiguousarray(w_int8)),
+        _lazy_int8(f"{name}{WEIGHT_SUFFIX}", weights, quants),
         _const(f"{name}.weight_scale", w_scale),
         _const(f"{name}.weight_zero_point", np.zeros(w_scale.shape, dtype=np.int8)),
         _const(f"{name}.input_scale", np.array(float(quants[0].act_scale), dtype=np.float32)),
@@ -487,6 +517,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     by_initializer = _weight_initializer_names(model, plan)
     _gemm_to_matmul(graph, by_initializer)
     found: dict[str, ir.Node] = {}
+    sources: dict[str, ir.Value] = {}  # linear -> its float weight initializer
     for node in list(graph):
         if node.op_type != "MatMul":
             continue
@@ -497,7 +528,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
             continue
         if name in found:
             raise RuntimeError(f"linear {name}: weight feeds more than one MatMul ({found[name].name}, {node.name})")
-        found[name] = node
+        found[name], sources[name] = node, source
     missing = [n for n in plan.linears if n not in found]
     if missing:
         raise RuntimeError(f"no MatMul(x, Transpose(weight)) found for {len(missing)} linear(s): {missing[:5]}")
@@ -506,7 +537,7 @@ def insert_qdq(fp32_path: Path, out_path: Path, model: torch.nn.Module, plan: Qu
     for names in track(groups, "insert Q/DQ", total=len(groups)):
         matmuls = [found[n] for n in names]
         first = min(matmuls, key=lambda node: order[id(node)])  # the merged nodes go before it
-        _quantize_matmuls(graph, matmuls, first, names, [model.get_submodule(n).weight for n in names], plan)
+        _quantize_matmuls(graph, matmuls, first, names, _weight_values([sources[n] for n in names]), plan)
     if plan.embedding is not None:
         _quantize_embedding(graph, model, plan.embedding, embedding_layout or "gather_rows")
     _fold_constant_subgraphs(onnx_model)
