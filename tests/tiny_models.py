@@ -266,3 +266,14 @@ def save_outlier_heavy_checkpoint(folder: Path, text: str) -> Path:
     train_outlier_heavy_llama(text).save_pretrained(folder)
     tiny_tokenizer(text).save_pretrained(folder)
     return folder
+
+
+def sharded_bf16(arch: str, folder):
+    """A tiny model stored as a BF16 checkpoint in several shards with their index, and the whole model
+    read back from it in fp32 (what the whole-model path computes with)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _checkpoint_layout(build_tiny(arch)).to(torch.bfloat16)  # GPT-2 stores Conv1D
+    model.save_pretrained(folder, max_shard_size="100KB")
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    return model, whole

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,6 +124,9 @@ class StreamedModel:
         with init_empty_weights():
             model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
         self.model = model.eval()
+        # called on every module `materialize` reads, as (prefix, module): e.g. smoothing each block
+        # as it is read (converter/quant/sequential.py), so every later pass sees the smoothed block
+        self.prepare: Callable[[str, torch.nn.Module], None] | None = None
         self.blocks = self.model.get_submodule(spec.blocks)
         self.stored = self._stored_names()
         self._resident()
@@ -179,6 +183,8 @@ class StreamedModel:
         if missing:
             raise UserError(f"checkpoint folder {self.ckpt.folder}: weights {listed(missing)} are missing")
         self._assign(module, prefix + ".", sorted(expected))
+        if self.prepare is not None:
+            self.prepare(prefix, module)
         return module
 
     def _assign(self, module: torch.nn.Module, prefix: str, names: list[str]) -> None:

@@ -15,6 +15,8 @@ cannot move an abs-max the full-window pass already holds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from converter.errors import UserError
@@ -22,6 +24,11 @@ from converter.models.lazy import StreamedModel
 from converter.models.text import Windows
 from converter.progress import track
 from converter.quant.calibrate import ActStats, checked_stats, record_amax
+from converter.quant.quantize import LinearQuant, QuantPlan, plan_embedding, plan_quantization
+from converter.quant.smooth import SmoothReport, smooth
+
+if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
+    from converter.recipe import Quantization, Smoothing
 
 
 class _FirstBlockReached(Exception):
@@ -155,3 +162,64 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
                 record_amax(amax, name, normed)
     return checked_stats(amax, names, batches, tokens)
 
+
+
+def _block_names(streamed: StreamedModel, names: list[str]) -> dict[str | None, list[str]]:
+    """`names` by the block that holds them (None: outside the blocks), in model order."""
+    inside = streamed.spec.blocks + "."
+    out: dict[str | None, list[str]] = {}
+    for name in names:
+        prefix = inside + name[len(inside):].split(".", 1)[0] if name.startswith(inside) else None
+        out.setdefault(prefix, []).append(name)
+    return out
+
+
+@torch.no_grad()
+def smooth_streamed(streamed: StreamedModel, act_amax: dict[str, torch.Tensor], cfg: Smoothing,
+                    alphas: dict[str, float] | None = None) -> SmoothReport:
+    """`smooth` on a block-streamed model: the head group now (its weights stay in memory), and each
+    block's groups every time the block is read (`StreamedModel.prepare`), so every later pass
+    (re-calibration, the plan, the export) reads the block smoothed. Smoothing is a function of the
+    stored weights and the statistics, so each read smooths a block the same way. One pass over the
+    blocks gives the report, in `smooth`'s order (blocks, then the head).
+    """
+    spec, inside = streamed.spec, streamed.spec.blocks + "."
+
+    def smooth_block(prefix: str, _module: torch.nn.Module) -> SmoothReport:
+        return smooth(streamed.model, act_amax, cfg, spec, alphas, where=lambda key: key.startswith(prefix + "."))
+
+    if streamed.prepare is not None:
+        raise RuntimeError("the streamed model is prepared already (smoothed twice?)")
+    report = SmoothReport(groups=[], skipped=[])
+    for index in track(range(len(streamed.blocks)), "smooth", total=len(streamed.blocks)):
+        prefix = streamed.block_prefix(index)
+        part = smooth_block(prefix, streamed.materialize(prefix))
+        streamed.release(prefix)
+        report.groups += part.groups
+        report.skipped += part.skipped
+    head = smooth(streamed.model, act_amax, cfg, spec, alphas, where=lambda key: not key.startswith(inside))
+    report.groups += head.groups
+    report.skipped += head.skipped
+    streamed.prepare = smooth_block
+    return report
+
+
+@torch.no_grad()
+def plan_streamed(streamed: StreamedModel, names: list[str], act_ranges: dict[str, float],
+                  cfg: Quantization) -> QuantPlan:
+    """`plan_quantization` on a block-streamed model: each block's weight scales with the block read
+    (and prepared: smoothed) once; the embedding and the head from the weights kept in memory."""
+    linears: dict[str, LinearQuant] = {}
+    excluded: list[str] = []
+    per_block = cfg.model_copy(update={"embedding": "float"})
+    by_block = _block_names(streamed, names)
+    for prefix, block_names in track(list(by_block.items()), "quantize", total=len(by_block)):
+        if prefix is not None:
+            streamed.materialize(prefix)
+        part = plan_quantization(streamed.model, block_names, act_ranges, per_block)
+        if prefix is not None:
+            streamed.release(prefix)
+        linears.update(part.linears)
+        excluded += part.excluded
+    embedding = plan_embedding(streamed.model) if cfg.embedding == "int8" else None
+    return QuantPlan(linears=linears, excluded=excluded, embedding=embedding)

@@ -8,6 +8,7 @@ per-channel weight quantization absorbs easily.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -158,6 +159,7 @@ def smooth(
     cfg: Smoothing,
     spec: ArchSpec,
     alphas: dict[str, float] | None = None,
+    where: Callable[[str], bool] | None = None,
 ) -> SmoothReport:
     """Apply SmoothQuant in place to every enabled group of every block (and the head group).
 
@@ -167,6 +169,8 @@ def smooth(
             skipped: smoothing it would only move outliers into weights nobody quantizes.
         alphas: per-group alpha by group key (from an alpha search); elsewhere the group's
             `cfg.group_alpha`, else `cfg.alpha`.
+        where: smooth only the groups whose key it accepts (a block-streamed model smooths each
+            block when it is read: converter/quant/sequential.py).
 
     Returns:
         One record per smoothed group, and the groups skipped with the reason.
@@ -176,6 +180,8 @@ def smooth(
         return report
     layout = head_layout(model.config)
     for key, root, group in list(iter_groups(model, spec, cfg)):
+        if where is not None and not where(key):
+            continue
         names = balance_names(key, group)
         if not all(n in act_amax for n in names):
             report.skipped.append(f"{key}: {', '.join(group.balance)} not quantized")

@@ -12,22 +12,11 @@ from converter.models.lazy import INDEX, LazyCheckpoint, StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
 from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations
-from tiny_models import DECODERS, _checkpoint_layout, build_tiny
+from tiny_models import DECODERS, sharded_bf16
 
 
 def windows(n=5, t=24, seed=3):
     return Windows(torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(seed)), "t", n)
-
-
-def sharded_bf16(arch: str, folder):
-    """A tiny model stored as a BF16 checkpoint in several shards with their index, and the whole model
-    read back from it in fp32 (what the whole-model path computes with)."""
-    from transformers import AutoModelForCausalLM
-
-    model = _checkpoint_layout(build_tiny(arch)).to(torch.bfloat16)  # GPT-2 stores Conv1D
-    model.save_pretrained(folder, max_shard_size="100KB")
-    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-    return model, whole
 
 
 @pytest.mark.parametrize("arch", [a for a in DECODERS if a not in ("gemma2", "gemma3")])
