@@ -97,3 +97,66 @@ def test_a_broken_block_preparation_changes_the_bytes(tmp_path):
         plan = plan_streamed(streamed, names, {n: 1.0 for n in names}, quant)
         files.append(digest(insert_qdq(raw, tmp_path / str(alpha) / "model.onnx", streamed.model, plan, export).path))
     assert files[0] != files[1]
+
+
+_PEAK_CHILD = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not what is measured)
+from transformers import AutoModelForCausalLM
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.export.streamed import export_streamed
+from converter.models.archs import block_linear_names, spec_for
+from converter.models.lazy import StreamedModel
+from converter.quant.quantize import plan_quantization
+from converter.quant.sequential import plan_streamed
+from converter.recipe import Export, Quantization
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+base = status("VmRSS")
+folder, out = Path(sys.argv[1]), Path(sys.argv[3])
+spec = spec_for("LlamaForCausalLM")
+export = Export(external_data="always")  # as every model over 2 GB: written tensor by tensor
+if sys.argv[2] == "streamed":
+    model = StreamedModel(folder, spec)
+    names = block_linear_names(model.model, spec)
+    plan = plan_streamed(model, names, {n: 1.0 for n in names}, Quantization())
+    raw = export_streamed(model, out / "raw.onnx", export)
+    skeleton = model.model
+else:
+    skeleton = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    names = block_linear_names(skeleton, spec)
+    plan = plan_quantization(skeleton, names, {n: 1.0 for n in names}, Quantization())
+    raw = export_fp32(skeleton, out / "raw.onnx", export)
+insert_qdq(raw, out / "model.onnx", skeleton, plan, export)
+print(json.dumps({"peak": status("VmHWM") - base}))
+"""
+
+
+def test_the_streamed_export_holds_one_block_where_the_whole_model_path_holds_all(tmp_path):
+    """A wide tiny Llama (600 MB in fp32, 38 MB a block) planned, exported and quantized: peak memory
+    over the child's resident size after its imports, in a fresh process per path; same artifact.
+    Tracing alone takes ~100-150 MB whatever the weights, hence a model this wide."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import ROOT
+
+    config = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                         num_key_value_heads=12, vocab_size=1000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint", max_shard_size="40MB")
+    fp32 = 4 * sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    runs = {}
+    for path in ("whole", "streamed"):
+        (tmp_path / path).mkdir()
+        proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / "checkpoint"), path,
+                               str(tmp_path / path)], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        runs[path] = json.loads(proc.stdout.splitlines()[-1])
+    assert digest(tmp_path / "streamed" / "model.onnx") == digest(tmp_path / "whole" / "model.onnx")
+    assert runs["whole"]["peak"] > fp32  # the whole model is resident in fp32
+    assert runs["streamed"]["peak"] < fp32 / 2, (runs, fp32)
