@@ -89,21 +89,14 @@ def greedy_continuations(streamed: StreamedModel, prefixes: torch.Tensor, steps:
 
     batches = list(torch.split(prefixes, batch_size))
     caches = [DynamicCache(config=streamed.model.config) for _ in batches]
-    norm = streamed.model.get_submodule(streamed.spec.head_group.prev)
-    head = streamed.model.get_output_embeddings()
     feeds, tokens = batches, [[] for _ in batches]
     for _ in track(range(steps), description, total=steps):
         calls = [_first_block_call(streamed, feed, torch.ones(len(feed), cache.get_seq_length() + feed.shape[1],
                                                               dtype=torch.int64), cache)
                  for feed, cache in zip(feeds, caches)]
-        for index in range(len(streamed.blocks)):
-            prefix = streamed.block_prefix(index)
-            try:
-                outputs = block_outputs(streamed.materialize(prefix), calls)
-            finally:
-                streamed.release(prefix)
-            calls = [_with_hidden(call, hidden) for call, hidden in zip(calls, outputs)]
-        feeds = [head(norm(_hidden(call)[:, -1:])).argmax(-1) for call in calls]
+        finals = _through_blocks(streamed, calls)
+        logits = _around_blocks(streamed, [(feed, torch.ones_like(feed)) for feed in feeds], finals)
+        feeds = [step[:, -1:].argmax(-1) for step in logits]
         for got, nxt in zip(tokens, feeds):
             got.append(nxt)
     return torch.cat([torch.cat(got, dim=1) for got in tokens])
@@ -223,3 +216,60 @@ def plan_streamed(streamed: StreamedModel, names: list[str], act_ranges: dict[st
         excluded += part.excluded
     embedding = plan_embedding(streamed.model) if cfg.embedding == "int8" else None
     return QuantPlan(linears=linears, excluded=excluded, embedding=embedding)
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for every block while the model's own forward runs around them: returns what the
+    last block returned for the current batch (its inputs are ignored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.output = None
+
+    def forward(self, *_args, **_kwargs):
+        return self.output
+
+
+def _through_blocks(streamed: StreamedModel, calls: list[tuple[tuple, dict]], description: str | None = None) -> list:
+    """Each call run through every block in turn, each block read once; what the last block returned."""
+    last = len(streamed.blocks) - 1
+    indices = range(len(streamed.blocks))
+    finals = []
+    for index in track(indices, description, total=len(indices)) if description else indices:
+        prefix = streamed.block_prefix(index)
+        try:
+            block = streamed.materialize(prefix)
+            if index < last:
+                calls = [_with_hidden(call, hidden) for call, hidden in zip(calls, block_outputs(block, calls))]
+            else:
+                finals = [block(*args, **kwargs) for args, kwargs in calls]
+        finally:
+            streamed.release(prefix)
+    return finals
+
+
+def _around_blocks(streamed: StreamedModel, batches: list[tuple[torch.Tensor, torch.Tensor]], finals: list) -> list[torch.Tensor]:
+    """The logits of each batch whose last block returned `finals`: the model's own forward (embedding
+    scale, position embeddings, final norm, projections, head, logit scaling or soft-capping) with
+    the blocks replaced by the replay of those outputs."""
+    parent_path, _, attr = streamed.spec.blocks.rpartition(".")
+    parent = streamed.model.get_submodule(parent_path)
+    replay = _Replay()
+    setattr(parent, attr, torch.nn.ModuleList([replay] * len(streamed.blocks)))
+    try:
+        out = []
+        for (ids, mask), final in zip(batches, finals, strict=True):
+            replay.output = final
+            out.append(streamed.model(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+        return out
+    finally:
+        setattr(parent, attr, streamed.blocks)
+
+
+@torch.no_grad()
+def streamed_logits(streamed: StreamedModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    description: str = "reference logits") -> list[torch.Tensor]:
+    """The model's logits for each (input_ids, attention_mask) batch, block by block: each block is
+    read once for all batches (the FP32 reference of parity, for a model that is not held whole)."""
+    calls = [_first_block_call(streamed, ids, mask) for ids, mask in batches]
+    return _around_blocks(streamed, batches, _through_blocks(streamed, calls, description))

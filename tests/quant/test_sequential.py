@@ -11,7 +11,7 @@ from converter.models.archs import arch_spec, block_linear_names
 from converter.models.lazy import INDEX, LazyCheckpoint, StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations
+from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations, streamed_logits
 from tiny_models import DECODERS, sharded_bf16
 
 
@@ -99,7 +99,7 @@ from converter.models.archs import arch_spec, block_linear_names
 from converter.models.lazy import StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations
+from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations, streamed_logits
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 base = status("VmRSS")
 folder = Path(sys.argv[1])
@@ -142,3 +142,20 @@ def test_streamed_calibration_holds_one_block_where_the_whole_model_path_holds_a
     assert runs["streamed"]["lm_head"] == runs["whole"]["lm_head"]  # the same statistics
     assert runs["whole"]["peak"] > fp32  # the whole model is resident in fp32
     assert runs["streamed"]["peak"] < fp32 / 2, (runs, fp32)
+
+
+@pytest.mark.parametrize("arch", [a for a in DECODERS if a not in ("gemma2", "gemma3")])
+def test_streamed_logits_equal_the_whole_models(arch, tmp_path):
+    """Everything around the blocks is the model's own forward (GPT-2's position embeddings, OPT's
+    projections, Granite's logit scaling): logits to the last bit, padding included."""
+    _, whole = sharded_bf16(arch, tmp_path)
+    ids = windows(4, 20).input_ids
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    batches = [(ids[:3], mask[:3]), (ids[3:], mask[3:])]
+    expected = [whole(input_ids=i, attention_mask=m, use_cache=False).logits for i, m in batches]
+    streamed = StreamedModel(tmp_path, arch_spec(whole))
+    got = streamed_logits(streamed, batches)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert all(p.is_meta for n, p in streamed.model.named_parameters() if n.startswith(streamed.spec.blocks + "."))
