@@ -85,9 +85,32 @@ def greedy_continuations(streamed: StreamedModel, prefixes: torch.Tensor, steps:
                          description: str = "decode steps") -> torch.Tensor:
     """(N, steps): each prefix's greedy continuation, one token per step through a KV cache per
     batch; every step reads each block once for all batches."""
+    return torch.cat(_greedy(streamed, list(torch.split(prefixes, batch_size)), steps, description))
+
+
+@torch.no_grad()
+def greedy_many(streamed: StreamedModel, prompts: list[list[int]], steps: int, batch_size: int,
+                description: str = "reference generation") -> list[list[int]]:
+    """`greedy_torch_many` of the parity stage, block-streamed: each prompt's greedy tokens, prompts of
+    one length batched (no padding, so each row computes what it would alone), every length's
+    batches stepped together so that a step reads each block once."""
+    rows_by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        rows_by_length.setdefault(len(prompt), []).append(i)
+    groups = [rows[j: j + batch_size] for rows in rows_by_length.values() for j in range(0, len(rows), batch_size)]
+    tokens = _greedy(streamed, [torch.tensor([prompts[i] for i in rows], dtype=torch.int64) for rows in groups],
+                     steps, description)
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows, got in zip(groups, tokens):
+        for i, row in zip(rows, got.tolist()):
+            out[i] = row
+    return out
+
+
+def _greedy(streamed: StreamedModel, batches: list[torch.Tensor], steps: int, description: str) -> list[torch.Tensor]:
+    """Each batch's (rows, steps) greedy tokens; the batches may differ in length."""
     from transformers import DynamicCache
 
-    batches = list(torch.split(prefixes, batch_size))
     caches = [DynamicCache(config=streamed.model.config) for _ in batches]
     feeds, tokens = batches, [[] for _ in batches]
     for _ in track(range(steps), description, total=steps):
@@ -99,7 +122,7 @@ def greedy_continuations(streamed: StreamedModel, prefixes: torch.Tensor, steps:
         feeds = [step[:, -1:].argmax(-1) for step in logits]
         for got, nxt in zip(tokens, feeds):
             got.append(nxt)
-    return torch.cat([torch.cat(got, dim=1) for got in tokens])
+    return [torch.cat(got, dim=1) for got in tokens]
 
 
 @torch.no_grad()

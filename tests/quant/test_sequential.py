@@ -11,7 +11,7 @@ from converter.models.archs import arch_spec, block_linear_names
 from converter.models.lazy import INDEX, LazyCheckpoint, StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations, streamed_logits
+from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations, greedy_many, streamed_logits
 from tiny_models import DECODERS, sharded_bf16
 
 
@@ -99,7 +99,7 @@ from converter.models.archs import arch_spec, block_linear_names
 from converter.models.lazy import StreamedModel
 from converter.models.text import Windows
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations, streamed_logits
+from converter.quant.sequential import collect_input_amax_streamed, greedy_continuations, greedy_many, streamed_logits
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 base = status("VmRSS")
 folder = Path(sys.argv[1])
@@ -159,3 +159,16 @@ def test_streamed_logits_equal_the_whole_models(arch, tmp_path):
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     assert all(p.is_meta for n, p in streamed.model.named_parameters() if n.startswith(streamed.spec.blocks + "."))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "granite"])
+def test_streamed_generation_reference_equals_the_whole_models(arch, tmp_path):
+    """Parity's FP32 greedy tokens for prompts of several lengths, block-streamed."""
+    from converter.parity.generation import greedy_torch_many
+
+    _, whole = sharded_bf16(arch, tmp_path)
+    ids = windows(6, 20).input_ids.tolist()
+    prompts = [ids[0][:7], ids[1][:12], ids[2][:7], ids[3][:12], ids[4][:7], ids[5][:3]]
+    expected = greedy_torch_many(whole, prompts, 5)
+    got = greedy_many(StreamedModel(tmp_path, arch_spec(whole)), prompts, 5, batch_size=2)
+    assert got == expected
