@@ -44,9 +44,17 @@ def _round_weight(weight: torch.Tensor, scales: torch.Tensor, qmax: int) -> torc
     return torch.round(weight.detach().float() / scales.view(-1, 1)).clamp(-qmax, qmax)
 
 
-def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(out, in) int8 = round_half_even(W / scale_row), clamped to [-127, 127]."""
-    return _round_weight(weight, scales, WEIGHT_QMAX).to(torch.int8)
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """(out, in) int8 = round_half_even(W / scale_row), clamped to [-127, 127].
+
+    `rows` rows at a time: each element is computed alone, so the result is the same, and a large
+    table (a 151936-row head: 0.9 GB in fp32) needs no float temporaries of its own size.
+    """
+    out = torch.empty(weight.shape, dtype=torch.int8)
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        out[part] = _round_weight(weight[part], scales[part], WEIGHT_QMAX).to(torch.int8)
+    return out
 
 
 def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:

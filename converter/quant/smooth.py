@@ -58,6 +58,12 @@ def smoothing_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: f
     return torch.where(dead, torch.ones_like(scales), scales.clamp(min=1e-5)).float()
 
 
+def column_amax(weight: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """max |W[:, j]| per input column, `rows` rows at a time (a maximum is exact in any order, and a
+    large head needs no |W| temporary of its own size)."""
+    return torch.stack([weight[i: i + rows].abs().amax(dim=0) for i in range(0, weight.shape[0], rows)]).amax(dim=0)
+
+
 def _ratio(amax: torch.Tensor) -> float:
     return float(amax.max() / amax.median().clamp(min=1e-12))
 
@@ -72,7 +78,7 @@ def group_scales(root, group: SmoothGroup, act_amax, alpha, layout) -> tuple[tor
     if getattr(prev, "weight", None) is None:  # ModernBERT's first block: attn_norm is nn.Identity
         return f"{group.name}: {group.prev} is {type(prev).__name__}, no weight to fold a scale into"
     balance = [root.get_submodule(n) for n in group.balance]
-    weight_amax = torch.cat([lin.weight.abs() for lin in balance], dim=0).amax(dim=0).float()
+    weight_amax = torch.stack([column_amax(lin.weight) for lin in balance]).amax(dim=0).float()
     act = act_amax
     if group.prev_kind != "linear_heads":
         scales = smoothing_scales(act, weight_amax, alpha)

@@ -184,3 +184,11 @@ def test_fake_quant_swaps_exactly_the_planned_linears():
     swapped = {n for n, m in fq.named_modules() if isinstance(m, FakeQuantLinear)}
     assert swapped == set(plan.linears)
     assert fq.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2 biases stay float
+
+
+def test_quantizing_a_weight_rows_at_a_time_gives_the_same_int8():
+    weight = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)) * 3
+    scales = weight_scales(weight)
+    whole = torch.round(weight / scales.view(-1, 1)).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(quantize_weight(weight, scales, rows=5), whole)
+    assert torch.equal(quantize_weight(weight, scales, rows=4096), whole)

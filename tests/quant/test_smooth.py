@@ -315,3 +315,12 @@ def test_the_perplexity_gate_alone_fails_broken_smoothing(case, outlier_heavy, t
         assert code == 0 and ratio < 1.02, stderr
     else:
         assert code == 2 and report["failures"] == [f"ppl_ratio {ratio:.4g} (required <= 1.1)"], stderr
+
+
+def test_column_amax_rows_at_a_time_is_the_columns_abs_max():
+    from converter.quant.smooth import column_amax
+
+    weight = torch.randn(37, 11, generator=torch.Generator().manual_seed(0))
+    weight[20, 3] = -50.0  # the largest magnitude of its column is negative and in a later chunk
+    assert torch.equal(column_amax(weight, rows=5), weight.abs().amax(dim=0))
+    assert column_amax(weight, rows=5)[3] == 50.0
