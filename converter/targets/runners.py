@@ -83,6 +83,42 @@ class TorchRunner(BaseRunner):
         del self.model
 
 
+class StreamedRunner(BaseRunner):
+    """The FP32 reference of a block-streamed model (converter/models/lazy.py) on one set of windows.
+
+    Activating it computes the logits of every batch of `windows` with each block read once
+    (`streamed_logits`); `infer` then serves the batch its feed names, so `evaluate` reads it as it
+    reads a `TorchRunner`, prefill feeds only (empty past). Holds one set's logits meanwhile.
+    """
+
+    def __init__(self, streamed, windows, batch_size: int, name: str | None = None):
+        super().__init__(name=name, prefix="streamed-runner")
+        self.streamed, self.windows, self.batch_size = streamed, windows, batch_size
+
+    def activate_impl(self):
+        from converter.quant.sequential import streamed_logits
+
+        batches = list(self.windows.batches(self.batch_size))
+        logits = streamed_logits(self.streamed, batches)
+        self.served = [(ids.numpy(), mask.numpy(), out.numpy()) for (ids, mask), out in zip(batches, logits)]
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for name in ("input_ids", "attention_mask"):
+            meta.add(name, np.int64, ("batch", "sequence"))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        ids, mask = np.asarray(feed_dict["input_ids"]), np.asarray(feed_dict["attention_mask"])
+        for batch_ids, batch_mask, logits in self.served:
+            if np.array_equal(batch_ids, ids) and np.array_equal(batch_mask, mask):
+                return OrderedDict({"logits": logits})
+        raise RuntimeError(f"{self.name}: a feed of shape {ids.shape} is none of the batches it computed")
+
+    def deactivate_impl(self):
+        del self.served
+
+
 # x86 CPU flags whose int8 kernels sum uint8 x int8 products exactly (VNNI's vpdpbusd, AMX).
 EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 EXACT_INT8_OPTION = "session.x64quantprecision"

@@ -125,3 +125,27 @@ def test_a_gate_alone_fails_a_clipped_artifact_with_exit_2(gate, parity, failure
     measured = (target_report["generation"]["token_agreement"] if gate == "token_agreement" else
                 next(c["mean_absdiff"] for c in target_report["comparator"] if c["name"] == "int8_vs_fp32_onnx"))
     assert measured < 0.5 if gate == "token_agreement" else measured > 0.05
+
+
+def test_a_streamed_reference_measures_what_the_whole_model_does(tmp_path):
+    """The FP32 reference of a model not held whole (converter/targets/runners.py: StreamedRunner)
+    gives `evaluate` the whole model's metrics to the last digit; a mixed-up batch is refused."""
+    import copy
+
+    from converter.models.archs import arch_spec
+    from converter.models.lazy import StreamedModel
+    from converter.targets.runners import StreamedRunner, TorchRunner
+    from tiny_models import sharded_bf16
+
+    _, whole = sharded_bf16("qwen2", tmp_path)
+    candidate = copy.deepcopy(whole)
+    with torch.no_grad():
+        candidate.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    windows = Windows(torch.randint(0, 300, (5, 24), generator=torch.Generator().manual_seed(1)), "t", 5)
+    expected = evaluate(TorchRunner(whole), TorchRunner(candidate), windows, batch_size=2)
+    streamed = StreamedRunner(StreamedModel(tmp_path, arch_spec(whole)), windows, batch_size=2)
+    got = evaluate(streamed, TorchRunner(candidate), windows, batch_size=2)
+    assert got == expected and got.ppl_ratio != 1.0
+    with streamed, pytest.raises(RuntimeError, match="none of the batches it computed"):
+        streamed.infer({"input_ids": windows.input_ids[:2].flip(0).numpy(),
+                        "attention_mask": np.ones((2, 24), dtype=np.int64)})
