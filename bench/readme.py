@@ -128,8 +128,12 @@ def _cache(d: dict) -> str:
 def _scale(d: dict) -> str:
     qwen, big = d["rows"]["qwen2.5-1.5b"], d["rows"]["llama-3.1-8b"]
     gib = 2**30
-    return (f"{qwen['streamed']['peak_bytes'] / gib:.2f} / {qwen['whole']['peak_bytes'] / gib:.2f} GiB; "
-            f"8B: {big['streamed']['peak_bytes'] / gib:.2f} GiB streamed")
+    streamed, whole = qwen["streamed"]["stages"], qwen["whole"]["stages"]
+    front = max(v["peak_bytes"] for k, v in streamed.items() if "peak_bytes" in v and k != "ONNX Runtime load + prefill")
+    return (f"{front / gib:.2f} GiB streamed through the Q/DQ export "
+            f"({streamed['ONNX Runtime load + prefill']['peak_bytes'] / gib:.2f} GiB to load the artifact in ONNX Runtime) "
+            f"/ {max(v['peak_bytes'] for v in whole.values()) / gib:.2f} GiB whole-model calibrate; "
+            f"8B: {max(v['peak_bytes'] for v in big['streamed']['stages'].values()) / gib:.2f} GiB streamed calibrate")
 
 
 HEADLINES = [
@@ -148,7 +152,7 @@ HEADLINES = [
              "minilm", _minilm),
     Headline("Stage cache: re-run with only parity thresholds changed, wall time / first run",
              "cache", _cache),
-    Headline("Calibrate stage peak memory, block-streamed / whole model: Qwen2.5-1.5B; a synthetic 8B "
+    Headline("Peak memory of the front end, block-streamed / whole model: Qwen2.5-1.5B; a synthetic 8B "
              "(random weights)", "scale", _scale),
 ]
 

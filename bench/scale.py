@@ -14,8 +14,13 @@ bench/synthetic.py's random BF16 checkpoints (THEIR ACCURACY IS MEANINGLESS; mem
 written into `--synthetic-dir` and deleted after the run unless `--keep`. A whole-model row is not
 run when twice its fp32 weights (what loading peaks at) would exceed the machine's memory.
 
-Only calibration is streamed so far: smoothing, export and parity still load the whole model, so a
-conversion's peak is still the whole-model path's. Writes bench/results/scale.{json,md} and scale.png.
+For the models in `--export`, the streamed row goes on as a conversion would, block by block:
+smoothing (alpha 0.8), re-calibration of the smoothed blocks, the quantization plan (every linear
+int8, the head too, as the shipped recipes have it), the FP32 export
+with each block's weights written lazily (converter/export/streamed.py), Q/DQ insertion, and one
+ONNX Runtime prefill of the artifact; each stage's time and peak (VmHWM is reset between stages).
+`convert.py` does not take this path yet (parity still needs the whole model), so a conversion's
+peak is still the whole-model path's. Writes bench/results/scale.{json,md} and scale.png.
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ MODELS = {  # name -> (folder or synthetic shape, what the weights are)
 # Loading a whole model peaks near twice its fp32 weights (SmolLM2 and Qwen2.5 rows; a tiny-but-wide BF16
 # Llama measured 2.0x in tests/quant/test_sequential.py): a row that would pass the machine's memory is not run.
 WHOLE_LOAD_FACTOR = 2
+STAGES = ["load", "calibrate", "smooth", "re-calibrate", "plan", "export fp32", "insert Q/DQ",
+          "ONNX Runtime load + prefill"]
 PACKAGED = {"smollm2-135m": "smollm2-135m-instruct", "qwen2.5-1.5b": "qwen2.5-coder-1.5b-instruct"}
 
 _CHILD = r"""
-import json, sys, time
+import json, sys, tempfile, time
 from pathlib import Path
+import numpy as np
 import torch
 import transformers
 import transformers.models.llama.modeling_llama, transformers.models.qwen2.modeling_qwen2  # noqa: F401
@@ -53,7 +61,7 @@ from converter.models.archs import arch_spec, block_linear_names, spec_for
 from converter.models.lazy import StreamedModel
 from converter.models.text import Windows, text_ids
 from converter.quant.calibrate import collect_input_amax
-from converter.quant.sequential import collect_input_amax_streamed
+from converter.quant.sequential import collect_input_amax_streamed, plan_streamed, smooth_streamed
 
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 base = status("VmRSS")
@@ -61,22 +69,63 @@ folder, path, n, text = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(s
 tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
 ids = text_ids(tokenizer, text.read_text())[: n * 256]
 windows = Windows(torch.tensor(ids, dtype=torch.int64).view(n, 256), "bench", n)
-start = time.perf_counter()
+stages, mark = {}, [time.perf_counter()]
+
+
+def stage(name):  # the stage just finished: its time, and its peak (VmHWM is reset after each)
+    now = time.perf_counter()
+    stages[name] = {"s": now - mark[0], "peak_bytes": status("VmHWM") - base}
+    open("/proc/self/clear_refs", "w").write("5")
+    mark[0] = now
+
+
 if path == "whole":
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-    loaded = time.perf_counter()
+    stage("load")
     spec = arch_spec(model)
     stats = collect_input_amax(model, block_linear_names(model, spec), windows, 4, description="whole")
+    stage("calibrate")
+    torch.save(stats.amax, sys.argv[5])
 else:
+    from converter.export.exporter import insert_qdq
+    from converter.export.kv_graph import graph_kv_layout, prefill_feed
+    from converter.export.streamed import export_streamed
+    from converter.recipe import Export, Quantization, Smoothing
+    from converter.targets.runners import onnxruntime_session
+
     config = transformers.AutoConfig.from_pretrained(folder)
     spec = spec_for(config.architectures[0])
     streamed = StreamedModel(folder, spec)
-    loaded = time.perf_counter()
-    stats = collect_input_amax_streamed(streamed, block_linear_names(streamed.model, spec), windows, 4,
-                                        description="streamed")
-end = time.perf_counter()
-torch.save(stats.amax, sys.argv[5])
-print(json.dumps({"peak_bytes": status("VmHWM") - base, "load_s": loaded - start, "calibrate_s": end - loaded}))
+    names = block_linear_names(streamed.model, spec)
+    stage("load")
+    stats = collect_input_amax_streamed(streamed, names, windows, 4, description="streamed")
+    stage("calibrate")
+    torch.save(stats.amax, sys.argv[5])
+    if sys.argv[6] == "export":
+        smooth_streamed(streamed, stats.amax, Smoothing(alpha=0.8))
+        stage("smooth")
+        ranges = collect_input_amax_streamed(streamed, names, windows, 4, description="re-calibrate").absmax_ranges()
+        stage("re-calibrate")
+        plan = plan_streamed(streamed, names, ranges, Quantization(exclude=[]))
+        stage("plan")
+        export = Export(kv_cache=True, attention="onnxruntime")
+        with tempfile.TemporaryDirectory(dir=sys.argv[7]) as tmp:
+            raw = export_streamed(streamed, Path(tmp) / "raw.onnx", export)
+            stage("export fp32")
+            qdq = insert_qdq(raw, Path(tmp) / "model.onnx", streamed.model, plan, export)
+            raw.unlink()
+            raw.with_name(raw.name + ".data").unlink()
+            stage("insert Q/DQ")
+            del streamed, stats
+            session = onnxruntime_session(qdq.path, threads=2)
+            feed = prefill_feed(windows.input_ids[:1, :64].numpy(), np.ones((1, 64), dtype=np.int64), graph_kv_layout(qdq.path))
+            logits = session.run(["logits"], feed)[0]
+            stage("ONNX Runtime load + prefill")
+            stages["artifact"] = {"bytes": qdq.size_bytes, "external_data": qdq.external_data,
+                                  "finite": bool(np.isfinite(logits).all()),
+                                  "next_token_matches_text": float((logits[0, :-1].argmax(-1) == windows.input_ids[0, 1:64].numpy()).mean())}
+print(json.dumps({"peak_bytes": max(v["peak_bytes"] for k, v in stages.items() if "peak_bytes" in v),
+                  "load_s": stages["load"]["s"], "calibrate_s": stages["calibrate"]["s"], "stages": stages}))
 """
 
 
@@ -100,9 +149,10 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(folder: Path, path: str, windows: int, out: Path) -> dict:
+def run(folder: Path, path: str, windows: int, out: Path, export: bool, scratch: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), path, str(windows),
-                           str(ROOT / "recipes" / "data" / "gpl-3.0.txt"), str(out)],
+                           str(ROOT / "recipes" / "data" / "gpl-3.0.txt"), str(out), "export" if export else "-",
+                           str(scratch)],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise SystemExit(f"{folder.name} {path}: {proc.stderr[-2000:]}")
@@ -133,7 +183,7 @@ def model_folder(name: str, synthetic_dir: Path) -> Path:
     return folder
 
 
-def measure(names: list[str], windows: int, synthetic_dir: Path, keep: bool) -> dict:
+def measure(names: list[str], windows: int, synthetic_dir: Path, keep: bool, export: list[str]) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -147,7 +197,8 @@ def measure(names: list[str], windows: int, synthetic_dir: Path, keep: bool) -> 
                                             f"{WHOLE_LOAD_FACTOR * 4 * params / 2**30:.0f} GiB > 90% of "
                                             f"{memory_bytes() / 2**30:.0f} GiB memory"}
                     continue
-                row[path] = run(folder, path, windows, Path(tmp) / f"{name}-{path}.pt")
+                row[path] = run(folder, path, windows, Path(tmp) / f"{name}-{path}.pt",
+                                path == "streamed" and name in export, Path(tmp))
                 print(name, path, row[path], flush=True)
             if "peak_bytes" in row["whole"]:
                 row["max_relative_difference"] = max_relative_difference(Path(tmp) / f"{name}-streamed.pt",
@@ -156,6 +207,11 @@ def measure(names: list[str], windows: int, synthetic_dir: Path, keep: bool) -> 
             if not keep and not isinstance(MODELS[name][0], Path):
                 shutil.rmtree(folder)
     return rows
+
+
+def calibration_peak(row: dict) -> int:
+    """The peak of loading and calibrating (the stages every row runs)."""
+    return max(row["stages"][k]["peak_bytes"] for k in ("load", "calibrate"))
 
 
 def markdown(results: dict) -> str:
@@ -172,9 +228,22 @@ def markdown(results: dict) -> str:
             if "not_run" in r:
                 cells += [f"not run: {r['not_run']}", ""]
             else:
-                cells += [f"{r['peak_bytes'] / gib:.2f} GiB", f"{r['load_s']:.0f} s + {r['calibrate_s']:.0f} s"]
+                cells += [f"{calibration_peak(r) / gib:.2f} GiB", f"{r['load_s']:.0f} s + {r['calibrate_s']:.0f} s"]
         diff = f"{row['max_relative_difference']:.1e}" if "max_relative_difference" in row else ""
         lines.append(f"| {name} | {row['weights']} | {row['parameters'] / 1e9:.2f} B | " + " | ".join(cells) + f" | {diff} |")
+    exported = {name: row["streamed"]["stages"] for name, row in results["rows"].items()
+                if "artifact" in row["streamed"].get("stages", {})}
+    if exported:
+        lines += ["", "Block-streamed front end, stage by stage (smoothing alpha 0.8, every linear int8 including the "
+                  "head, embedding table fp32, KV cache, fused attention; peak = VmHWM of that stage over the "
+                  "resident size after imports):", "",
+                  "| model | " + " | ".join(STAGES) + " | artifact | its greedy next token = the text's |",
+                  "|---|" + "---|" * (len(STAGES) + 2)]
+        for name, stages in exported.items():
+            art = stages["artifact"]
+            cells = [f"{stages[k]['s']:.0f} s, {stages[k]['peak_bytes'] / gib:.2f} GiB" for k in STAGES]
+            size = f"{art['bytes'] / 1e9:.2f} GB" + (" (external data)" if art["external_data"] else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {size} | {art['next_token_matches_text']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,13 +254,17 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, marker in (("whole", "o"), ("streamed", "s")):
-        points = [(r["parameters"] / 1e9, r[kind]["peak_bytes"] / 2**30) for r in results["rows"].values()
-                  if "peak_bytes" in r[kind]]
-        ax.plot(*zip(*points), marker=marker, label=f"{kind} model" if kind == "whole" else "block-streamed")
+    series = (("whole", "o", "whole model: load + calibrate", calibration_peak),
+              ("streamed", "s", "block-streamed: load + calibrate", calibration_peak),
+              ("streamed", "^", "block-streamed: calibrate through Q/DQ export", lambda r: r["peak_bytes"]))
+    for kind, marker, label, peak in series:
+        points = [(r["parameters"] / 1e9, peak(r[kind]) / 2**30) for r in results["rows"].values()
+                  if "stages" in r[kind] and (marker != "^" or "artifact" in r[kind]["stages"])]
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
     ax.set_xlabel("parameters (billions)")
-    ax.set_ylabel("calibrate stage peak memory (GiB)")
-    ax.set_title(f"Calibration memory, {results['date']}")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title(f"Conversion memory, {results['date']}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -204,8 +277,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--synthetic-dir", type=Path, default=ROOT / ".cache" / "synthetic")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    parser.add_argument("--export", nargs="*", choices=list(MODELS), default=["smollm2-135m", "qwen2.5-1.5b"],
+                        help="models whose streamed row goes on through smoothing, the plan, the export and an "
+                        "ONNX Runtime prefill of the artifact")
     args = parser.parse_args()
-    rows = measure(args.models, args.windows, args.synthetic_dir, args.keep)
+    rows = measure(args.models, args.windows, args.synthetic_dir, args.keep, args.export)
     results = {**stamp(), "windows": args.windows, "rows": rows}
     write_results("scale", results, markdown(results))
     plot(results, RESULTS / "scale.png")
