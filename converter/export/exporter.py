@@ -182,7 +182,10 @@ def _lazy_int8(name: str, values: list[ir.TensorProtocol], quants: list) -> ir.V
     shape = (values[0].shape[1], sum(v.shape[0] for v in values))
 
     def one(value: ir.TensorProtocol, quant) -> np.ndarray:
-        return quantize_weight(torch.from_numpy(np.asarray(value.numpy(), dtype=np.float32)), quant.weight_scale).T.numpy()
+        with warnings.catch_warnings():  # a read-only memory map, only ever read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            weight = torch.from_numpy(np.asarray(value.numpy(), dtype=np.float32))
+        return quantize_weight(weight, quant.weight_scale).T.numpy()
 
     def compute() -> ir.Tensor:
         parts = []
