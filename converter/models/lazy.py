@@ -90,8 +90,8 @@ class LazyCheckpoint:
 
 
 class StreamedModel:
-    """A decoder skeleton and its checkpoint: `materialize` reads one module's weights in fp32,
-    `release` returns them to storage-less (meta) tensors.
+    """A decoder skeleton and its checkpoint: `materialize` reads one module's weights in fp32 (or
+    `dtype`), `release` returns them to storage-less (meta) tensors.
 
     Args:
         folder: an HF folder (config.json and safetensors).
@@ -103,7 +103,8 @@ class StreamedModel:
             load, or weights outside the blocks that the checkpoint lacks.
     """
 
-    def __init__(self, folder: Path, spec: ArchSpec, trust_remote_code: bool = False):
+    def __init__(self, folder: Path, spec: ArchSpec, trust_remote_code: bool = False,
+                 dtype: torch.dtype = torch.float32):
         import transformers
         from accelerate import init_empty_weights
 
@@ -123,7 +124,10 @@ class StreamedModel:
             cls = transformers.AutoModelForCausalLM
         with init_empty_weights():
             model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
-        self.model = model.eval()
+        # computed in `dtype` (bfloat16: parity's yardstick), as the whole model after `.to(dtype)`:
+        # the buffers (rotary tables) cast too, every weight read as fp32 and then cast
+        self.dtype = dtype
+        self.model = model.eval() if dtype == torch.float32 else model.to(dtype).eval()
         # called on every module `materialize` reads, as (prefix, module): e.g. smoothing each block
         # as it is read (converter/quant/sequential.py), so every later pass sees the smoothed block
         self.prepare: Callable[[str, torch.nn.Module], None] | None = None
@@ -197,7 +201,7 @@ class StreamedModel:
             if tuple(tensor.shape) != tuple(params[local].shape):
                 raise UserError(f"checkpoint folder {self.ckpt.folder}: weight {name} is {tuple(tensor.shape)}, "
                                 f"config.json builds {tuple(params[local].shape)}")
-            state[local] = tensor.float()
+            state[local] = tensor.float().to(self.dtype)
         module.load_state_dict(state, strict=False, assign=True)
 
     def release(self, prefix: str) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from converter.export.kv_graph import KvLayout, past_names, prefill_feed, present_names
 from converter.models.text import text_ids
+from converter.quant.sequential import greedy_many, streamed_batch_logits
 
 Step = Callable[[dict], dict]  # feed dict -> {"logits", "present.*"}: a runner's infer, or an ORT session
 
@@ -208,11 +209,21 @@ def yardstick(model: torch.nn.Module, prompts: list[list[int]], reference: list[
     """How closely another precision of the reference (e.g. the checkpoint in bfloat16) follows FP32's
     greedy tokens `reference` on the same prompts: the rates GenerationMetrics reports for the artifact."""
     tokens = greedy_torch_many(model, prompts, len(reference[0]))
+    return _yardstick(next(model.parameters()).dtype, tokens, prompts, reference, torch_batch_logits(model))
+
+
+def yardstick_streamed(streamed, prompts: list[list[int]], reference: list[list[int]], batch_size: int) -> dict:
+    """`yardstick` of a block-streamed model (converter/models/lazy.py, built with the yardstick's dtype)."""
+    tokens = greedy_many(streamed, prompts, len(reference[0]), batch_size, "yardstick generation")
+    return _yardstick(streamed.dtype, tokens, prompts, reference, streamed_batch_logits(streamed, batch_size))
+
+
+def _yardstick(dtype: torch.dtype, tokens: list[list[int]], prompts: list[list[int]], reference: list[list[int]],
+               batched: Callable[[list[list[int]]], list[np.ndarray]]) -> dict:
     metrics = compare_tokens(reference, tokens, len(prompts[0]))
-    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    return {"dtype": str(dtype).removeprefix("torch."),
             "token_agreement": metrics.token_agreement, "prefix_agreement": metrics.prefix_agreement,
-            "stepwise_agreement": stepwise_agreement(None, prompts, reference, batched=torch_batch_logits(model)),
-            "tokens": tokens}
+            "stepwise_agreement": stepwise_agreement(None, prompts, reference, batched=batched), "tokens": tokens}
 
 
 def session_step(session) -> Step:

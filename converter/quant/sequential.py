@@ -296,3 +296,24 @@ def streamed_logits(streamed: StreamedModel, batches: list[tuple[torch.Tensor, t
     read once for all batches (the FP32 reference of parity, for a model that is not held whole)."""
     calls = [_first_block_call(streamed, ids, mask) for ids, mask in batches]
     return _around_blocks(streamed, batches, _through_blocks(streamed, calls, description))
+
+
+def streamed_batch_logits(streamed: StreamedModel, batch_size: int):
+    """sequences -> each one's logits (T, V) as float32 numpy, block-streamed: sequences of one length
+    batched (no padding), all batches through each block in one pass (parity's stepwise agreement)."""
+    @torch.no_grad()
+    def logits_of(sequences: list[list[int]]) -> list:
+        rows_by_length: dict[int, list[int]] = {}
+        for i, seq in enumerate(sequences):
+            rows_by_length.setdefault(len(seq), []).append(i)
+        groups = [rows[j: j + batch_size] for rows in rows_by_length.values() for j in range(0, len(rows), batch_size)]
+        batches = []
+        for rows in groups:
+            ids = torch.tensor([sequences[i] for i in rows], dtype=torch.int64)
+            batches.append((ids, torch.ones_like(ids)))
+        out: list = [None] * len(sequences)
+        for rows, logits in zip(groups, streamed_logits(streamed, batches, "stepwise logits")):
+            for i, row in zip(rows, logits.float().numpy()):
+                out[i] = row
+        return out
+    return logits_of
