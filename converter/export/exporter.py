@@ -34,7 +34,7 @@ from converter.quant.quantize import INT8_MAX, TINY_AMAX, EmbeddingQuant, QuantP
 if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
     from converter.recipe import Export
 
-_WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
+WRAPPED = "model"  # attribute name of the HF model inside the export wrapper (prefixes initializers)
 _TWO_GB = 2 * 1024**3
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -74,7 +74,7 @@ def export_program(model: torch.nn.Module, cfg: Export, spec: ArchSpec | None = 
     io: ModelIO = model_io(spec, model.config)
     if cfg.kv_cache and io.kind == "decoder":
         layout = kv_graph.model_kv_layout(model.config)
-        wrapper = kv_graph.KvWrapper(model, _WRAPPED).eval()
+        wrapper = kv_graph.KvWrapper(model, WRAPPED).eval()
         args = kv_graph.example_inputs(model.config, layout)
         dynamic = kv_graph.dynamic_shapes(layout, cfg.dynamic_axes.batch, cfg.dynamic_axes.sequence)
         input_names, output_names = kv_graph.io_names(layout.num_layers)
@@ -138,7 +138,7 @@ def _weight_initializer_names(model: torch.nn.Module, plan: QuantPlan) -> dict[s
     out = {}
     for name in plan.linears:
         for alias in aliases[id(model.get_submodule(name).weight)]:
-            out[f"{_WRAPPED}.{alias}"] = name
+            out[f"{WRAPPED}.{alias}"] = name
     return out
 
 
@@ -345,7 +345,7 @@ def _quantize_embedding(graph: ir.Graph, model: torch.nn.Module, quant: Embeddin
         RuntimeError: no Gather reads the table (an exporter change: a bug, not user error).
     """
     table = model.get_submodule(quant.name).weight
-    aliases = {f"{_WRAPPED}.{n}" for n, p in model.named_parameters(remove_duplicate=False) if p is table}
+    aliases = {f"{WRAPPED}.{n}" for n, p in model.named_parameters(remove_duplicate=False) if p is table}
     source = next((v for name, v in graph.initializers.items() if name in aliases), None)
     gathers = [] if source is None else [n for n, _ in source.uses() if n.op_type == "Gather" and n.inputs[0] is source]
     if not gathers:

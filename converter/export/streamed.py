@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 import torch
 
-from converter.export.exporter import _WRAPPED, export_program, save_program
+from converter.export.exporter import WRAPPED, export_program, save_program
 from converter.models.lazy import StreamedModel
 
 if TYPE_CHECKING:  # annotations only: the recipe sits above the stages
@@ -100,15 +100,17 @@ def export_streamed(streamed: StreamedModel, path: Path, cfg: Export) -> Path:
     """
     with _placeholders(streamed.model) as stand_ins:
         program = export_program(streamed.model, cfg, streamed.spec)
-        params = BlockParameters(streamed)
-        stood_in = {n for n, p in streamed.model.named_parameters() if id(p) in stand_ins}
+        stood_in = {n: p.data_ptr() for n, p in streamed.model.named_parameters() if id(p) in stand_ins}
+    params = BlockParameters(streamed)
+    placeholder_storage = set(stood_in.values())
     for value in program.model.graph.initializers.values():
-        if not isinstance(getattr(value.const_value, "raw", None), torch.Tensor):
+        raw = getattr(value.const_value, "raw", None)
+        if not isinstance(raw, torch.Tensor):
             continue
-        name = value.name.removeprefix(f"{_WRAPPED}.")
+        name = value.name.removeprefix(f"{WRAPPED}.")
         if name in stood_in:
             value.const_value = _lazy_parameter(lambda name=name: params(name), value.const_value)
-        elif value.const_value.raw.stride() and 0 in value.const_value.raw.stride():
+        elif raw.data_ptr() in placeholder_storage:
             raise RuntimeError(f"initializer {value.name} holds a placeholder and names no block weight")
     try:
         save_program(program, path, cfg)
