@@ -14,13 +14,13 @@ bench/synthetic.py's random BF16 checkpoints (THEIR ACCURACY IS MEANINGLESS; mem
 written into `--synthetic-dir` and deleted after the run unless `--keep`. A whole-model row is not
 run when twice its fp32 weights (what loading peaks at) would exceed the machine's memory.
 
-For the models in `--export`, the streamed row goes on as a conversion would, block by block:
-smoothing (alpha 0.8), re-calibration of the smoothed blocks, the quantization plan (every linear
-int8, the head too, as the shipped recipes have it), the FP32 export
-with each block's weights written lazily (converter/export/streamed.py), Q/DQ insertion, and one
-ONNX Runtime prefill of the artifact; each stage's time and peak (VmHWM is reset between stages).
-`convert.py` does not take this path yet (parity still needs the whole model), so a conversion's
-peak is still the whole-model path's. Writes bench/results/scale.{json,md} and scale.png.
+For the models in `--export`, both rows go on as a conversion would, with the same settings:
+smoothing (alpha 0.8), re-calibration of the smoothed model, the quantization plan (every linear
+int8, the head too, as the shipped recipes have it), the FP32 export (streamed: each block's weights
+written lazily, converter/export/streamed.py), Q/DQ insertion, and one ONNX Runtime prefill of the
+artifact; each stage's time and peak (VmHWM is reset between stages), and whether the two artifacts
+are byte-identical. `convert.py` does not take the streamed path yet, so a conversion's peak is
+still the whole-model path's. Writes bench/results/scale.{json,md} and scale.png.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ STAGES = ["load", "calibrate", "smooth", "re-calibrate", "plan", "export fp32", 
 PACKAGED = {"smollm2-135m": "smollm2-135m-instruct", "qwen2.5-1.5b": "qwen2.5-coder-1.5b-instruct"}
 
 _CHILD = r"""
-import json, sys, tempfile, time
+import hashlib, json, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -62,6 +62,13 @@ from converter.models.lazy import StreamedModel
 from converter.models.text import Windows, text_ids
 from converter.quant.calibrate import collect_input_amax
 from converter.quant.sequential import collect_input_amax_streamed, plan_streamed, smooth_streamed
+from converter.export.exporter import export_fp32, insert_qdq
+from converter.export.kv_graph import graph_kv_layout, prefill_feed
+from converter.export.streamed import export_streamed
+from converter.quant.quantize import plan_quantization
+from converter.quant.smooth import smooth
+from converter.recipe import Export, Quantization, Smoothing
+from converter.targets.runners import onnxruntime_session
 
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 base = status("VmRSS")
@@ -81,49 +88,53 @@ def stage(name):  # the stage just finished: its time, and its peak (VmHWM is re
 
 if path == "whole":
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
-    stage("load")
     spec = arch_spec(model)
-    stats = collect_input_amax(model, block_linear_names(model, spec), windows, 4, description="whole")
-    stage("calibrate")
-    torch.save(stats.amax, sys.argv[5])
+    skeleton, names = model, block_linear_names(model, spec)
+    calibrate = lambda description: collect_input_amax(model, names, windows, 4, description=description)
 else:
-    from converter.export.exporter import insert_qdq
-    from converter.export.kv_graph import graph_kv_layout, prefill_feed
-    from converter.export.streamed import export_streamed
-    from converter.recipe import Export, Quantization, Smoothing
-    from converter.targets.runners import onnxruntime_session
-
     config = transformers.AutoConfig.from_pretrained(folder)
     spec = spec_for(config.architectures[0])
     streamed = StreamedModel(folder, spec)
-    names = block_linear_names(streamed.model, spec)
-    stage("load")
-    stats = collect_input_amax_streamed(streamed, names, windows, 4, description="streamed")
-    stage("calibrate")
-    torch.save(stats.amax, sys.argv[5])
-    if sys.argv[6] == "export":
-        smooth_streamed(streamed, stats.amax, Smoothing(alpha=0.8))
-        stage("smooth")
-        ranges = collect_input_amax_streamed(streamed, names, windows, 4, description="re-calibrate").absmax_ranges()
-        stage("re-calibrate")
-        plan = plan_streamed(streamed, names, ranges, Quantization(exclude=[]))
-        stage("plan")
-        export = Export(kv_cache=True, attention="onnxruntime")
-        with tempfile.TemporaryDirectory(dir=sys.argv[7]) as tmp:
-            raw = export_streamed(streamed, Path(tmp) / "raw.onnx", export)
-            stage("export fp32")
-            qdq = insert_qdq(raw, Path(tmp) / "model.onnx", streamed.model, plan, export)
-            raw.unlink()
-            raw.with_name(raw.name + ".data").unlink()
-            stage("insert Q/DQ")
-            del streamed, stats
-            session = onnxruntime_session(qdq.path, threads=2)
-            feed = prefill_feed(windows.input_ids[:1, :64].numpy(), np.ones((1, 64), dtype=np.int64), graph_kv_layout(qdq.path))
-            logits = session.run(["logits"], feed)[0]
-            stage("ONNX Runtime load + prefill")
-            stages["artifact"] = {"bytes": qdq.size_bytes, "external_data": qdq.external_data,
-                                  "finite": bool(np.isfinite(logits).all()),
-                                  "next_token_matches_text": float((logits[0, :-1].argmax(-1) == windows.input_ids[0, 1:64].numpy()).mean())}
+    skeleton, names = streamed.model, block_linear_names(streamed.model, spec)
+    calibrate = lambda description: collect_input_amax_streamed(streamed, names, windows, 4, description=description)
+stage("load")
+stats = calibrate(path)
+stage("calibrate")
+torch.save(stats.amax, sys.argv[5])
+if sys.argv[6] == "export":  # the rest of the front end, the same settings on both paths
+    smoothing, quantization, export = Smoothing(alpha=0.8), Quantization(exclude=[]), Export(kv_cache=True, attention="onnxruntime")
+    if path == "whole":
+        smooth(model, stats.amax, smoothing, spec)
+    else:
+        smooth_streamed(streamed, stats.amax, smoothing)
+    stage("smooth")
+    ranges = calibrate("re-calibrate").absmax_ranges()
+    stage("re-calibrate")
+    plan = (plan_quantization(model, names, ranges, quantization) if path == "whole"
+            else plan_streamed(streamed, names, ranges, quantization))
+    stage("plan")
+    with tempfile.TemporaryDirectory(dir=sys.argv[7]) as tmp:
+        raw = (export_fp32(model, Path(tmp) / "raw.onnx", export) if path == "whole"
+               else export_streamed(streamed, Path(tmp) / "raw.onnx", export))
+        stage("export fp32")
+        qdq = insert_qdq(raw, Path(tmp) / "model.onnx", skeleton, plan, export)
+        raw.unlink()
+        raw.with_name(raw.name + ".data").unlink()
+        stage("insert Q/DQ")
+        del stats, skeleton, calibrate  # the session runs alone, as parity's would
+        if path == "whole":
+            del model
+        else:
+            del streamed
+        session = onnxruntime_session(qdq.path, threads=2)
+        feed = prefill_feed(windows.input_ids[:1, :64].numpy(), np.ones((1, 64), dtype=np.int64), graph_kv_layout(qdq.path))
+        logits = session.run(["logits"], feed)[0]
+        stage("ONNX Runtime load + prefill")
+        files = [qdq.path] + ([qdq.path.with_name(qdq.path.name + ".data")] if qdq.external_data else [])
+        stages["artifact"] = {"bytes": qdq.size_bytes, "external_data": qdq.external_data,
+                              "sha256": [hashlib.file_digest(open(f, "rb"), "sha256").hexdigest() for f in files],
+                              "finite": bool(np.isfinite(logits).all()),
+                              "next_token_matches_text": float((logits[0, :-1].argmax(-1) == windows.input_ids[0, 1:64].numpy()).mean())}
 print(json.dumps({"peak_bytes": max(v["peak_bytes"] for k, v in stages.items() if "peak_bytes" in v),
                   "load_s": stages["load"]["s"], "calibrate_s": stages["calibrate"]["s"], "stages": stages}))
 """
@@ -197,12 +208,14 @@ def measure(names: list[str], windows: int, synthetic_dir: Path, keep: bool, exp
                                             f"{WHOLE_LOAD_FACTOR * 4 * params / 2**30:.0f} GiB > 90% of "
                                             f"{memory_bytes() / 2**30:.0f} GiB memory"}
                     continue
-                row[path] = run(folder, path, windows, Path(tmp) / f"{name}-{path}.pt",
-                                path == "streamed" and name in export, Path(tmp))
+                row[path] = run(folder, path, windows, Path(tmp) / f"{name}-{path}.pt", name in export, Path(tmp))
                 print(name, path, row[path], flush=True)
             if "peak_bytes" in row["whole"]:
                 row["max_relative_difference"] = max_relative_difference(Path(tmp) / f"{name}-streamed.pt",
                                                                           Path(tmp) / f"{name}-whole.pt")
+            if all("artifact" in row[p].get("stages", {}) for p in ("whole", "streamed")):
+                row["artifact_identical"] = (row["whole"]["stages"]["artifact"]["sha256"]
+                                             == row["streamed"]["stages"]["artifact"]["sha256"])
             rows[name] = row
             if not keep and not isinstance(MODELS[name][0], Path):
                 shutil.rmtree(folder)
@@ -231,19 +244,27 @@ def markdown(results: dict) -> str:
                 cells += [f"{calibration_peak(r) / gib:.2f} GiB", f"{r['load_s']:.0f} s + {r['calibrate_s']:.0f} s"]
         diff = f"{row['max_relative_difference']:.1e}" if "max_relative_difference" in row else ""
         lines.append(f"| {name} | {row['weights']} | {row['parameters'] / 1e9:.2f} B | " + " | ".join(cells) + f" | {diff} |")
-    exported = {name: row["streamed"]["stages"] for name, row in results["rows"].items()
-                if "artifact" in row["streamed"].get("stages", {})}
+    exported = {name: row for name, row in results["rows"].items() if "artifact" in row["streamed"].get("stages", {})}
     if exported:
-        lines += ["", "Block-streamed front end, stage by stage (smoothing alpha 0.8, every linear int8 including the "
-                  "head, embedding table fp32, KV cache, fused attention; peak = VmHWM of that stage over the "
-                  "resident size after imports):", "",
-                  "| model | " + " | ".join(STAGES) + " | artifact | its greedy next token = the text's |",
-                  "|---|" + "---|" * (len(STAGES) + 2)]
-        for name, stages in exported.items():
-            art = stages["artifact"]
-            cells = [f"{stages[k]['s']:.0f} s, {stages[k]['peak_bytes'] / gib:.2f} GiB" for k in STAGES]
-            size = f"{art['bytes'] / 1e9:.2f} GB" + (" (external data)" if art["external_data"] else "")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {size} | {art['next_token_matches_text']:.2f} |")
+        lines += ["", "The whole front end, both ways (smoothing alpha 0.8, every linear int8 including the head, "
+                  "embedding table fp32, KV cache, fused attention; each stage's time and peak, VmHWM reset "
+                  "between stages):", "",
+                  "| model | path | " + " | ".join(STAGES) + " | artifact | its next-token picks = the text's |",
+                  "|---|---|" + "---|" * (len(STAGES) + 2)]
+        for name, row in exported.items():
+            for path in ("whole", "streamed"):
+                stages = row[path].get("stages", {})
+                if "artifact" not in stages:
+                    continue
+                art = stages["artifact"]
+                cells = [f"{stages[k]['s']:.0f} s, {stages[k]['peak_bytes'] / gib:.2f} GiB" for k in STAGES]
+                size = f"{art['bytes'] / 1e9:.2f} GB" + (" (external data)" if art["external_data"] else "")
+                lines.append(f"| {name} | {path} | " + " | ".join(cells) + f" | {size} | "
+                             f"{art['next_token_matches_text']:.2f} |")
+            if "artifact_identical" in row:
+                lines.append(f"| {name} | | the two artifacts: " +
+                             ("**byte-identical**" if row["artifact_identical"] else "**differ**") +
+                             " (sha256 of every file) |" + " |" * (len(STAGES) + 1))
     return "\n".join(lines) + "\n"
 
 
