@@ -39,16 +39,10 @@ class BlockParameters:
         self.prefix: str | None = None  # the block in memory
         self.vectors: dict[str, torch.Tensor] = {}
 
-    def block_of(self, name: str) -> str | None:
-        head = self.streamed.spec.blocks + "."
-        if not name.startswith(head):
-            return None
-        return head + name[len(head):].split(".", 1)[0]
-
     def __call__(self, name: str) -> torch.Tensor:
         if name in self.vectors:
             return self.vectors[name]
-        prefix = self.block_of(name)
+        prefix = self.streamed.block_of(name)
         if prefix is not None and prefix != self.prefix:
             self.release()
             block = self.streamed.materialize(prefix)

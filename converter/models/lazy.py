@@ -161,6 +161,11 @@ class StreamedModel:
     def block_prefix(self, index: int) -> str:
         return f"{self.spec.blocks}.{index}"
 
+    def block_of(self, name: str) -> str | None:
+        """The prefix of the block that holds the full parameter or module `name`; None outside the blocks."""
+        inside = self.spec.blocks + "."
+        return inside + name[len(inside):].split(".", 1)[0] if name.startswith(inside) else None
+
     def _resident(self) -> None:
         """Read every weight outside the blocks (embeddings, final norm, head) and tie the head."""
         inside = self.spec.blocks + "."

@@ -1,4 +1,6 @@
-"""Block-sequential calibration: the per-channel input abs-max of `calibrate`, one block in memory.
+"""Block-sequential passes over a model read one block at a time (converter/models/lazy.py):
+calibration (the per-channel input abs-max of `calibrate`), smoothing and the quantization plan, and
+parity's FP32 references (logits, greedy tokens). Each equals the whole model's pass.
 
 The calibration windows are embedded once and the first block's call is recorded (its keyword
 arguments: masks, rotary tables, positions; the same for every block of a model whose layers are of
@@ -179,14 +181,11 @@ def collect_input_amax_streamed(streamed: StreamedModel, names: list[str], windo
     return checked_stats(amax, names, batches, tokens)
 
 
-
 def _block_names(streamed: StreamedModel, names: list[str]) -> dict[str | None, list[str]]:
     """`names` by the block that holds them (None: outside the blocks), in model order."""
-    inside = streamed.spec.blocks + "."
     out: dict[str | None, list[str]] = {}
     for name in names:
-        prefix = inside + name[len(inside):].split(".", 1)[0] if name.startswith(inside) else None
-        out.setdefault(prefix, []).append(name)
+        out.setdefault(streamed.block_of(name), []).append(name)
     return out
 
 
@@ -209,8 +208,10 @@ def smooth_streamed(streamed: StreamedModel, act_amax: dict[str, torch.Tensor], 
     report = SmoothReport(groups=[], skipped=[])
     for index in track(range(len(streamed.blocks)), "smooth", total=len(streamed.blocks)):
         prefix = streamed.block_prefix(index)
-        part = smooth_block(prefix, streamed.materialize(prefix))
-        streamed.release(prefix)
+        try:
+            part = smooth_block(prefix, streamed.materialize(prefix))
+        finally:
+            streamed.release(prefix)
         report.groups += part.groups
         report.skipped += part.skipped
     head = smooth(streamed.model, act_amax, cfg, spec, alphas, where=lambda key: not key.startswith(inside))
@@ -230,11 +231,14 @@ def plan_streamed(streamed: StreamedModel, names: list[str], act_ranges: dict[st
     per_block = cfg.model_copy(update={"embedding": "float"})
     by_block = _block_names(streamed, names)
     for prefix, block_names in track(list(by_block.items()), "quantize", total=len(by_block)):
-        if prefix is not None:
-            streamed.materialize(prefix)
-        part = plan_quantization(streamed.model, block_names, act_ranges, per_block)
-        if prefix is not None:
-            streamed.release(prefix)
+        if prefix is None:  # the head: its weights stay in memory
+            part = plan_quantization(streamed.model, block_names, act_ranges, per_block)
+        else:
+            try:
+                streamed.materialize(prefix)
+                part = plan_quantization(streamed.model, block_names, act_ranges, per_block)
+            finally:
+                streamed.release(prefix)
         linears.update(part.linears)
         excluded += part.excluded
     embedding = plan_embedding(streamed.model) if cfg.embedding == "int8" else None
