@@ -275,18 +275,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series = (("whole", "o", "whole model: load + calibrate", calibration_peak),
-              ("streamed", "s", "block-streamed: load + calibrate", calibration_peak),
-              ("streamed", "^", "block-streamed: calibrate through Q/DQ export", lambda r: r["peak_bytes"]))
-    for kind, marker, label, peak in series:
+    series = (("whole", "o", "whole model: load + calibrate", calibration_peak, False),
+              ("streamed", "s", "block-streamed: load + calibrate", calibration_peak, False),
+              ("whole", "v", "whole model: calibrate .. artifact loaded in ONNX Runtime", lambda r: r["peak_bytes"], True),
+              ("streamed", "^", "block-streamed: calibrate .. artifact loaded in ONNX Runtime", lambda r: r["peak_bytes"],
+               True))
+    for kind, marker, label, peak, front_end in series:
         points = [(r["parameters"] / 1e9, peak(r[kind]) / 2**30) for r in results["rows"].values()
-                  if "stages" in r[kind] and (marker != "^" or "artifact" in r[kind]["stages"])]
+                  if "stages" in r[kind] and (not front_end or "artifact" in r[kind]["stages"])]
         if points:
             ax.plot(*zip(*points), marker=marker, label=label)
     ax.set_xlabel("parameters (billions)")
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title(f"Conversion memory, {results['date']}")
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
