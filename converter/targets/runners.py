@@ -98,6 +98,8 @@ class StreamedRunner(BaseRunner):
     def activate_impl(self):
         from converter.quant.sequential import streamed_logits
 
+        if self.streamed.prepare is not None:  # e.g. smoothed: float-equivalent, but not the checkpoint's logits
+            raise RuntimeError(f"{self.name}: the reference must read the checkpoint as stored, not prepared blocks")
         batches = list(self.windows.batches(self.batch_size))
         logits = streamed_logits(self.streamed, batches)
         self.served = [(ids.numpy(), mask.numpy(), out.numpy()) for (ids, mask), out in zip(batches, logits)]

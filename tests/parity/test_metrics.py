@@ -149,3 +149,7 @@ def test_a_streamed_reference_measures_what_the_whole_model_does(tmp_path):
     with streamed, pytest.raises(RuntimeError, match="none of the batches it computed"):
         streamed.infer({"input_ids": windows.input_ids[:2].flip(0).numpy(),
                         "attention_mask": np.ones((2, 24), dtype=np.int64)})
+    smoothed = StreamedModel(tmp_path, arch_spec(whole))
+    smoothed.prepare = lambda prefix, block: None
+    with pytest.raises(RuntimeError, match="must read the checkpoint as stored"), StreamedRunner(smoothed, windows, 2):
+        pass
