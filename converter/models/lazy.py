@@ -127,7 +127,7 @@ class StreamedModel:
         # computed in `dtype` (bfloat16: parity's yardstick), as the whole model after `.to(dtype)`:
         # the buffers (rotary tables) cast too, every weight read as fp32 and then cast
         self.dtype = dtype
-        self.model = model.eval() if dtype == torch.float32 else model.to(dtype).eval()
+        self.model = model.to(dtype).eval()
         # called on every module `materialize` reads, as (prefix, module): e.g. smoothing each block
         # as it is read (converter/quant/sequential.py), so every later pass sees the smoothed block
         self.prepare: Callable[[str, torch.nn.Module], None] | None = None

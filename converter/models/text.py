@@ -105,6 +105,16 @@ def added_special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def length_batches(sequences: list[list[int]], max_batch: int | None) -> list[list[int]]:
+    """Row indices of `sequences` grouped by length, each group split into at most `max_batch` rows
+    (None: no limit): batches that need no padding, so each row computes what it would alone."""
+    by_length: dict[int, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        by_length.setdefault(len(seq), []).append(i)
+    size = max_batch or len(sequences) or 1
+    return [rows[k:k + size] for rows in by_length.values() for k in range(0, len(rows), size)]
+
+
 def text_ids(tokenizer, text: str) -> list[int]:
     """`text` as a decoder gets it in use: its tokens after the tokenizer's leading special tokens
     (a BOS), without any it appends (an EOS would tell the model the text has ended)."""

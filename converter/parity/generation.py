@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from converter.export.kv_graph import KvLayout, past_names, prefill_feed, present_names
-from converter.models.text import text_ids
+from converter.models.text import length_batches, text_ids
 from converter.quant.sequential import greedy_many, streamed_batch_logits
 
 Step = Callable[[dict], dict]  # feed dict -> {"logits", "present.*"}: a runner's infer, or an ORT session
@@ -81,19 +81,10 @@ def greedy_graph_many(step: Step, layout: KvLayout | None, prompts: list[list[in
     """`greedy_graph` for every prompt, batched by prompt length in batches of at most `max_batch`
     rows (None: no limit; a TensorRT engine's profile sets one)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for rows in _length_batches(prompts, max_batch):
+    for rows in length_batches(prompts, max_batch):
         for i, tokens in zip(rows, greedy_graph_batch(step, layout, [prompts[i] for i in rows], max_new_tokens)):
             out[i] = tokens
     return out
-
-
-def _length_batches(prompts: list[list[int]], max_batch: int | None) -> list[list[int]]:
-    """Row indices of `prompts` grouped by prompt length, each group split into at most `max_batch` rows."""
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    size = max_batch or len(prompts) or 1
-    return [rows[k:k + size] for rows in by_length.values() for k in range(0, len(rows), size)]
 
 
 def _whole_sequence_feed(ids, layout: KvLayout | None) -> dict:
@@ -114,7 +105,7 @@ def batch_logits(step: Step, layout: KvLayout | None, max_batch: int | None = No
     most `max_batch` rows: [ids (T,), ...] -> [logits (T, V), ...]."""
     def logits_of(sequences: list[list[int]]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.empty(0)] * len(sequences)
-        for rows in _length_batches(sequences, max_batch):
+        for rows in length_batches(sequences, max_batch):
             logits = np.asarray(step(_whole_sequence_feed([sequences[i] for i in rows], layout))["logits"])
             for i, row in zip(rows, logits):
                 out[i] = row
@@ -176,7 +167,7 @@ def greedy_torch_batch(model: torch.nn.Module, prompts: list[list[int]], max_new
 def greedy_torch_many(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """`greedy_torch` for every prompt, batched by prompt length (evaluation-window prompts share one)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for rows in _length_batches(prompts, None):
+    for rows in length_batches(prompts, None):
         for i, tokens in zip(rows, greedy_torch_batch(model, [prompts[i] for i in rows], max_new_tokens)):
             out[i] = tokens
     return out
@@ -196,7 +187,7 @@ def torch_batch_logits(model: torch.nn.Module) -> Callable[[list[list[int]]], li
     @torch.no_grad()
     def logits_of(sequences: list[list[int]]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.empty(0)] * len(sequences)
-        for rows in _length_batches(sequences, None):
+        for rows in length_batches(sequences, None):
             x = torch.tensor([sequences[i] for i in rows], dtype=torch.int64)
             logits = model(input_ids=x, use_cache=False).logits.float().numpy()
             for i, row in zip(rows, logits):

@@ -23,7 +23,7 @@ import torch
 
 from converter.errors import UserError
 from converter.models.lazy import StreamedModel
-from converter.models.text import Windows
+from converter.models.text import Windows, length_batches
 from converter.progress import track
 from converter.quant.calibrate import ActStats, checked_stats, record_amax
 from converter.quant.quantize import LinearQuant, QuantPlan, plan_embedding, plan_quantization
@@ -96,10 +96,7 @@ def greedy_many(streamed: StreamedModel, prompts: list[list[int]], steps: int, b
     """`greedy_torch_many` of the parity stage, block-streamed: each prompt's greedy tokens, prompts of
     one length batched (no padding, so each row computes what it would alone), every length's
     batches stepped together so that a step reads each block once."""
-    rows_by_length: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        rows_by_length.setdefault(len(prompt), []).append(i)
-    groups = [rows[j: j + batch_size] for rows in rows_by_length.values() for j in range(0, len(rows), batch_size)]
+    groups = length_batches(prompts, batch_size)
     tokens = _greedy(streamed, [torch.tensor([prompts[i] for i in rows], dtype=torch.int64) for rows in groups],
                      steps, description)
     out: list[list[int]] = [[] for _ in prompts]
@@ -307,10 +304,7 @@ def streamed_batch_logits(streamed: StreamedModel, batch_size: int):
     batched (no padding), all batches through each block in one pass (parity's stepwise agreement)."""
     @torch.no_grad()
     def logits_of(sequences: list[list[int]]) -> list:
-        rows_by_length: dict[int, list[int]] = {}
-        for i, seq in enumerate(sequences):
-            rows_by_length.setdefault(len(seq), []).append(i)
-        groups = [rows[j: j + batch_size] for rows in rows_by_length.values() for j in range(0, len(rows), batch_size)]
+        groups = length_batches(sequences, batch_size)
         batches = []
         for rows in groups:
             ids = torch.tensor([sequences[i] for i in rows], dtype=torch.int64)
